@@ -1,0 +1,50 @@
+"""Command line: ``abdoseg <command> [--flags]`` (python-fire). ``abdoseg`` alone lists the commands.
+
+Each command lives in its own module and is imported only when called, so ``abdoseg evaluate``
+does not pay for importing the networks.
+"""
+
+from __future__ import annotations
+
+import importlib
+import sys
+
+COMMANDS: dict[str, tuple[str, str]] = {
+    # name: ("module:function", one-line help)
+    "generate": ("abdoseg.phantom:generate", "write a synthetic FLARE23-style phantom dataset"),
+    "prepare": ("abdoseg.dataprep:prepare", "scan a FLARE23-style folder, write datalist JSON + summary"),
+    "evaluate": ("abdoseg.evaluate:evaluate", "FLARE23 DSC/NSD of a prediction folder vs a ground-truth folder"),
+}
+
+
+def _usage() -> str:
+    width = max(len(k) for k in COMMANDS)
+    lines = ["usage: abdoseg <command> [--help | flags]", "", "commands:"]
+    lines += [f"  {name.ljust(width)}  {help_}" for name, (_, help_) in COMMANDS.items()]
+    return "\n".join(lines)
+
+
+def main(argv: list[str] | None = None) -> None:
+    argv = list(sys.argv[1:] if argv is None else argv)
+    if not argv or argv[0] in ("-h", "--help", "help"):
+        print(_usage())
+        return
+    name = argv[0]
+    if name not in COMMANDS:
+        print(f"abdoseg: unknown command {name!r}\n\n{_usage()}", file=sys.stderr)
+        raise SystemExit(2)
+    module_name, func_name = COMMANDS[name][0].split(":")
+    func = getattr(importlib.import_module(module_name), func_name)
+    import fire
+
+    from abdoseg.io import InputError
+
+    try:
+        fire.Fire(func, command=argv[1:], name=f"abdoseg {name}")
+    except InputError as exc:
+        print(f"abdoseg {name}: error: {exc}", file=sys.stderr)
+        raise SystemExit(1) from exc
+
+
+if __name__ == "__main__":
+    main()
