@@ -1,0 +1,44 @@
+import numpy as np
+import pytest
+
+from abdoseg.batch import run_batch, shard
+from abdoseg.io import InputError, load_nifti, save_nifti
+
+
+def _items(tmp_path, n):
+    items = []
+    for i in range(n):
+        p = tmp_path / "in" / f"C{i:02d}_0000.nii.gz"
+        save_nifti(np.full((4, 5, 6), i, np.int16), np.eye(4), p)
+        items.append({"image": str(p)})
+    return items
+
+
+def _segment(item):
+    arr, aff, _ = load_nifti(item["image"])
+    if arr.flat[0] == 2:
+        raise InputError(item["image"], "synthetic failure")
+    return (arr > 0).astype(np.uint8), aff
+
+
+def test_shards_cover_every_item_once():
+    items = list(range(11))
+    got = sorted(x for r in range(3) for x in shard(items, r, 3))
+    assert got == items
+    with pytest.raises(ValueError):
+        shard(items, 3, 3)
+
+
+def test_run_batch_resumes_continues_and_reports(tmp_path):
+    items = _items(tmp_path, 4)
+    out = tmp_path / "out"
+    rep = run_batch(items, _segment, out, rank=0, world_size=1)
+    assert rep.done == ["C00", "C01", "C03"]
+    assert [f[0] for f in rep.failed] == ["C02"] and "synthetic failure" in rep.failed[0][2]
+    assert sorted(p.name for p in out.iterdir()) == ["C00.nii.gz", "C01.nii.gz", "C03.nii.gz"]
+    mask, _, _ = load_nifti(out / "C03.nii.gz")
+    assert mask.dtype == np.uint8 and mask.min() == 1
+    with pytest.raises(SystemExit):
+        rep.raise_if_failed()
+    rep2 = run_batch(items, _segment, out, rank=0, world_size=1)
+    assert rep2.skipped == ["C00", "C01", "C03"] and rep2.done == []
