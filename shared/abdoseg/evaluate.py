@@ -1,0 +1,321 @@
+"""``abdoseg evaluate``: FLARE23 DSC/NSD of a folder of predictions against a folder of ground truth.
+
+Cases are matched by file name: ground truth ``gt_dir/{case}.nii.gz`` is scored against
+``pred_dir/{case}.nii.gz`` (or ``{case}.nii``). A missing prediction is scored as an empty
+prediction and listed in the summary. Shapes are checked (from the headers) before any work.
+Cases run in a process pool (``imap``: one case in memory per worker). Per-case values are
+rounded to 4 decimals and class means are means of those, rounded to 4, as in the official
+``FLARE23_DSC_NSD_Eval.py``.
+
+Outputs in ``out_dir`` (each written atomically, all after the last case):
+``metrics_per_case.csv`` (case, class, name, dsc, nsd), ``summary.json``, ``summary.md``,
+``per_class.png`` (DSC and NSD bars per class).
+"""
+
+from __future__ import annotations
+
+import csv
+import io as _io
+import json
+import multiprocessing as mp
+import sys
+import time
+from pathlib import Path
+from typing import Any, Iterable, Sequence
+
+import numpy as np
+
+from abdoseg.io import InputError, atomic_path, load_nifti, save_json, voxel_spacing_mm
+from abdoseg.labels import FOREGROUND_IDS, LESION_ID, NSD_TOLERANCE_MM, ORGAN_IDS, class_name
+from abdoseg.metrics import _code_to_normals, evaluate_case
+
+CSV_NAME = "metrics_per_case.csv"
+SUMMARY_JSON = "summary.json"
+SUMMARY_MD = "summary.md"
+CHART_PNG = "per_class.png"
+_EXTS = (".nii.gz", ".nii")
+
+
+def _case_id(path: Path) -> str:
+    name = path.name
+    for ext in _EXTS:
+        if name.endswith(ext):
+            return name[: -len(ext)]
+    return name
+
+
+def _list_cases(folder: Path) -> dict[str, Path]:
+    files: dict[str, Path] = {}
+    for ext in _EXTS:  # "*.nii" does not match "*.nii.gz"; .nii.gz wins when both exist
+        for p in sorted(folder.glob(f"*{ext}")):
+            if p.is_file():
+                files.setdefault(_case_id(p), p)
+    return dict(sorted(files.items()))
+
+
+def _header_shape(path: Path) -> tuple[int, ...]:
+    import nibabel as nib
+
+    try:
+        shape = tuple(int(s) for s in nib.load(str(path)).shape)
+    except Exception as exc:  # nibabel raises many types for corrupt headers
+        raise InputError(path, f"not a readable NIfTI image ({type(exc).__name__}: {exc})") from exc
+    if len(shape) != 3:
+        raise InputError(path, f"expected a 3-D label map, got shape {shape}")
+    return shape
+
+
+def _parse_classes(classes: Any, case_ids: Iterable[str]) -> dict[str, tuple[int, ...]]:
+    """Classes to score per case.
+
+    ``None`` -> all 14; an int or a sequence of ints (or "1,2,5") -> those for every case; a
+    path to a JSON file -> ``{case: [ids]}`` or a FLARE-style ``dataset.json`` whose
+    ``cases[case]["annotated_classes"]`` lists them.
+    """
+    case_ids = list(case_ids)
+    if classes is None:
+        return {c: FOREGROUND_IDS for c in case_ids}
+    if isinstance(classes, str) and classes.endswith(".json"):
+        path = Path(classes)
+        if not path.is_file():
+            raise InputError(path, "classes file not found")
+        try:
+            data = json.loads(path.read_text())
+        except json.JSONDecodeError as exc:
+            raise InputError(path, f"not valid JSON ({exc})") from exc
+        if isinstance(data, dict) and isinstance(data.get("cases"), dict):
+            data = {k: v.get("annotated_classes") for k, v in data["cases"].items() if isinstance(v, dict)}
+        out = {}
+        for c in case_ids:
+            ids = data.get(c) if isinstance(data, dict) else None
+            if ids is None:
+                raise InputError(path, f"no class list for case {c!r}")
+            out[c] = _check_ids(ids, path)
+        return out
+    if isinstance(classes, str):
+        classes = [s for s in classes.replace(",", " ").split() if s]
+    if isinstance(classes, (int, np.integer)):
+        classes = [classes]
+    ids = _check_ids(classes, "--classes")
+    return {c: ids for c in case_ids}
+
+
+def _check_ids(ids: Any, where: Any) -> tuple[int, ...]:
+    try:
+        out = tuple(sorted({int(i) for i in ids}))
+    except (TypeError, ValueError) as exc:
+        raise InputError(where, f"class ids must be integers, got {ids!r}") from exc
+    bad = [i for i in out if i not in FOREGROUND_IDS]
+    if bad:
+        raise InputError(where, f"unknown class ids {bad} (valid: 1..14)")
+    return out
+
+
+def _evaluate_one(task: tuple) -> tuple:
+    """Worker: load one GT/prediction pair and score it. Returns ("ok", case, results, seconds)
+    or ("error", path, problem) for an unusable file (InputError does not pickle)."""
+    case, gt_path, pred_path, threshold, classes = task
+    t0 = time.perf_counter()
+    try:
+        gt, _, header = load_nifti(gt_path)
+        spacing = voxel_spacing_mm(header)
+        if pred_path is None:
+            pred = np.zeros(gt.shape, dtype=np.uint8)
+        else:
+            pred, _, _ = load_nifti(pred_path)
+            if pred.shape != gt.shape:
+                raise InputError(pred_path, f"shape {pred.shape} differs from ground truth {gt_path} shape {gt.shape}")
+        results = evaluate_case(gt, pred, spacing, nsd_dsc_threshold=threshold, classes=classes)
+    except InputError as exc:
+        return ("error", exc.path, exc.problem)
+    return ("ok", case, results, time.perf_counter() - t0)
+
+
+def _mean4(values: Sequence[float]) -> float | None:
+    return round(float(np.mean(values)), 4) if len(values) else None
+
+
+def summarize(rows: Sequence[dict[str, Any]]) -> dict[str, Any]:
+    """Class means and organ/lesion means from per-case rows (keys case, class, dsc, nsd).
+
+    Organ DSC/NSD = mean of the organ-class means (all 13 when every organ is scored, as in the
+    official script); lesion reported separately; ``None`` where a class was never scored.
+    """
+    per_class: dict[str, dict[str, Any]] = {}
+    for c in FOREGROUND_IDS:
+        sel = [r for r in rows if r["class"] == c]
+        if not sel:
+            continue
+        per_class[str(c)] = {
+            "name": class_name(c),
+            "tolerance_mm": NSD_TOLERANCE_MM[c],
+            "n_cases": len(sel),
+            "dsc": _mean4([r["dsc"] for r in sel]),
+            "nsd": _mean4([r["nsd"] for r in sel]),
+        }
+    organs = [c for c in ORGAN_IDS if str(c) in per_class]
+    lesion = per_class.get(str(LESION_ID))
+    return {
+        "organ_dsc": _mean4([per_class[str(c)]["dsc"] for c in organs]),
+        "organ_nsd": _mean4([per_class[str(c)]["nsd"] for c in organs]),
+        "organ_classes": organs,
+        "lesion_dsc": lesion["dsc"] if lesion else None,
+        "lesion_nsd": lesion["nsd"] if lesion else None,
+        "per_class": per_class,
+    }
+
+
+def _fmt(x: float | None) -> str:
+    return "-" if x is None else f"{x:.4f}"
+
+
+def summary_markdown(summary: dict[str, Any]) -> str:
+    """Markdown report: header facts, then one row per class and the organ/lesion means."""
+    lines = [
+        "# FLARE23 evaluation",
+        "",
+        f"- cases: {summary['n_cases']} (missing predictions scored as empty: "
+        f"{len(summary['missing_predictions'])})",
+        f"- NSD set to 0 when DSC < {summary['nsd_dsc_threshold']}",
+        f"- predictions: `{summary['pred_dir']}`; ground truth: `{summary['gt_dir']}`",
+        "",
+        "| class | name | NSD tol. (mm) | cases | DSC | NSD |",
+        "|---:|---|---:|---:|---:|---:|",
+    ]
+    for c, v in summary["per_class"].items():
+        lines.append(f"| {c} | {v['name']} | {v['tolerance_mm']:g} | {v['n_cases']} | {_fmt(v['dsc'])} | {_fmt(v['nsd'])} |")
+    n_org = len(summary["organ_classes"])
+    lines.append(f"| | **organs (mean of {n_org} class means)** | | | **{_fmt(summary['organ_dsc'])}** | **{_fmt(summary['organ_nsd'])}** |")
+    lines.append(f"| | **lesion** | | | **{_fmt(summary['lesion_dsc'])}** | **{_fmt(summary['lesion_nsd'])}** |")
+    if summary["missing_predictions"]:
+        lines += ["", "Missing predictions (scored as empty): " + ", ".join(summary["missing_predictions"])]
+    if summary["unmatched_predictions"]:
+        lines += ["", "Predictions without ground truth (ignored): " + ", ".join(summary["unmatched_predictions"])]
+    return "\n".join(lines) + "\n"
+
+
+def _write_chart(summary: dict[str, Any], path: Path) -> None:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    items = list(summary["per_class"].items())
+    names = [v["name"] for _, v in items]
+    x = np.arange(len(items))
+    fig, ax = plt.subplots(figsize=(max(6.0, 0.7 * len(items) + 2), 4.5))
+    ax.bar(x - 0.2, [v["dsc"] for _, v in items], 0.4, label="DSC")
+    ax.bar(x + 0.2, [v["nsd"] for _, v in items], 0.4, label="NSD")
+    ax.set_xticks(x, names, rotation=45, ha="right")
+    ax.set_ylim(0, 1.05)
+    ax.set_ylabel("mean over cases")
+    ax.set_title(f"FLARE23 metrics, {summary['n_cases']} cases: organ DSC {_fmt(summary['organ_dsc'])}, "
+                 f"NSD {_fmt(summary['organ_nsd'])}", fontsize=10)
+    ax.legend(loc="lower right")
+    ax.grid(axis="y", alpha=0.3)
+    fig.tight_layout()
+    with atomic_path(path) as tmp:
+        fig.savefig(tmp, dpi=100, format="png")
+    plt.close(fig)
+
+
+def _write_csv(rows: Sequence[dict[str, Any]], path: Path) -> None:
+    buf = _io.StringIO()
+    writer = csv.writer(buf, lineterminator="\n")
+    writer.writerow(["case", "class", "name", "dsc", "nsd"])
+    for r in rows:
+        writer.writerow([r["case"], r["class"], class_name(r["class"]), f"{r['dsc']:.4f}", f"{r['nsd']:.4f}"])
+    with atomic_path(path) as tmp:
+        tmp.write_text(buf.getvalue())
+
+
+def evaluate(pred_dir: str, gt_dir: str, out_dir: str, nsd_dsc_threshold: float = 0.2,
+             workers: int = 2, classes: Any = None) -> dict[str, Any]:
+    """Score every ``gt_dir/{case}.nii.gz`` against ``pred_dir/{case}.nii.gz`` (FLARE23 DSC/NSD).
+
+    Args:
+        pred_dir: folder of predicted label maps (FLARE class ids).
+        gt_dir: folder of ground-truth label maps; its header spacing (mm) is used for NSD.
+        out_dir: where the CSV, summary JSON/Markdown and bar chart go (created).
+        nsd_dsc_threshold: NSD = 0 when DSC < this (0.2 now; 0.1 was used in FLARE 2023).
+        workers: processes (1 = in this process).
+        classes: None (all 14), ids for every case ("1,2,14" or a list), or a JSON file
+            ``{case: [ids]}`` / a dataset.json with ``cases[id].annotated_classes``.
+
+    Returns:
+        The summary dict (also written to ``out_dir/summary.json``).
+
+    Raises:
+        InputError: a folder is missing or empty, a file is unreadable, or a prediction's shape
+            differs from its ground truth (the message names both files).
+    """
+    t_start = time.perf_counter()
+    pred_dir_p, gt_dir_p, out_dir_p = Path(pred_dir), Path(gt_dir), Path(out_dir)
+    if not gt_dir_p.is_dir():
+        raise InputError(gt_dir_p, "ground-truth folder not found")
+    if not pred_dir_p.is_dir():
+        raise InputError(pred_dir_p, "prediction folder not found")
+    gts = _list_cases(gt_dir_p)
+    if not gts:
+        raise InputError(gt_dir_p, "no *.nii.gz ground-truth files")
+    preds = _list_cases(pred_dir_p)
+    case_classes = _parse_classes(classes, gts)
+    missing = [c for c in gts if c not in preds]
+    unmatched = [c for c in preds if c not in gts]
+    for case, gt_path in gts.items():  # cheap header checks before any work
+        gt_shape = _header_shape(gt_path)
+        if case in preds:
+            pred_shape = _header_shape(preds[case])
+            if pred_shape != gt_shape:
+                raise InputError(preds[case], f"shape {pred_shape} differs from ground truth {gt_path} shape {gt_shape}")
+    if missing:
+        print(f"abdoseg evaluate: warning: {len(missing)} missing prediction(s) scored as empty: "
+              + ", ".join(missing), file=sys.stderr)
+    threshold = float(nsd_dsc_threshold)
+    tasks = [(c, str(p), str(preds[c]) if c in preds else None, threshold, case_classes[c]) for c, p in gts.items()]
+
+    from tqdm import tqdm
+
+    _code_to_normals()  # load the lookup table once; forked workers inherit it
+    workers = max(1, min(int(workers), len(tasks)))
+    rows: list[dict[str, Any]] = []
+    case_seconds: list[float] = []
+
+    def consume(results: Iterable[tuple]) -> None:
+        for out in tqdm(results, total=len(tasks), desc="evaluate", unit="case", file=sys.stderr):
+            if out[0] == "error":
+                raise InputError(out[1], out[2])
+            _, case, res, secs = out
+            case_seconds.append(secs)
+            for c, (dsc, nsd) in sorted(res.items()):
+                rows.append({"case": case, "class": c, "dsc": round(dsc, 4), "nsd": round(nsd, 4)})
+
+    if workers == 1:
+        consume(map(_evaluate_one, tasks))
+    else:
+        method = "fork" if "fork" in mp.get_all_start_methods() else "spawn"
+        with mp.get_context(method).Pool(workers) as pool:
+            consume(pool.imap(_evaluate_one, tasks, chunksize=1))
+
+    summary: dict[str, Any] = {
+        "n_cases": len(tasks),
+        "nsd_dsc_threshold": threshold,
+        "pred_dir": str(pred_dir_p),
+        "gt_dir": str(gt_dir_p),
+        **summarize(rows),
+        "missing_predictions": missing,
+        "unmatched_predictions": unmatched,
+        "timing": {
+            "workers": workers,
+            "wall_s": round(time.perf_counter() - t_start, 2),
+            "mean_case_s": round(float(np.mean(case_seconds)), 2),
+        },
+    }
+    _write_csv(rows, out_dir_p / CSV_NAME)
+    save_json(summary, out_dir_p / SUMMARY_JSON)
+    md = summary_markdown(summary)
+    with atomic_path(out_dir_p / SUMMARY_MD) as tmp:
+        tmp.write_text(md)
+    _write_chart(summary, out_dir_p / CHART_PNG)
+    print(md)
+    return summary
