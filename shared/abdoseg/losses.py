@@ -1,0 +1,259 @@
+"""Marginal loss + exclusion loss for partially labeled multi-organ segmentation.
+
+Shi, Xiao, Chen, Zhou: "Marginal loss and exclusion loss for partially supervised multi-organ
+segmentation", Medical Image Analysis 70 (2021) 101979 (arXiv 2007.03868).
+
+A partial label's background is a *merged* label: true background plus every class that was not
+annotated for that case. Notation per case: ``p = softmax(logits)`` over C classes, ``A`` the
+annotated foreground classes, ``M = {0} ∪ (foreground classes not in A)`` the merged set.
+
+Marginal loss (the paper's marginal CE + marginal Dice)
+    The merged background probability is the marginal ``q_0 = sum_{j in M} p_j``; annotated
+    classes keep ``q_c = p_c``. Cross entropy and Dice are computed on ``q`` against the partial
+    label, over the channels {0} ∪ A only (unannotated channels have no target; they are merged).
+    With every class annotated this is exactly MONAI ``DiceCELoss(to_onehot_y=True,
+    softmax=True)`` (same smoothing, mean over voxels for CE and over (case, class) for Dice).
+
+    Gradient fact used by the tests: the marginal loss depends on the logits of M only through
+    ``logsumexp_{j in M} z_j``, hence for j, j' in M:  dL/dz_j / p_j == dL/dz_j' / p_j'; the
+    loss is invariant to any permutation of the logits inside M, and it gives no signal that
+    redistributes probability among background and unannotated classes.
+
+Exclusion loss
+    Organs do not overlap: every voxel that the partial label marks as an annotated foreground
+    class c is known *not* to be any other class. For an unannotated foreground class k the
+    exclusion set is ``e_k = union of the annotated foreground masks = (label > 0)`` (annotated
+    classes' own overlaps are already penalised by the marginal terms). Terms, per case:
+
+    * exclusion Dice: ``sum_k 2 <e_k, p_k> / (|e_k| + sum p_k + eps)`` averaged over unannotated
+      k -- a Dice *coefficient* to be minimised (0 when the prediction of k avoids e_k). No
+      numerator smoothing, so an empty e_k or an empty prediction gives exactly 0.
+    * exclusion CE: ``mean_voxels sum_k e_k * -log(1 - p_k)``, with ``log(1 - p_k)`` computed
+      as ``logsumexp_{j != k} z_j - logsumexp_j z_j`` (finite for any logits).
+
+    Interpretation notes: the paper's exact normalisation of the exclusion terms is not
+    reproduced from its text here; the forms above are bounded, zero without overlap, and
+    decrease monotonically as the overlap of p_k with e_k is removed (tested).
+
+Deep supervision: ``forward`` accepts one logits tensor (B, C, *S), a DynUNet training stack
+(B, L, C, *S), or a list/tuple of tensors at any resolutions; lower-resolution heads get the
+label resized with ``nearest-exact`` and weights from :class:`monai.losses.DeepSupervisionLoss`
+(``weight_mode``). The ``annotated`` mask may also be packed into the target (see
+:func:`pack_target`) so the loss works with two-argument callers such as MONAI's
+``SupervisedTrainer`` and ``DeepSupervisionLoss``.
+"""
+
+from __future__ import annotations
+
+from typing import Sequence
+
+import torch
+import torch.nn.functional as F
+from monai.losses import DeepSupervisionLoss, DiceLoss
+from monai.networks.utils import one_hot
+from torch import nn
+
+from .labels import NUM_CLASSES
+
+__all__ = ["MarginalExclusionLoss", "pack_target", "unpack_target", "marginal_log_probs"]
+
+
+def pack_target(label: torch.Tensor, annotated: torch.Tensor) -> torch.Tensor:
+    """Pack ``label`` (B, 1, *S) and ``annotated`` (B, C) bool into one float tensor (B, 1+C, *S).
+
+    Channel 0 is the label, channels 1..C the annotated flags broadcast over space; nearest
+    resizing (MONAI DeepSupervisionLoss) keeps it valid. Costs C extra label-sized channels.
+    """
+    if label.ndim < 3 or label.shape[1] != 1:
+        raise ValueError(f"label must have shape (B, 1, *spatial), got {tuple(label.shape)}")
+    if annotated.ndim != 2 or annotated.shape[0] != label.shape[0]:
+        raise ValueError(f"annotated must have shape (B, C) with B={label.shape[0]}, got {tuple(annotated.shape)}")
+    spatial = label.shape[2:]
+    flags = annotated.to(dtype=torch.float32, device=label.device).reshape(*annotated.shape, *([1] * len(spatial)))
+    return torch.cat([label.float(), flags.expand(-1, -1, *spatial)], dim=1)
+
+
+def unpack_target(target: torch.Tensor, num_classes: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """Inverse of :func:`pack_target`: ``(label (B,1,*S) long, annotated (B,C) bool)``."""
+    if target.shape[1] != 1 + num_classes:
+        raise ValueError(f"packed target must have 1+{num_classes} channels, got {target.shape[1]}")
+    label = target[:, :1].round().long()
+    flat = target[:, 1:].reshape(target.shape[0], num_classes, -1)
+    return label, flat[..., 0] > 0.5
+
+
+def marginal_log_probs(logits: torch.Tensor, annotated: torch.Tensor) -> torch.Tensor:
+    """Log of the marginal distribution q, shape (B, C, *S).
+
+    Channel 0 = ``log sum_{j in M} p_j`` (background + unannotated classes), annotated channels
+    = ``log p_c``, unannotated channels = -inf (merged into channel 0).
+    ``annotated``: (B, C) bool; its channel 0 is ignored (background is always merged).
+    """
+    b, c = logits.shape[:2]
+    log_p = torch.log_softmax(logits, dim=1)
+    ann = annotated.to(device=logits.device, dtype=torch.bool).clone()
+    ann[:, 0] = False
+    view = (b, c) + (1,) * (logits.ndim - 2)
+    merged = (~ann).view(view)
+    neg_inf = torch.finfo(log_p.dtype).min
+    log_bg = torch.logsumexp(log_p.masked_fill(~merged, neg_inf), dim=1, keepdim=True)
+    out = log_p.masked_fill(merged, neg_inf)
+    return torch.cat([log_bg, out[:, 1:]], dim=1)
+
+
+class MarginalExclusionLoss(nn.Module):
+    """Marginal (CE + Dice) + exclusion (Dice + CE) loss for partial labels (Shi et al. 2021).
+
+    Args:
+        num_classes: C, including background (FLARE23: 15).
+        lambda_ce, lambda_dice: weights of the marginal CE and marginal Dice terms.
+        lambda_exclusion_dice, lambda_exclusion_ce: weights of the exclusion terms (0 disables).
+        smooth_nr, smooth_dr: marginal Dice smoothing, as MONAI DiceLoss.
+        weight_mode, weights: deep-supervision level weights, as MONAI DeepSupervisionLoss.
+
+    ``forward(logits, label, annotated=None)``:
+        logits: (B, C, *S) float; or (B, L, C, *S) (DynUNet deep-supervision stack); or a
+            list/tuple of (B, C, *S_l) tensors, first = full resolution.
+        label: (B, 1, *S) integer class ids (partial label); or a packed target (B, 1+C, *S)
+            from :func:`pack_target` when ``annotated`` is None.
+        annotated: (B, C) bool, True for classes annotated in that case (channel 0 ignored);
+            None = all classes annotated (then the loss equals DiceCE).
+        Returns a scalar tensor. A label voxel of a class not flagged annotated raises
+        ValueError (the datalist's annotated_classes and the label disagree).
+    """
+
+    def __init__(
+        self,
+        num_classes: int = NUM_CLASSES,
+        lambda_ce: float = 1.0,
+        lambda_dice: float = 1.0,
+        lambda_exclusion_dice: float = 1.0,
+        lambda_exclusion_ce: float = 1.0,
+        smooth_nr: float = 1e-5,
+        smooth_dr: float = 1e-5,
+        exclusion_eps: float = 1e-5,
+        weight_mode: str = "exp",
+        weights: Sequence[float] | None = None,
+    ) -> None:
+        super().__init__()
+        if min(lambda_ce, lambda_dice, lambda_exclusion_dice, lambda_exclusion_ce) < 0:
+            raise ValueError("loss weights must be >= 0")
+        self.num_classes = int(num_classes)
+        self.lambda_ce = float(lambda_ce)
+        self.lambda_dice = float(lambda_dice)
+        self.lambda_exclusion_dice = float(lambda_exclusion_dice)
+        self.lambda_exclusion_ce = float(lambda_exclusion_ce)
+        self.exclusion_eps = float(exclusion_eps)
+        self.dice = DiceLoss(
+            include_background=True, to_onehot_y=False, softmax=False, reduction="none",
+            smooth_nr=smooth_nr, smooth_dr=smooth_dr,
+        )
+        # only used for its level weights (MONAI's deep-supervision schedule)
+        self._ds = DeepSupervisionLoss(self.dice, weight_mode=weight_mode, weights=list(weights) if weights else None)
+
+    # ------------------------------------------------------------------ single level
+    def _check(self, logits: torch.Tensor, label: torch.Tensor, annotated: torch.Tensor) -> None:
+        if logits.ndim < 3 or logits.shape[1] != self.num_classes:
+            raise ValueError(f"logits must have shape (B, {self.num_classes}, *spatial), got {tuple(logits.shape)}")
+        if label.shape[0] != logits.shape[0] or label.shape[1] != 1 or label.shape[2:] != logits.shape[2:]:
+            raise ValueError(f"label shape {tuple(label.shape)} does not match logits {tuple(logits.shape)} as (B, 1, *spatial)")
+        if annotated.shape != (logits.shape[0], self.num_classes):
+            raise ValueError(f"annotated must have shape (B, C)=({logits.shape[0]}, {self.num_classes}), got {tuple(annotated.shape)}")
+        if label.numel():
+            lo, hi = int(label.min()), int(label.max())
+            if lo < 0 or hi >= self.num_classes:
+                raise ValueError(f"label class ids must lie in 0..{self.num_classes - 1}, found {lo}..{hi}")
+
+    @staticmethod
+    def _check_annotated(onehot: torch.Tensor, annotated: torch.Tensor) -> None:
+        present = onehot.flatten(2).amax(dim=2) > 0  # (B, C)
+        bad = present & ~annotated
+        bad[:, 0] = False
+        if bool(bad.any()):
+            b, c = (int(v) for v in torch.nonzero(bad)[0])
+            raise ValueError(f"batch item {b}: label contains class {c}, which is not flagged annotated")
+
+    def components(
+        self, logits: torch.Tensor, label: torch.Tensor, annotated: torch.Tensor | None = None
+    ) -> dict[str, torch.Tensor]:
+        """Unweighted terms for one resolution level: marginal_ce, marginal_dice,
+        exclusion_dice, exclusion_ce (scalars). Shapes as in ``forward`` (single tensor)."""
+        label = label.long()
+        b, c = logits.shape[:2]
+        if annotated is None:
+            annotated = torch.ones(b, c, dtype=torch.bool, device=logits.device)
+        annotated = annotated.to(device=logits.device, dtype=torch.bool).clone()
+        annotated[:, 0] = True
+        self._check(logits, label, annotated)
+        y = one_hot(label, c, dim=1)
+        self._check_annotated(y, annotated)
+        logits = logits.float()
+
+        # marginal cross entropy
+        log_q = marginal_log_probs(logits, annotated)
+        ce = -torch.gather(log_q, 1, label).mean()
+
+        # marginal Dice over channels {0} ∪ annotated
+        q = torch.exp(log_q)  # unannotated channels underflow to exactly 0
+        per = self.dice(q, y).reshape(b, c)
+        w = annotated.to(per.dtype)
+        dice = (per * w).sum() / w.sum()
+
+        # exclusion terms over unannotated foreground classes
+        unann = ~annotated
+        unann[:, 0] = False
+        zero = logits.sum() * 0.0
+        if not bool(unann.any()):
+            return {"marginal_ce": ce, "marginal_dice": dice, "exclusion_dice": zero, "exclusion_ce": zero}
+        p = torch.softmax(logits, dim=1).flatten(2)  # (B, C, N)
+        e = (label.flatten(2) > 0).to(p.dtype)  # (B, 1, N)
+        inter = (p * e).sum(dim=2)  # (B, C)
+        denom = e.sum(dim=2) + p.sum(dim=2) + self.exclusion_eps
+        excl_dice_bc = 2.0 * inter / denom
+        wu = unann.to(p.dtype)
+        excl_dice = (excl_dice_bc * wu).sum() / wu.sum()
+
+        # log(1 - p_k) = logsumexp_{j != k} z_j - logsumexp_j z_j, one unannotated k at a time
+        flat = logits.flatten(2)  # (B, C, N)
+        lse_all = torch.logsumexp(flat, dim=1)  # (B, N)
+        neg = torch.finfo(flat.dtype).min
+        e0 = e[:, 0]
+        excl_ce = zero
+        for k in torch.nonzero(unann.any(dim=0)).flatten().tolist():
+            log_not_k = torch.logsumexp(flat.index_fill(1, torch.tensor([k], device=flat.device), neg), dim=1) - lse_all
+            excl_ce = excl_ce - (log_not_k * e0 * wu[:, k : k + 1]).mean(dim=1).sum() / b
+        return {"marginal_ce": ce, "marginal_dice": dice, "exclusion_dice": excl_dice, "exclusion_ce": excl_ce}
+
+    def _single(self, logits: torch.Tensor, label: torch.Tensor, annotated: torch.Tensor | None) -> torch.Tensor:
+        t = self.components(logits, label, annotated)
+        total = self.lambda_ce * t["marginal_ce"] + self.lambda_dice * t["marginal_dice"]
+        if self.lambda_exclusion_dice:
+            total = total + self.lambda_exclusion_dice * t["exclusion_dice"]
+        if self.lambda_exclusion_ce:
+            total = total + self.lambda_exclusion_ce * t["exclusion_ce"]
+        return total
+
+    # ------------------------------------------------------------------ public
+    def forward(
+        self,
+        logits: torch.Tensor | Sequence[torch.Tensor],
+        label: torch.Tensor,
+        annotated: torch.Tensor | None = None,
+    ) -> torch.Tensor:
+        if annotated is None and label.ndim >= 3 and label.shape[1] == 1 + self.num_classes:
+            label, annotated = unpack_target(label, self.num_classes)
+        if isinstance(logits, torch.Tensor) and logits.ndim == label.ndim + 1:
+            logits = list(torch.unbind(logits, dim=1))  # DynUNet (B, L, C, *S) stack
+        if isinstance(logits, torch.Tensor):
+            return self._single(logits, label, annotated)
+        levels = list(logits)
+        if not levels:
+            raise ValueError("logits: empty list")
+        weights = self._ds.get_weights(len(levels))
+        total = logits[0].new_zeros(())
+        for w, lg in zip(weights, levels):
+            lab = label
+            if lg.shape[2:] != label.shape[2:]:
+                lab = F.interpolate(label.float(), size=lg.shape[2:], mode="nearest-exact")
+            total = total + w * self._single(lg, lab, annotated)
+        return total

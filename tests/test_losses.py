@@ -1,0 +1,184 @@
+"""Marginal + exclusion loss (Shi et al. 2021) and the AnnotatedClassesd transform."""
+
+import pytest
+import torch
+from monai.data import list_data_collate
+from monai.losses import DeepSupervisionLoss, DiceCELoss
+
+from abdoseg.losses import MarginalExclusionLoss, marginal_log_probs, pack_target
+from abdoseg.transforms import AnnotatedClassesd, annotated_mask
+
+C = 5  # background + 4 classes keeps the tensors tiny
+
+
+def _data(seed=0, b=2, shape=(4, 4, 3)):
+    g = torch.Generator().manual_seed(seed)
+    logits = torch.randn(b, C, *shape, generator=g) * 2
+    label = torch.zeros(b, 1, *shape, dtype=torch.long)
+    label[:, 0, :2, :2, :] = 1
+    label[:, 0, 2:, 2:, :2] = 3
+    label[1, 0, 0, 3, :] = 4
+    return logits, label
+
+
+def _ann(rows):
+    return torch.tensor(rows, dtype=torch.bool)
+
+
+def test_all_annotated_equals_monai_dicece():
+    logits, label = _data()
+    ref = DiceCELoss(to_onehot_y=True, softmax=True)(logits, label)
+    loss = MarginalExclusionLoss(num_classes=C)
+    assert torch.allclose(loss(logits, label), ref, atol=1e-6)
+    assert torch.allclose(loss(logits, label, torch.ones(2, C, dtype=torch.bool)), ref, atol=1e-6)
+    t = loss.components(logits, label)
+    assert float(t["exclusion_dice"]) == 0.0 and float(t["exclusion_ce"]) == 0.0
+
+
+def test_marginal_ce_matches_hand_computation():
+    logits, label = _data(1)
+    ann = _ann([[1, 1, 0, 1, 0], [1, 1, 0, 1, 1]])  # class 2 unannotated in both; 4 in case 0 only
+    label[0][label[0] == 4] = 0
+    p = torch.softmax(logits, 1)
+    merged = [[0, 2, 4], [0, 2]]
+    nll = torch.zeros(label.shape)
+    for b in range(2):
+        bg = p[b, merged[b]].sum(0)
+        picked = torch.gather(p[b], 0, label[b]).squeeze(0)
+        nll[b, 0] = -torch.where(label[b, 0] == 0, bg, picked).log()
+    loss = MarginalExclusionLoss(num_classes=C, lambda_dice=0, lambda_exclusion_dice=0, lambda_exclusion_ce=0)
+    assert torch.allclose(loss(logits, label, ann), nll.mean(), atol=1e-6)
+    # marginal log-probs: merged channel sums, unannotated channels empty
+    q = marginal_log_probs(logits, ann).exp()
+    assert torch.allclose(q.sum(1), torch.ones_like(q[:, 0]), atol=1e-6)
+    assert float(q[:, 2].abs().max()) == 0.0 and float(q[0, 4].abs().max()) == 0.0
+
+
+def test_marginal_gradients_inside_merged_set_are_proportional_to_probabilities():
+    """The marginal loss sees the merged classes only through logsumexp over M, so
+    dL/dz_j / p_j is the same for every j in M (background and unannotated classes), at every
+    voxel; annotated channels get ordinary gradients."""
+    logits, label = _data(2)
+    ann = _ann([[1, 1, 0, 1, 0], [1, 1, 0, 1, 1]])
+    label[0][label[0] == 4] = 0
+    z = logits.clone().requires_grad_(True)
+    loss = MarginalExclusionLoss(num_classes=C, lambda_exclusion_dice=0, lambda_exclusion_ce=0)
+    loss(z, label, ann).backward()
+    p = torch.softmax(logits, 1)
+    r = z.grad / p
+    # case 0: M = {0, 2, 4}; case 1: M = {0, 2}
+    assert torch.allclose(r[0, 2], r[0, 0], rtol=1e-4, atol=1e-6)
+    assert torch.allclose(r[0, 4], r[0, 0], rtol=1e-4, atol=1e-6)
+    assert torch.allclose(r[1, 2], r[1, 0], rtol=1e-4, atol=1e-6)
+    # class 4 is annotated in case 1: its gradient is not tied to the background's
+    assert not torch.allclose(r[1, 4], r[1, 0], rtol=1e-3)
+    # permuting logits inside M leaves the marginal loss unchanged
+    swapped = logits.clone()
+    swapped[:, [0, 2]] = logits[:, [2, 0]]
+    assert torch.allclose(loss(swapped, label, ann), loss(logits, label, ann), atol=1e-6)
+    # ... but not standard DiceCE, which treats class 2 as wrong where the label says 0
+    full = MarginalExclusionLoss(num_classes=C)
+    assert not torch.allclose(full(swapped, label), full(logits, label), atol=1e-3)
+
+
+def test_exclusion_ce_gradient_is_zero_outside_annotated_organs():
+    logits, label = _data(3)
+    ann = _ann([[1, 1, 0, 1, 1], [1, 1, 0, 1, 1]])
+    z = logits.clone().requires_grad_(True)
+    loss = MarginalExclusionLoss(num_classes=C, lambda_ce=0, lambda_dice=0, lambda_exclusion_dice=0)
+    loss(z, label, ann).backward()
+    bg = (label == 0).expand_as(z)
+    assert float(z.grad[bg].abs().max()) == 0.0
+    # inside annotated organs it pushes the unannotated class down (positive gradient on z_2)
+    organ = label[:, 0] > 0
+    assert bool((z.grad[:, 2][organ] > 0).all())
+
+
+def test_exclusion_decreases_when_overlap_with_annotated_organs_is_removed():
+    _, label = _data()
+    ann = _ann([[1, 1, 0, 1, 1], [1, 1, 0, 1, 1]])  # class 2 unannotated
+    base = torch.zeros(2, C, *label.shape[2:])
+    organ = (label[:, 0] > 0)
+    overlap = base.clone()
+    overlap[:, 2][organ] = 6.0  # predicts class 2 on top of annotated organs
+    half = base.clone()
+    half[:, 2][organ & (torch.arange(4).view(1, 4, 1, 1) < 1)] = 6.0
+    apart = base.clone()
+    apart[:, 2][~organ] = 6.0  # predicts class 2 only where the label is (merged) background
+    apart.scatter_(1, label, torch.where(label > 0, 8.0, 0.0))  # and the annotated organs as such
+    loss = MarginalExclusionLoss(num_classes=C)
+    comps = [loss.components(x, label, ann) for x in (overlap, half, apart)]
+    for key in ("exclusion_dice", "exclusion_ce"):
+        v = [float(c[key]) for c in comps]
+        assert v[0] > v[1] > v[2], (key, v)
+    assert float(comps[2]["exclusion_dice"]) < 0.05 * float(comps[0]["exclusion_dice"])
+    # the marginal terms cannot see the "apart" prediction: class 2 there is merged background
+    assert float(comps[2]["marginal_ce"]) < float(comps[0]["marginal_ce"])
+
+
+def test_finite_with_empty_classes_and_extreme_logits():
+    logits, label = _data(4)
+    loss = MarginalExclusionLoss(num_classes=C)
+    empty = torch.zeros_like(label)
+    for lab, ann in (
+        (empty, _ann([[1, 0, 0, 0, 0], [1, 0, 0, 0, 0]])),  # nothing annotated, empty label
+        (empty, _ann([[1, 1, 1, 1, 1], [1, 1, 0, 0, 0]])),  # annotated but absent classes
+        (label, _ann([[1, 1, 0, 1, 1], [1, 1, 0, 1, 1]])),
+    ):
+        for scale in (1.0, 100.0):
+            z = (logits * scale).requires_grad_(True)
+            out = loss(z, lab, ann)
+            out.backward()
+            assert torch.isfinite(out) and torch.isfinite(z.grad).all()
+    # exclusion is exactly 0 when there is no annotated organ to exclude
+    t = loss.components(logits, empty, _ann([[1, 0, 0, 0, 0], [1, 0, 0, 0, 0]]))
+    assert float(t["exclusion_dice"]) == 0.0 and float(t["exclusion_ce"]) == 0.0
+
+
+def test_deep_supervision_list_stack_and_packed_target():
+    logits, label = _data(5, shape=(8, 8, 4))
+    ann = _ann([[1, 1, 0, 1, 0], [1, 1, 0, 1, 1]])
+    label[0][label[0] == 4] = 0
+    low = torch.nn.functional.avg_pool3d(logits, 2)
+    loss = MarginalExclusionLoss(num_classes=C)
+    low_label = torch.nn.functional.interpolate(label.float(), size=low.shape[2:], mode="nearest-exact").long()
+    expected = loss(logits, label, ann) + 0.5 * loss(low, low_label, ann)
+    assert torch.allclose(loss([logits, low], label, ann), expected, atol=1e-6)
+    # DynUNet training output: (B, L, C, *S) at full resolution
+    stack = torch.stack([logits, logits * 0.5], dim=1)
+    assert torch.allclose(loss(stack, label, ann), loss(logits, label, ann) + 0.5 * loss(logits * 0.5, label, ann), atol=1e-6)
+    # packed target: works through two-argument callers such as MONAI DeepSupervisionLoss
+    packed = pack_target(label, ann)
+    assert torch.allclose(loss(logits, packed), loss(logits, label, ann), atol=1e-6)
+    wrapped = DeepSupervisionLoss(loss, weight_mode="exp")
+    assert torch.allclose(wrapped([logits, low], packed), expected, atol=1e-6)
+
+
+def test_errors():
+    logits, label = _data()
+    loss = MarginalExclusionLoss(num_classes=C)
+    with pytest.raises(ValueError, match="class 4, which is not flagged annotated"):
+        loss(logits, label, _ann([[1, 1, 1, 1, 1], [1, 1, 1, 1, 0]]))
+    with pytest.raises(ValueError, match="logits must have shape"):
+        loss(logits[:, :3], label)
+    with pytest.raises(ValueError, match="0..4"):
+        loss(logits, label + 5)
+    with pytest.raises(ValueError, match="annotated must have shape"):
+        loss(logits, label, torch.ones(2, 3, dtype=torch.bool))
+
+
+def test_annotated_classes_transform_and_collate():
+    t = AnnotatedClassesd(num_classes=C)
+    a = t({"image": "x", "annotated_classes": [1, 3]})
+    b = t({"image": "y", "annotated_classes": [2, 3, 4]})
+    full = t({"image": "z"})  # no list: fully labeled (fused / pseudo labels)
+    assert a["annotated"].tolist() == [True, True, False, True, False]
+    assert "annotated_classes" not in a  # lists of different lengths would break collation
+    assert full["annotated"].all()
+    batch = list_data_collate([a, b, full])
+    assert batch["annotated"].shape == (3, C) and batch["annotated"].dtype == torch.bool
+    assert batch["annotated"][1].tolist() == [True, False, True, True, True]
+    with pytest.raises(KeyError):
+        AnnotatedClassesd(num_classes=C, missing="error")({"image": "z"})
+    with pytest.raises(ValueError, match="outside"):
+        annotated_mask([7], C)
