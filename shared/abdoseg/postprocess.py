@@ -1,0 +1,202 @@
+"""Connected-component post-processing of FLARE23 label volumes (cc3d + fastremap).
+
+Rules (each a pure function on an (X, Y, Z) integer label array, and a MONAI dictionary transform
+for the ``postprocessing`` section of ``inference.json``):
+
+* :func:`keep_largest_organ_components` - per organ class, keep only its largest 26-connected
+  component (seed 001 / 002 / 000); other components become background.
+* :func:`remove_small_lesions` - drop lesion components smaller than ``min_volume_mm3``.
+* :func:`drop_lesions_far_from_organs` - drop lesion components that do not touch the organ mask
+  dilated by ``max_distance_mm`` (optional; off by default).
+
+Removed voxels become background (0), as in the seeds. Spacings are (X, Y, Z) mm.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Hashable, Mapping, Sequence
+from typing import Any
+
+import cc3d
+import fastremap
+import numpy as np
+import torch
+from monai.config import KeysCollection
+from monai.data import MetaTensor
+from monai.transforms import MapTransform
+
+from abdoseg.labels import LESION_ID, ORGAN_IDS
+
+__all__ = [
+    "keep_largest_organ_components",
+    "remove_small_lesions",
+    "drop_lesions_far_from_organs",
+    "postprocess_labels",
+    "FlarePostprocessd",
+]
+
+
+def _bbox_slices(mask: np.ndarray) -> tuple[slice, ...] | None:
+    """Tight bounding box of a boolean mask, or None if empty."""
+    if not mask.any():
+        return None
+    out = []
+    for axis in range(mask.ndim):
+        other = tuple(a for a in range(mask.ndim) if a != axis)
+        idx = np.flatnonzero(mask.any(axis=other))
+        out.append(slice(int(idx[0]), int(idx[-1]) + 1))
+    return tuple(out)
+
+
+def keep_largest_organ_components(labels: np.ndarray, organ_ids: Sequence[int] = ORGAN_IDS,
+                                  connectivity: int = 26) -> np.ndarray:
+    """Keep, for each class in ``organ_ids``, only its largest connected component.
+
+    One multi-label ``cc3d.connected_components`` pass labels all classes at once (components
+    never merge across classes); voxel counts per component come from ``fastremap.unique``.
+    Returns a new array of the same dtype; other classes are untouched.
+    """
+    labels = np.asarray(labels)
+    organ_ids = [int(c) for c in organ_ids]
+    organ_mask = np.isin(labels, organ_ids)
+    box = _bbox_slices(organ_mask)
+    if box is None:
+        return labels.copy()
+    sub = np.where(organ_mask[box], labels[box], 0)
+    cc = cc3d.connected_components(sub, connectivity=connectivity)
+    comp_ids, counts = fastremap.unique(cc, return_counts=True)
+    keep_comp: dict[int, tuple[int, int]] = {}  # class -> (count, comp id)
+    # class of each component: read one voxel per component
+    flat_cc = cc.ravel()
+    flat_lab = sub.ravel()
+    first = {}
+    nz = np.flatnonzero(flat_cc)
+    comps_at, idx = np.unique(flat_cc[nz], return_index=True)
+    for cid, i in zip(comps_at.tolist(), idx.tolist()):
+        first[cid] = int(flat_lab[nz[i]])
+    for cid, n in zip(comp_ids.tolist(), counts.tolist()):
+        if cid == 0:
+            continue
+        cls = first[cid]
+        if cls not in keep_comp or n > keep_comp[cls][0]:
+            keep_comp[cls] = (n, cid)
+    keep_ids = [cid for _, cid in keep_comp.values()]
+    kept = np.isin(cc, keep_ids)
+    out = labels.copy()
+    region = out[box]
+    region[organ_mask[box] & ~kept] = 0
+    return out
+
+
+def remove_small_lesions(labels: np.ndarray, spacing_mm: Sequence[float], min_volume_mm3: float,
+                         lesion_id: int = LESION_ID, connectivity: int = 26) -> np.ndarray:
+    """Set lesion components with volume < ``min_volume_mm3`` (voxels x voxel volume) to background."""
+    labels = np.asarray(labels)
+    if min_volume_mm3 <= 0:
+        return labels.copy()
+    lesion = labels == lesion_id
+    box = _bbox_slices(lesion)
+    out = labels.copy()
+    if box is None:
+        return out
+    voxel_mm3 = float(np.prod([float(s) for s in spacing_mm]))
+    cc = cc3d.connected_components(lesion[box], connectivity=connectivity)
+    ids, counts = fastremap.unique(cc, return_counts=True)
+    small = [int(i) for i, n in zip(ids.tolist(), counts.tolist()) if i != 0 and n * voxel_mm3 < min_volume_mm3]
+    if small:
+        region = out[box]
+        region[np.isin(cc, small)] = 0
+    return out
+
+
+def drop_lesions_far_from_organs(labels: np.ndarray, spacing_mm: Sequence[float], max_distance_mm: float,
+                                 organ_ids: Sequence[int] = ORGAN_IDS, lesion_id: int = LESION_ID,
+                                 connectivity: int = 26) -> np.ndarray:
+    """Drop lesion components with no voxel within ``max_distance_mm`` of an organ voxel.
+
+    Distances are Euclidean in mm (``scipy.ndimage.distance_transform_edt`` with ``sampling``),
+    computed only inside the lesions' bounding box grown by ``max_distance_mm``. No organ at all
+    -> every lesion is dropped.
+    """
+    from scipy.ndimage import distance_transform_edt
+
+    labels = np.asarray(labels)
+    lesion = labels == lesion_id
+    lbox = _bbox_slices(lesion)
+    out = labels.copy()
+    if lbox is None:
+        return out
+    grow = [int(np.ceil(max_distance_mm / float(s))) + 1 for s in spacing_mm]
+    box = tuple(slice(max(0, sl.start - g), min(n, sl.stop + g)) for sl, g, n in zip(lbox, grow, labels.shape))
+    organ = np.isin(labels[box], [int(c) for c in organ_ids])
+    if organ.any():
+        near = distance_transform_edt(~organ, sampling=[float(s) for s in spacing_mm]) <= max_distance_mm
+    else:
+        near = np.zeros(organ.shape, bool)
+    les = lesion[box]
+    cc = cc3d.connected_components(les, connectivity=connectivity)
+    touching = fastremap.unique(cc[near & les])
+    touching = touching[touching != 0]
+    region = out[box]
+    region[les & ~np.isin(cc, touching)] = 0
+    return out
+
+
+def postprocess_labels(labels: np.ndarray, spacing_mm: Sequence[float], *, largest_organ_component: bool = True,
+                       min_lesion_volume_mm3: float = 0.0, lesion_max_distance_mm: float | None = None,
+                       organ_ids: Sequence[int] = ORGAN_IDS, lesion_id: int = LESION_ID) -> np.ndarray:
+    """Apply the rules in order: largest organ components, small-lesion removal, distant-lesion removal."""
+    out = np.asarray(labels)
+    if largest_organ_component:
+        out = keep_largest_organ_components(out, organ_ids)
+    if min_lesion_volume_mm3 > 0:
+        out = remove_small_lesions(out, spacing_mm, min_lesion_volume_mm3, lesion_id)
+    if lesion_max_distance_mm is not None:
+        out = drop_lesions_far_from_organs(out, spacing_mm, lesion_max_distance_mm, organ_ids, lesion_id)
+    return out
+
+
+class FlarePostprocessd(MapTransform):
+    """MONAI dictionary transform running :func:`postprocess_labels` on label volumes.
+
+    Accepts (X, Y, Z) or channel-first (1, X, Y, Z) tensors/arrays; the voxel spacing comes from the
+    MetaTensor affine (``spacing_mm`` overrides it, required for plain arrays). Output keeps type,
+    shape, dtype and meta.
+    """
+
+    def __init__(self, keys: KeysCollection, largest_organ_component: bool = True,
+                 min_lesion_volume_mm3: float = 0.0, lesion_max_distance_mm: float | None = None,
+                 spacing_mm: Sequence[float] | None = None, organ_ids: Sequence[int] = ORGAN_IDS,
+                 lesion_id: int = LESION_ID, allow_missing_keys: bool = False) -> None:
+        super().__init__(keys, allow_missing_keys)
+        self.kwargs = dict(largest_organ_component=bool(largest_organ_component),
+                           min_lesion_volume_mm3=float(min_lesion_volume_mm3),
+                           lesion_max_distance_mm=None if lesion_max_distance_mm is None else float(lesion_max_distance_mm),
+                           organ_ids=tuple(int(c) for c in organ_ids), lesion_id=int(lesion_id))
+        self.spacing_mm = None if spacing_mm is None else tuple(float(s) for s in spacing_mm)
+
+    def __call__(self, data: Mapping[Hashable, Any]) -> dict:
+        from abdoseg.cascade import affine_spacing_mm
+
+        d = dict(data)
+        for key in self.key_iterator(d):
+            img = d[key]
+            spacing = self.spacing_mm
+            if spacing is None:
+                if not isinstance(img, MetaTensor):
+                    raise ValueError(f"FlarePostprocessd: {key!r} has no affine; pass spacing_mm")
+                affine = img.affine
+                affine = affine[0] if affine.ndim == 3 else affine
+                spacing = affine_spacing_mm(np.asarray(affine))
+            arr = img.detach().cpu().numpy() if isinstance(img, torch.Tensor) else np.asarray(img)
+            channel = arr.ndim == 4
+            vol = arr[0] if channel else arr
+            res = postprocess_labels(vol, spacing, **self.kwargs)
+            res = res[None] if channel else res
+            if isinstance(img, MetaTensor):
+                d[key] = MetaTensor(torch.as_tensor(res), meta=img.meta, affine=img.affine).to(img.device)
+            elif isinstance(img, torch.Tensor):
+                d[key] = torch.as_tensor(res).to(img.device)
+            else:
+                d[key] = res
+        return d

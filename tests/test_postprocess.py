@@ -1,0 +1,78 @@
+"""Connected-component post-processing on small hand-made label volumes."""
+
+from __future__ import annotations
+
+import numpy as np
+import torch
+from monai.data import MetaTensor
+
+from abdoseg.postprocess import (FlarePostprocessd, drop_lesions_far_from_organs, keep_largest_organ_components,
+                                 postprocess_labels, remove_small_lesions)
+
+
+def _vol():
+    lab = np.zeros((20, 20, 10), np.uint8)
+    lab[2:8, 2:8, 2:6] = 1      # liver main (144 voxels)
+    lab[15:17, 15:17, 2:4] = 1  # liver island (8)
+    lab[10:13, 2:5, 2:5] = 3    # spleen (27)
+    lab[10:11, 10:11, 8:9] = 3  # spleen island (1)
+    lab[4:6, 4:6, 3:5] = 14     # lesion inside liver (8 voxels)
+    lab[18:19, 0:1, 0:1] = 14   # single-voxel lesion far away
+    return lab
+
+
+def test_largest_component_per_organ():
+    lab = _vol()
+    out = keep_largest_organ_components(lab)
+    assert (out[15:17, 15:17, 2:4] == 0).all()
+    assert out[10, 10, 8] == 0
+    assert (out[10:13, 2:5, 2:5] == 3).all()
+    # lesions untouched; liver main kept (its voxels minus the lesion)
+    assert (out == 14).sum() == (lab == 14).sum()
+    assert (out == 1).sum() == (lab == 1).sum() - 8
+    assert out.dtype == lab.dtype and lab[15, 15, 2] == 1  # input not modified
+
+
+def test_largest_component_does_not_merge_classes():
+    """Two organs touching: each class is its own component set."""
+    lab = np.zeros((10, 10, 4), np.uint8)
+    lab[0:5, :, :] = 1
+    lab[5:6, :, :] = 2
+    lab[8:10, 0:2, 0:1] = 2  # smaller right-kidney piece
+    out = keep_largest_organ_components(lab)
+    assert (out[0:5] == 1).all() and (out[5] == 2).all() and (out[8:10, 0:2, 0:1] == 0).all()
+
+
+def test_remove_small_lesions_by_volume_mm3():
+    lab = _vol()
+    # spacing 2 x 2 x 2 mm -> 8 mm3 per voxel: the 1-voxel lesion is 8 mm3, the other 64 mm3
+    out = remove_small_lesions(lab, (2.0, 2.0, 2.0), min_volume_mm3=10.0)
+    assert out[18, 0, 0] == 0 and (out[4:6, 4:6, 3:5] == 14).all()
+    out = remove_small_lesions(lab, (2.0, 2.0, 2.0), min_volume_mm3=64.0)
+    assert (out[4:6, 4:6, 3:5] == 14).all()  # exactly at the threshold is kept
+    out = remove_small_lesions(lab, (2.0, 2.0, 2.0), min_volume_mm3=64.1)
+    assert not (out == 14).any()
+
+
+def test_drop_lesions_far_from_organs():
+    lab = _vol()
+    out = drop_lesions_far_from_organs(lab, (1.0, 1.0, 1.0), max_distance_mm=2.0)
+    assert out[18, 0, 0] == 0 and (out[4:6, 4:6, 3:5] == 14).all()
+    # distances are in mm: 4 voxels at 1 mm = 4 mm; at 0.5 mm slices = 2 mm
+    lab2 = np.zeros((10, 10, 10), np.uint8)
+    lab2[0:3, 0:3, 0:3] = 1
+    lab2[0, 0, 6] = 14  # 4 voxels above the liver (z index 2 -> 6)
+    assert drop_lesions_far_from_organs(lab2, (1, 1, 1.0), 4.0)[0, 0, 6] == 14
+    assert drop_lesions_far_from_organs(lab2, (1, 1, 1.0), 3.9)[0, 0, 6] == 0
+    assert drop_lesions_far_from_organs(lab2, (1, 1, 0.5), 2.0)[0, 0, 6] == 14
+
+
+def test_transform_keeps_meta_and_shape():
+    lab = _vol()
+    aff = torch.diag(torch.tensor([2.0, 2.0, 2.0, 1.0]))
+    mt = MetaTensor(torch.as_tensor(lab)[None], affine=aff)
+    t = FlarePostprocessd("pred", min_lesion_volume_mm3=10.0)
+    out = t({"pred": mt})["pred"]
+    assert isinstance(out, MetaTensor) and tuple(out.shape) == (1, *lab.shape) and out.dtype == torch.uint8
+    np.testing.assert_array_equal(out[0].numpy(), postprocess_labels(lab, (2, 2, 2), min_lesion_volume_mm3=10.0))
+    assert torch.equal(out.affine, aff)
