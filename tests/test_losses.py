@@ -182,3 +182,51 @@ def test_annotated_classes_transform_and_collate():
         AnnotatedClassesd(num_classes=C, missing="error")({"image": "z"})
     with pytest.raises(ValueError, match="outside"):
         annotated_mask([7], C)
+
+
+def test_exclusion_terms_match_float64_brute_force():
+    logits, label = _data(6)
+    logits[0, 1, 0, 0, 0] = 40.0  # a saturated voxel: p_1 rounds to 1 in float32
+    ann = _ann([[1, 1, 0, 1, 1], [1, 1, 0, 1, 0]])
+    label[1][label[1] == 4] = 0
+    t = MarginalExclusionLoss(num_classes=C).components(logits, label, ann)
+    p = torch.softmax(logits.double(), 1).flatten(2)
+    e = (label.flatten(2) > 0).double()
+    unann = [[2], [2, 4]]
+    ce = [sum((-(torch.log1p(-p[b, k])) * e[b, 0]).mean() for k in unann[b]) for b in range(2)]
+    dice = [2 * (p[b, k] * e[b, 0]).sum() / (e[b, 0].sum() + p[b, k].sum() + 1e-5) for b in range(2) for k in unann[b]]
+    assert float(t["exclusion_ce"]) == pytest.approx(float(sum(ce) / 2), rel=1e-4)
+    assert float(t["exclusion_dice"]) == pytest.approx(float(sum(dice) / 3), rel=1e-4)
+
+
+def test_marginal_loss_learns_the_union_of_complementary_partial_labels():
+    """Two partial labels of the same image, one annotating class 1 and the other class 2:
+    fitting shared logits with the marginal loss recovers both organs, while plain DiceCE on
+    the partial labels (unannotated = background) sees conflicting targets and loses them."""
+    full = torch.zeros(1, 1, 6, 6, 2, dtype=torch.long)
+    full[..., :3, :3, :] = 1
+    full[..., 3:, 3:, :] = 2
+    partial = torch.cat([torch.where(full == 1, 1, 0), torch.where(full == 2, 2, 0)])
+    # classes 3 and 4 are annotated (absent) in both; were they never annotated anywhere, true
+    # background and class 3/4 would be indistinguishable under the marginal loss.
+    ann = _ann([[1, 1, 0, 1, 1], [1, 0, 1, 1, 1]])
+
+    def fit(loss_fn):
+        torch.manual_seed(0)
+        z = torch.zeros(1, C, 6, 6, 2, requires_grad=True)
+        opt = torch.optim.Adam([z], lr=0.3)
+        for _ in range(60):
+            opt.zero_grad()
+            loss_fn(z.expand(2, -1, -1, -1, -1)).backward()
+            opt.step()
+        return torch.softmax(z.detach(), 1)
+
+    organs = full[:, 0] > 0
+    marginal = MarginalExclusionLoss(num_classes=C)
+    prob = fit(lambda z: marginal(z, partial, ann))
+    assert torch.equal(prob.argmax(1, keepdim=True), full)
+    assert float(torch.gather(prob, 1, full)[:, 0][organs].min()) > 0.9
+    naive = DiceCELoss(to_onehot_y=True, softmax=True)
+    prob_naive = fit(lambda z: naive(z, partial))
+    # conflicting targets (organ in one case, background in the other): no confident organ
+    assert float(torch.gather(prob_naive, 1, full)[:, 0][organs].max()) < 0.7

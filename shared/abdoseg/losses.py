@@ -33,7 +33,11 @@ Exclusion loss
 
     Interpretation notes: the paper's exact normalisation of the exclusion terms is not
     reproduced from its text here; the forms above are bounded, zero without overlap, and
-    decrease monotonically as the overlap of p_k with e_k is removed (tested).
+    decrease monotonically as the overlap of p_k with e_k is removed (tested). As with any Dice
+    coefficient, while some overlap remains the exclusion Dice can also be lowered by raising
+    p_k outside e_k (its denominator); the pressure vanishes with the overlap.
+    A class that no case in the training set annotates cannot be told apart from background
+    by the marginal loss (both only ever appear merged).
 
 Deep supervision: ``forward`` accepts one logits tensor (B, C, *S), a DynUNet training stack
 (B, L, C, *S), or a list/tuple of tensors at any resolutions; lower-resolution heads get the
@@ -174,10 +178,15 @@ class MarginalExclusionLoss(nn.Module):
             raise ValueError(f"batch item {b}: label contains class {c}, which is not flagged annotated")
 
     def components(
-        self, logits: torch.Tensor, label: torch.Tensor, annotated: torch.Tensor | None = None
+        self,
+        logits: torch.Tensor,
+        label: torch.Tensor,
+        annotated: torch.Tensor | None = None,
+        exclusion: bool = True,
     ) -> dict[str, torch.Tensor]:
         """Unweighted terms for one resolution level: marginal_ce, marginal_dice,
-        exclusion_dice, exclusion_ce (scalars). Shapes as in ``forward`` (single tensor)."""
+        exclusion_dice, exclusion_ce (scalars). Shapes as in ``forward`` (single tensor).
+        ``exclusion=False`` skips the exclusion terms (returned as 0)."""
         label = label.long()
         b, c = logits.shape[:2]
         if annotated is None:
@@ -203,7 +212,7 @@ class MarginalExclusionLoss(nn.Module):
         unann = ~annotated
         unann[:, 0] = False
         zero = logits.sum() * 0.0
-        if not bool(unann.any()):
+        if not exclusion or not bool(unann.any()):
             return {"marginal_ce": ce, "marginal_dice": dice, "exclusion_dice": zero, "exclusion_ce": zero}
         p = torch.softmax(logits, dim=1).flatten(2)  # (B, C, N)
         e = (label.flatten(2) > 0).to(p.dtype)  # (B, 1, N)
@@ -213,19 +222,19 @@ class MarginalExclusionLoss(nn.Module):
         wu = unann.to(p.dtype)
         excl_dice = (excl_dice_bc * wu).sum() / wu.sum()
 
-        # log(1 - p_k) = logsumexp_{j != k} z_j - logsumexp_j z_j, one unannotated k at a time
+        # -log(1 - p_k), exact and finite: where k is not the arg-max, p_k <= 1/2 and log1p(-p_k)
+        # is accurate; at the arg-max channel use logsumexp_{j != k} z_j - logsumexp_j z_j.
         flat = logits.flatten(2)  # (B, C, N)
-        lse_all = torch.logsumexp(flat, dim=1)  # (B, N)
-        neg = torch.finfo(flat.dtype).min
-        e0 = e[:, 0]
-        excl_ce = zero
-        for k in torch.nonzero(unann.any(dim=0)).flatten().tolist():
-            log_not_k = torch.logsumexp(flat.index_fill(1, torch.tensor([k], device=flat.device), neg), dim=1) - lse_all
-            excl_ce = excl_ce - (log_not_k * e0 * wu[:, k : k + 1]).mean(dim=1).sum() / b
+        top = flat.argmax(dim=1, keepdim=True)  # (B, 1, N)
+        is_top = torch.zeros_like(flat, dtype=torch.bool).scatter_(1, top, True)
+        lse_all = torch.logsumexp(flat, dim=1, keepdim=True)
+        lse_rest = torch.logsumexp(flat.masked_fill(is_top, torch.finfo(flat.dtype).min), dim=1, keepdim=True)
+        log_not = torch.where(is_top, lse_rest - lse_all, torch.log1p(-p.clamp(max=0.5)))
+        excl_ce = -(log_not * e * wu.unsqueeze(-1)).sum(dim=1).mean()
         return {"marginal_ce": ce, "marginal_dice": dice, "exclusion_dice": excl_dice, "exclusion_ce": excl_ce}
 
     def _single(self, logits: torch.Tensor, label: torch.Tensor, annotated: torch.Tensor | None) -> torch.Tensor:
-        t = self.components(logits, label, annotated)
+        t = self.components(logits, label, annotated, exclusion=bool(self.lambda_exclusion_dice or self.lambda_exclusion_ce))
         total = self.lambda_ce * t["marginal_ce"] + self.lambda_dice * t["marginal_dice"]
         if self.lambda_exclusion_dice:
             total = total + self.lambda_exclusion_dice * t["exclusion_dice"]
