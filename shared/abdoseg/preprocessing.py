@@ -5,9 +5,9 @@ contrast-enhanced vessels and organs) and scale linearly to [0, 1]. No per-datas
 window is fixed so that a bundle needs no dataset statistics.
 
 Coarse (ROI) network input: the CT reoriented to RAS and resampled to
-:data:`COARSE_SPACING_MM` = 4 mm isotropic (see ``bundles/coarse_roi/docs/README.md`` for the
-measurements behind the choice). A 512x512x554 CT at 0.8x0.8x2.5 mm becomes about
-102x102x346 voxels. The ROI box margin defaults to :data:`ROI_MARGIN_MM` = 20 mm (seed 002).
+:data:`COARSE_SPACING_MM` = 6 mm isotropic (see ``bundles/coarse_roi/docs/README.md`` for the
+measurements behind the choice: at 4 mm the 16-channel coarse net took 8.0 s of CPU time on a
+512x512x300 CT at 0.8x0.8x2.5 mm, at 6 mm 0.84 s). That CT becomes 69x69x126 voxels. The ROI box margin defaults to :data:`ROI_MARGIN_MM` = 20 mm (seed 002).
 
 Array order is NIfTI voxel order (X, Y, Z); spacings are (X, Y, Z) in mm.
 """
@@ -24,11 +24,19 @@ INTENSITY_RANGE: tuple[float, float] = (0.0, 1.0)
 #: Orientation every network sees.
 AXCODES: str = "RAS"
 #: Coarse ROI net: resampling target (X, Y, Z) in mm.
-COARSE_SPACING_MM: tuple[float, float, float] = (4.0, 4.0, 4.0)
-#: Coarse ROI net: sliding-window size (voxels at COARSE_SPACING_MM, i.e. 384 mm cube).
-COARSE_ROI_SIZE: tuple[int, int, int] = (96, 96, 96)
+COARSE_SPACING_MM: tuple[float, float, float] = (6.0, 6.0, 6.0)
+#: Coarse ROI net: sliding-window size (voxels at COARSE_SPACING_MM: 480 x 480 x 576 mm).
+COARSE_ROI_SIZE: tuple[int, int, int] = (80, 80, 96)
 #: Coarse ROI net: every spatial size must be a multiple of this (4 stride-2 levels).
 COARSE_DIVISOR: int = 16
+#: Coarse ROI net: training patch (voxels at COARSE_SPACING_MM: 384 mm cube).
+COARSE_PATCH_SIZE: tuple[int, int, int] = (64, 64, 64)
+#: Coarse ROI net: PocketUNet arguments (2 classes: background, any foreground class 1..14).
+COARSE_NETWORK_KWARGS: dict = {
+    "spatial_dims": 3, "in_channels": 1, "out_channels": 2, "channels": 16,
+    "kernel_size": [[3, 3, 3]] * 5, "strides": [[1, 1, 1]] + [[2, 2, 2]] * 4,
+    "deep_supervision": False, "res_block": False,
+}
 #: Margin (mm) added around the coarse foreground box.
 ROI_MARGIN_MM: float = 20.0
 

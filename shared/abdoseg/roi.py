@@ -12,7 +12,13 @@ Pure functions (numpy + cc3d):
 
 Arrays are in NIfTI voxel order (X, Y, Z); spacings in mm in the same order.
 
-The coarse network inference that produces the mask lives in :mod:`abdoseg.coarse`.
+Coarse-network side (torch/MONAI, imported lazily):
+
+* :func:`predict_coarse_roi` - the coarse bundle's inference path as a plain function: HU
+  volume + affine -> coarse mask on the 6 mm grid + ROI box in original voxel indices.
+* :class:`CoarseRoiBoxd` / :class:`SaveCoarseOutputsd` - the same as MONAI dictionary
+  transforms for ``bundles/coarse_roi/configs/inference.json`` (ROI JSON + coarse mask NIfTI
+  in the CT's geometry, written atomically).
 """
 
 from __future__ import annotations
@@ -26,7 +32,8 @@ from typing import Any
 import numpy as np
 
 __all__ = ["RoiBox", "EmptyRoiWarning", "roi_from_mask", "largest_component", "map_box_between_grids",
-           "scale_box", "margin_voxels"]
+           "scale_box", "margin_voxels", "spacing_from_affine", "CoarseRoiResult", "predict_coarse_roi",
+           "load_coarse_network", "CoarseRoiBoxd", "SaveCoarseOutputsd"]
 
 _EPS = 1e-6
 
@@ -267,3 +274,218 @@ def scale_box(box: RoiBox, dst_shape: Sequence[int]) -> RoiBox:
     src_aff[:n, :n] = np.diag(r)
     src_aff[:n, n] = 0.5 * r - 0.5
     return map_box_between_grids(box, src_aff, np.eye(n + 1), dst_shape)
+
+
+def spacing_from_affine(affine: Any) -> tuple[float, ...]:
+    """Voxel spacing (mm) per axis: norms of the affine's direction columns."""
+    a = np.asarray(affine, dtype=np.float64)
+    n = a.shape[0] - 1
+    return tuple(float(v) for v in np.linalg.norm(a[:n, :n], axis=0))
+
+
+# --------------------------------------------------------------------------------------------
+# Coarse network inference (plain function + MONAI transforms)
+# --------------------------------------------------------------------------------------------
+
+
+@dataclass
+class CoarseRoiResult:
+    """Output of :func:`predict_coarse_roi`.
+
+    box: ROI in voxel indices of the input volume (X, Y, Z).
+    coarse_box: the same ROI on the coarse grid.
+    coarse_mask: (x, y, z) uint8 foreground mask on the coarse grid (RAS, coarse spacing).
+    coarse_affine: 4x4 voxel->world affine of ``coarse_mask``.
+    """
+
+    box: RoiBox
+    coarse_box: RoiBox
+    coarse_mask: np.ndarray
+    coarse_affine: np.ndarray
+
+    def to_json(self, affine: Any) -> dict[str, Any]:
+        """ROI JSON written by the bundle: the box on the original grid (with world mm corners)
+        plus the coarse-grid box."""
+        out = self.box.to_json(affine)
+        out["coarse"] = self.coarse_box.to_json(self.coarse_affine)
+        out["coarse_foreground_voxels"] = int(np.count_nonzero(self.coarse_mask))
+        return out
+
+
+def load_coarse_network(model_path: str | None = None, device: Any = "cpu", **network_kwargs: Any):
+    """The coarse :class:`~abdoseg.networks.PocketUNet` (``COARSE_NETWORK_KWARGS`` updated with
+    ``network_kwargs``) in eval mode, with the plain state dict at ``model_path`` if given."""
+    import torch
+
+    from abdoseg.io import InputError
+    from abdoseg.networks import PocketUNet
+    from abdoseg.preprocessing import COARSE_NETWORK_KWARGS
+
+    net = PocketUNet(**{**COARSE_NETWORK_KWARGS, **network_kwargs})
+    if model_path is not None:
+        try:
+            state = torch.load(str(model_path), map_location="cpu", weights_only=True)
+        except FileNotFoundError as exc:
+            raise InputError(model_path, "checkpoint not found") from exc
+        if isinstance(state, dict) and "model" in state and isinstance(state["model"], dict):
+            state = state["model"]
+        state = {k[len("module."):] if k.startswith("module.") else k: v for k, v in state.items()}
+        try:
+            net.load_state_dict(state)
+        except RuntimeError as exc:
+            raise InputError(model_path, f"checkpoint does not fit the coarse network ({exc})") from exc
+    return net.to(device).eval()
+
+
+def _coarse_logits(network: Any, x: Any, roi_size: Sequence[int], sw_batch_size: int, overlap: float) -> Any:
+    """Logits (1, C, *x.shape[2:]) by MONAI sliding window (constant blend, zero padding)."""
+    import torch
+    from monai.inferers import sliding_window_inference
+
+    use_amp = x.device.type == "cuda"
+    with torch.no_grad(), torch.autocast(device_type=x.device.type, enabled=use_amp):
+        return sliding_window_inference(x, tuple(roi_size), sw_batch_size, network, overlap=overlap, mode="constant")
+
+
+def coarse_box_to_original(mask: Any, coarse_affine: Any, original_affine: Any, original_shape: Sequence[int],
+                           margin_mm: float | Sequence[float], min_component_fraction: float | None = None,
+                           ) -> tuple[RoiBox, RoiBox]:
+    """ROI of a coarse-grid mask, on the coarse grid and mapped to the original grid."""
+    coarse_box = roi_from_mask(mask, spacing_from_affine(coarse_affine), margin_mm,
+                               min_component_fraction=min_component_fraction)
+    box = map_box_between_grids(coarse_box, coarse_affine, original_affine, original_shape)
+    return box, coarse_box
+
+
+def predict_coarse_roi(
+    image: Any,
+    affine: Any,
+    network: Any,
+    margin_mm: float | Sequence[float] | None = None,
+    spacing_mm: Sequence[float] | None = None,
+    roi_size: Sequence[int] | None = None,
+    hu_window: Sequence[float] | None = None,
+    device: Any = None,
+    sw_batch_size: int = 1,
+    overlap: float = 0.25,
+    min_component_fraction: float | None = None,
+) -> CoarseRoiResult:
+    """The coarse bundle's inference path as a function.
+
+    Args:
+        image: (X, Y, Z) CT in HU (numpy or torch), voxel order of ``affine``.
+        affine: 4x4 voxel->world (mm) affine of ``image`` (nibabel convention, RAS world).
+        network: coarse net (e.g. :func:`load_coarse_network`), 2 output classes.
+        margin_mm: ROI margin (default :data:`abdoseg.preprocessing.ROI_MARGIN_MM`).
+        spacing_mm, roi_size, hu_window: default to the constants in
+            :mod:`abdoseg.preprocessing` (what the bundle trains with).
+        device: torch device (default: the network's).
+
+    Steps (as the bundle's inference.json): reorient to RAS, resample to ``spacing_mm``
+    (MONAI ``Spacing``, bilinear), HU window, sliding-window logits, argmax, largest component
+    box + margin on the coarse grid, mapped back to ``image``'s voxel indices.
+    No foreground -> whole volume + :class:`EmptyRoiWarning`.
+    """
+    import torch
+    from monai.data import MetaTensor
+    from monai.transforms import Orientation, Spacing
+
+    from abdoseg import preprocessing as pp
+
+    margin_mm = pp.ROI_MARGIN_MM if margin_mm is None else margin_mm
+    spacing_mm = pp.COARSE_SPACING_MM if spacing_mm is None else spacing_mm
+    roi_size = pp.COARSE_ROI_SIZE if roi_size is None else roi_size
+    hu_window = pp.HU_WINDOW if hu_window is None else hu_window
+    if device is None:
+        device = next(network.parameters()).device
+    arr = image.detach().cpu().float() if isinstance(image, torch.Tensor) else torch.as_tensor(np.asarray(image, dtype=np.float32))
+    if arr.ndim != 3:
+        raise ValueError(f"image must be 3D (X, Y, Z), got shape {tuple(arr.shape)}")
+    affine = np.asarray(affine, dtype=np.float64)
+    x = MetaTensor(arr[None], affine=torch.as_tensor(affine))
+    x = Orientation(axcodes=pp.AXCODES, labels=None)(x)
+    x = Spacing(pixdim=tuple(float(s) for s in spacing_mm), mode="bilinear")(x)
+    coarse_affine = np.asarray(x.affine, dtype=np.float64)
+    xin = pp.window_hu(x.as_tensor(), hu_window)[None].to(device)
+    logits = _coarse_logits(network, xin, roi_size, sw_batch_size, overlap)
+    mask = (logits[0].argmax(0) > 0).to(torch.uint8).cpu().numpy()
+    box, coarse_box = coarse_box_to_original(mask, coarse_affine, affine, tuple(arr.shape), margin_mm,
+                                             min_component_fraction)
+    return CoarseRoiResult(box=box, coarse_box=coarse_box, coarse_mask=mask, coarse_affine=coarse_affine)
+
+
+def _meta(x: Any) -> dict:
+    return dict(getattr(x, "meta", {}) or {})
+
+
+class CoarseRoiBoxd:
+    """MONAI dictionary transform (post-processing, before ``Invertd``): from the discrete coarse
+    prediction ``data[key]`` ((1, x, y, z) MetaTensor on the coarse grid) and the original
+    geometry of ``data[image_key]`` (LoadImaged meta ``original_affine``/``spatial_shape``),
+    compute the ROI and store its JSON dict in ``data[roi_key]``."""
+
+    def __init__(self, keys: str = "pred", image_key: str = "image", roi_key: str = "roi",
+                 margin_mm: float | Sequence[float] = 20.0, min_component_fraction: float | None = None) -> None:
+        self.key = keys if isinstance(keys, str) else keys[0]
+        self.image_key = image_key
+        self.roi_key = roi_key
+        self.margin_mm = margin_mm
+        self.min_component_fraction = min_component_fraction
+
+    def __call__(self, data: dict) -> dict:
+        d = dict(data)
+        pred = d[self.key]
+        meta = _meta(d[self.image_key])
+        coarse_affine = np.asarray(pred.affine if hasattr(pred, "affine") else meta["affine"], dtype=np.float64)
+        original_affine = np.asarray(meta["original_affine"], dtype=np.float64)
+        original_shape = tuple(int(v) for v in np.asarray(meta["spatial_shape"]).reshape(-1)[:3])
+        mask = np.asarray(pred.detach().cpu().numpy() if hasattr(pred, "detach") else pred)
+        mask = (mask.reshape(mask.shape[-3:]) > 0).astype(np.uint8)
+        with warnings.catch_warnings(record=True) as caught:
+            warnings.simplefilter("always", EmptyRoiWarning)
+            box, coarse_box = coarse_box_to_original(mask, coarse_affine, original_affine, original_shape,
+                                                     self.margin_mm, self.min_component_fraction)
+        src = meta.get("filename_or_obj", "<input>")
+        for w in caught:  # re-raise with the file name
+            warnings.warn(f"{src}: {w.message}", w.category, stacklevel=2)
+        result = CoarseRoiResult(box, coarse_box, mask, coarse_affine)
+        out = result.to_json(original_affine)
+        out.update(source=str(src), margin_mm=self.margin_mm)
+        d[self.roi_key] = out
+        return d
+
+
+class SaveCoarseOutputsd:
+    """MONAI dictionary transform (post-processing, after ``Invertd``): write
+    ``{output_dir}/{case}_coarse.nii.gz`` (uint8 foreground mask in the CT's geometry) and
+    ``{output_dir}/{case}_roi.json`` (``data[roi_key]``), both atomically. ``case`` is the input
+    file name without extension and FLARE's ``_0000`` suffix."""
+
+    def __init__(self, keys: str = "pred", image_key: str = "image", roi_key: str = "roi",
+                 output_dir: str = "./eval", save_mask: bool = True) -> None:
+        self.key = keys if isinstance(keys, str) else keys[0]
+        self.image_key = image_key
+        self.roi_key = roi_key
+        self.output_dir = output_dir
+        self.save_mask = save_mask
+
+    def __call__(self, data: dict) -> dict:
+        from pathlib import Path
+
+        from abdoseg.io import case_id_from_image, save_json, save_nifti
+
+        meta = _meta(data[self.image_key])
+        case = case_id_from_image(str(meta.get("filename_or_obj", "case")))
+        out_dir = Path(self.output_dir)
+        if self.save_mask:
+            pred = data[self.key]
+            arr = np.asarray(pred.detach().cpu().numpy() if hasattr(pred, "detach") else pred)
+            arr = (arr.reshape(arr.shape[-3:]) > 0.5).astype(np.uint8)
+            affine = np.asarray(meta["original_affine"], dtype=np.float64)
+            expected = tuple(int(v) for v in np.asarray(meta["spatial_shape"]).reshape(-1)[:3])
+            if arr.shape != expected:
+                raise ValueError(f"{case}: inverted mask shape {arr.shape} != CT shape {expected}")
+            save_nifti(arr, affine, out_dir / f"{case}_coarse.nii.gz")
+        if self.roi_key in data:
+            save_json(data[self.roi_key], out_dir / f"{case}_roi.json")
+        return data

@@ -1,0 +1,295 @@
+"""bundles/coarse_roi: metadata, network I/O, one short training epoch (single process and
+2-process gloo torchrun), evaluation, inference outputs (coarse mask in CT geometry + ROI JSON),
+TorchScript export, bad inputs (air only, 2 slices) and the plain-function path."""
+
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+import warnings
+from pathlib import Path
+
+import nibabel as nib
+import numpy as np
+import pytest
+import torch
+
+from abdoseg import preprocessing as pp
+from abdoseg.roi import EmptyRoiWarning, RoiBox, load_coarse_network, predict_coarse_roi
+
+REPO = Path(__file__).resolve().parents[1]
+BUNDLE = REPO / "bundles" / "coarse_roi"
+CONFIGS = BUNDLE / "configs"
+SCHEMA = Path("/work/shared/monai/meta_schema_20240725.json")
+# tiny-data overrides: the real defaults are 64^3 patches and 80x80x96 windows at 6 mm
+TINY = {"patch_size": [32, 32, 32], "roi_size": [32, 32, 32], "num_samples": 1, "batch_size": 2,
+        "max_epochs": 1, "val_interval": 1}
+
+
+def _write(arr: np.ndarray, affine: np.ndarray, path: Path) -> str:
+    path.parent.mkdir(parents=True, exist_ok=True)
+    img = nib.Nifti1Image(arr, affine)
+    img.set_data_dtype(arr.dtype)
+    nib.save(img, str(path))
+    return str(path)
+
+
+def tiny_case(seed: int, shape=(40, 36, 30), spacing=(5.0, 5.0, 6.0)) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    """(ct int16 HU, label uint8, affine): body ellipse (soft tissue) in air, three 'organs'."""
+    rng = np.random.default_rng(seed)
+    x, y, z = np.meshgrid(*[np.arange(n) for n in shape], indexing="ij")
+    cx, cy = shape[0] / 2 + rng.uniform(-2, 2), shape[1] / 2 + rng.uniform(-2, 2)
+    body = ((x - cx) / (0.42 * shape[0])) ** 2 + ((y - cy) / (0.38 * shape[1])) ** 2 <= 1
+    ct = np.where(body, -80.0, -1000.0) + rng.normal(0, 15, shape)
+    label = np.zeros(shape, np.uint8)
+    z0 = shape[2] // 2 + int(rng.integers(-3, 4))
+    for cls, (dx, dy, r, hu) in zip((1, 3, 2), [(-6, 0, 6, 120), (7, 3, 4, 100), (5, -6, 3, 160)]):
+        blob = ((x - cx - dx) ** 2 + (y - cy - dy) ** 2 + ((z - z0) * 1.2) ** 2) <= r ** 2
+        label[blob] = cls
+        ct[blob] = hu + rng.normal(0, 10, int(blob.sum()))
+    affine = np.diag([*spacing, 1.0])
+    affine[:3, 3] = [-100.0, -90.0, 50.0]
+    return ct.astype(np.int16), label, affine
+
+
+@pytest.fixture(scope="module")
+def dataset(tmp_path_factory) -> Path:
+    """FLARE-style mini dataset + datalist (interface 2) with 4 training and 2 validation cases."""
+    root = tmp_path_factory.mktemp("coarse_data")
+    items = {"training": [], "training_all_organs": [], "unlabeled": [], "validation": []}
+    for i in range(6):
+        ct, lab, aff = tiny_case(i)
+        cid = f"TINY_{i:04d}"
+        if i < 4:
+            _write(ct, aff, root / "imagesTr" / f"{cid}_0000.nii.gz")
+            _write(lab, aff, root / "labelsTr" / f"{cid}.nii.gz")
+            item = {"image": f"imagesTr/{cid}_0000.nii.gz", "label": f"labelsTr/{cid}.nii.gz",
+                    "annotated_classes": list(range(1, 14)), "group": "all_organs"}
+            items["training"].append(item)
+            items["training_all_organs"].append(item)
+        else:
+            _write(ct, aff, root / "imagesVal" / f"{cid}_0000.nii.gz")
+            _write(lab, aff, root / "labelsVal" / f"{cid}.nii.gz")
+            items["validation"].append({"image": f"imagesVal/{cid}_0000.nii.gz", "label": f"labelsVal/{cid}.nii.gz"})
+    (root / "datalist.json").write_text(json.dumps(items))
+    return root
+
+
+def _bundle_copy(tmp: Path) -> Path:
+    """Bundle copy (configs, docs, LICENSE) so that tests never write into the source tree."""
+    import shutil
+
+    dst = tmp / "coarse_roi"
+    shutil.copytree(BUNDLE, dst, ignore=shutil.ignore_patterns("models", "eval"))
+    (dst / "models").mkdir()
+    return dst
+
+
+def _cli_overrides(d: dict) -> list[str]:
+    out = []
+    for k, v in d.items():
+        out += [f"--{k}", json.dumps(v) if not isinstance(v, str) else v]
+    return out
+
+
+def test_config_constants_match_package():
+    for name in ("train.json", "inference.json"):
+        cfg = json.loads((CONFIGS / name).read_text())
+        assert tuple(cfg["pixdim"]) == pp.COARSE_SPACING_MM
+        assert tuple(cfg["hu_window"]) == pp.HU_WINDOW
+        assert tuple(cfg["roi_size"]) == pp.COARSE_ROI_SIZE
+        net = {k: v for k, v in cfg["network_def"].items() if k != "_target_"}
+        assert net == pp.COARSE_NETWORK_KWARGS
+    train = json.loads((CONFIGS / "train.json").read_text())
+    assert tuple(train["patch_size"]) == pp.COARSE_PATCH_SIZE
+    assert json.loads((CONFIGS / "inference.json").read_text())["margin_mm"] == pp.ROI_MARGIN_MM
+
+
+def test_preprocessing_builder_matches_config(dataset):
+    from monai.bundle import ConfigParser
+    from monai.transforms import Compose
+
+    parser = ConfigParser()
+    parser.read_config(str(CONFIGS / "inference.json"))
+    item = {"image": str(dataset / "imagesVal" / "TINY_0004_0000.nii.gz")}
+    a = parser.get_parsed_content("preprocessing")(dict(item))["image"]
+    b = Compose(pp.coarse_transforms())(dict(item))["image"]
+    torch.testing.assert_close(a.as_tensor(), b.as_tensor())
+    assert a.shape[1:] == (34, 30, 30)  # 200 x 180 x 180 mm at 6 mm
+
+
+def test_metadata_and_network_io():
+    from monai.bundle import verify_metadata, verify_net_in_out
+
+    if not SCHEMA.is_file():
+        pytest.skip("local MONAI metadata schema not available")
+    verify_metadata(meta_file=str(CONFIGS / "metadata.json"), filepath=str(SCHEMA))
+    verify_net_in_out(net_id="network_def", meta_file=str(CONFIGS / "metadata.json"),
+                      config_file=str(CONFIGS / "inference.json"))
+    meta = json.loads((CONFIGS / "metadata.json").read_text())
+    assert meta["version"] in meta["changelog"]
+    assert meta["required_packages_version"]["abdoseg"] == "0.1.0"
+    assert "Apache License" in (BUNDLE / "LICENSE").read_text()
+    logging_conf = (CONFIGS / "logging.conf").read_text()
+    assert "class=StreamHandler" in logging_conf
+
+
+@pytest.fixture(scope="module")
+def trained_bundle(dataset, tmp_path_factory) -> Path:
+    """One short training epoch with the monai.bundle CLI, single process, on CPU."""
+    bundle = _bundle_copy(tmp_path_factory.mktemp("bundle"))
+    cmd = [sys.executable, "-m", "monai.bundle", "run", "training",
+           "--meta_file", str(bundle / "configs/metadata.json"),
+           "--config_file", str(bundle / "configs/train.json"),
+           "--logging_file", str(bundle / "configs/logging.conf"),
+           "--bundle_root", str(bundle), "--dataset_dir", str(dataset), *_cli_overrides(TINY)]
+    res = subprocess.run(cmd, capture_output=True, text=True, timeout=300, env={**os.environ, "OMP_NUM_THREADS": "1"})
+    assert res.returncode == 0, res.stdout[-3000:] + res.stderr[-3000:]
+    assert "val_mean_dice" in res.stdout + res.stderr
+    return bundle
+
+
+def test_training_writes_plain_state_dict(trained_bundle):
+    state = torch.load(str(trained_bundle / "models" / "model.pt"), map_location="cpu", weights_only=True)
+    assert isinstance(state, dict) and all(isinstance(v, torch.Tensor) for v in state.values())
+    load_coarse_network(trained_bundle / "models" / "model.pt")  # keys fit the network
+
+
+def test_evaluate_config(trained_bundle, dataset):
+    from monai.bundle import ConfigWorkflow
+
+    wf = ConfigWorkflow(config_file=[str(trained_bundle / "configs/train.json"), str(trained_bundle / "configs/evaluate.json")],
+                        meta_file=str(trained_bundle / "configs/metadata.json"), workflow_type="eval",
+                        bundle_root=str(trained_bundle), dataset_dir=str(dataset), **TINY)
+    wf.initialize()
+    wf.run()
+    metrics = (trained_bundle / "eval" / "metrics.csv").read_text()
+    assert "val_mean_dice" in metrics
+    wf.finalize()
+
+
+def test_inference_outputs_mask_in_ct_geometry_and_roi_json(trained_bundle, dataset, tmp_path):
+    from monai.bundle import ConfigWorkflow
+
+    out = tmp_path / "pred"
+    wf = ConfigWorkflow(config_file=str(trained_bundle / "configs/inference.json"),
+                        meta_file=str(trained_bundle / "configs/metadata.json"), workflow_type="infer",
+                        bundle_root=str(trained_bundle), dataset_dir=str(dataset), output_dir=str(out),
+                        roi_size=[32, 32, 32])
+    wf.initialize()
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore", EmptyRoiWarning)  # a 1-epoch net may find nothing
+        wf.run()
+    wf.finalize()
+    for cid in ("TINY_0004", "TINY_0005"):
+        src = nib.load(str(dataset / "imagesVal" / f"{cid}_0000.nii.gz"))
+        mask = nib.load(str(out / f"{cid}_coarse.nii.gz"))
+        assert mask.shape == src.shape
+        np.testing.assert_allclose(mask.affine, src.affine, atol=1e-4)
+        assert mask.get_data_dtype() == np.uint8
+        assert set(np.unique(np.asarray(mask.dataobj))) <= {0, 1}
+        roi = json.loads((out / f"{cid}_roi.json").read_text())
+        box = RoiBox.from_json(roi)
+        assert box.shape == src.shape
+        assert len(roi["world_min_mm"]) == 3 and roi["margin_mm"] == 20.0
+        assert "coarse" in roi and roi["source"].endswith(f"{cid}_0000.nii.gz")
+
+
+def test_ckpt_export_torchscript(trained_bundle, tmp_path):
+    ts = tmp_path / "model.ts"
+    cmd = [sys.executable, "-m", "monai.bundle", "ckpt_export", "network_def", "--filepath", str(ts),
+           "--ckpt_file", str(trained_bundle / "models/model.pt"),
+           "--meta_file", str(trained_bundle / "configs/metadata.json"),
+           "--config_file", str(trained_bundle / "configs/inference.json"),
+           "--bundle_root", str(trained_bundle)]
+    res = subprocess.run(cmd, capture_output=True, text=True, timeout=180)
+    assert res.returncode == 0, res.stdout[-2000:] + res.stderr[-2000:]
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        ts_net = torch.jit.load(str(ts))
+    net = load_coarse_network(trained_bundle / "models/model.pt")
+    x = torch.rand(1, 1, 32, 32, 32)
+    with torch.no_grad():
+        torch.testing.assert_close(ts_net(x), net(x))
+
+
+def test_torchrun_two_process_gloo(dataset, tmp_path):
+    bundle = _bundle_copy(tmp_path)
+    cfg = json.dumps([str(bundle / "configs/train.json"), str(bundle / "configs/multi_gpu_train.json")])
+    cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2",
+           "-m", "monai.bundle", "run", "training", "--config_file", cfg,
+           "--meta_file", str(bundle / "configs/metadata.json"),
+           "--bundle_root", str(bundle), "--dataset_dir", str(dataset), *_cli_overrides(TINY)]
+    res = subprocess.run(cmd, capture_output=True, text=True, timeout=300, env={**os.environ, "OMP_NUM_THREADS": "1"})
+    assert res.returncode == 0, res.stdout[-3000:] + res.stderr[-3000:]
+    state = torch.load(str(bundle / "models" / "model.pt"), map_location="cpu", weights_only=True)
+    assert not any(k.startswith("module.") for k in state)  # DDP wrapper not in the checkpoint
+
+
+@pytest.mark.parametrize("kind", ["air_only", "two_slices"])
+def test_bad_input_gives_whole_volume_roi_and_warning(kind, tmp_path):
+    torch.manual_seed(0)
+    net = load_coarse_network()
+    # a net that can only say "background": its last bias makes class 0 win everywhere
+    with torch.no_grad():
+        for p in net.parameters():
+            p.zero_()
+        net.output_block.conv.conv.bias.copy_(torch.tensor([1.0, -1.0]))
+    if kind == "air_only":
+        ct = np.full((30, 30, 20), -1000, np.int16)
+    else:
+        ct, _, _ = tiny_case(0)
+        ct = ct[:, :, 14:16]
+    affine = np.diag([5.0, 5.0, 6.0, 1.0])
+    with pytest.warns(EmptyRoiWarning):
+        res = predict_coarse_roi(ct, affine, net, roi_size=(32, 32, 32))
+    assert res.box.is_whole_volume and res.box.shape == ct.shape
+    assert res.coarse_mask.sum() == 0
+
+
+def test_bundle_inference_on_two_slice_ct_never_crashes(trained_bundle, tmp_path):
+    from monai.bundle import ConfigWorkflow
+
+    ct, _, aff = tiny_case(1)
+    in_dir = tmp_path / "in"
+    _write(ct[:, :, 10:12], aff, in_dir / "THIN_0000.nii.gz")
+    _write(np.full((20, 20, 8), -1000, np.int16), aff, in_dir / "AIR_0000.nii.gz")
+    out = tmp_path / "out"
+    wf = ConfigWorkflow(config_file=str(trained_bundle / "configs/inference.json"),
+                        meta_file=str(trained_bundle / "configs/metadata.json"), workflow_type="infer",
+                        bundle_root=str(trained_bundle), input_dir=str(in_dir), output_dir=str(out),
+                        roi_size=[32, 32, 32])
+    wf.initialize()
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore", EmptyRoiWarning)
+        wf.run()
+    wf.finalize()
+    for cid, shape in (("THIN", (40, 36, 2)), ("AIR", (20, 20, 8))):
+        assert nib.load(str(out / f"{cid}_coarse.nii.gz")).shape == shape
+        roi = json.loads((out / f"{cid}_roi.json").read_text())
+        assert roi["shape"] == list(shape)
+    air = json.loads((out / "AIR_roi.json").read_text())
+    if air["coarse_foreground_voxels"] == 0:
+        assert air["is_whole_volume"]
+
+
+def test_plain_function_agrees_with_mapping(dataset):
+    torch.manual_seed(0)
+    net = load_coarse_network()
+    img = nib.load(str(dataset / "imagesVal" / "TINY_0004_0000.nii.gz"))
+    ct = np.asarray(img.dataobj)
+    # a fake 'network' that marks the HU > 50 voxels as foreground gives a known box
+    class Threshold(torch.nn.Module):
+        def forward(self, x):
+            fg = (x > (50 - pp.HU_WINDOW[0]) / (pp.HU_WINDOW[1] - pp.HU_WINDOW[0])).float()
+            return torch.cat([1 - fg, fg], 1)
+
+    res = predict_coarse_roi(ct, img.affine, Threshold(), roi_size=(32, 32, 32), margin_mm=0.0, device="cpu")
+    assert not res.box.is_whole_volume
+    # every original voxel of the (largest) bright organ lies in the box
+    lab = np.asarray(nib.load(str(dataset / "labelsVal" / "TINY_0004.nii.gz")).dataobj)
+    assert res.box.contains_fraction(lab == 1) == 1.0
+    assert res.box.volume_fraction < 0.5
+    del net
