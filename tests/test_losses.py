@@ -230,3 +230,38 @@ def test_marginal_loss_learns_the_union_of_complementary_partial_labels():
     prob_naive = fit(lambda z: naive(z, partial))
     # conflicting targets (organ in one case, background in the other): no confident organ
     assert float(torch.gather(prob_naive, 1, full)[:, 0][organs].max()) < 0.7
+
+
+def test_supervised_trainer_with_packed_targets_and_pocket_unet_deep_supervision():
+    from monai.data import DataLoader, Dataset
+    from monai.engines import SupervisedTrainer
+    from monai.transforms import Compose, EnsureTyped
+
+    from abdoseg.losses import PackedTargetPrepareBatch
+    from abdoseg.networks import PocketUNet
+
+    g = torch.Generator().manual_seed(0)
+    items = []
+    for i, classes in enumerate(([1, 3], [2, 3, 4])):
+        lab = torch.zeros(1, 8, 8, 8, dtype=torch.long)
+        for c in classes:
+            lab[0, 2 * c - 2: 2 * c, 2:6, 2:6] = c
+        items.append({"image": torch.randn(1, 8, 8, 8, generator=g), "label": lab, "annotated_classes": classes})
+    ds = Dataset(items, transform=Compose([AnnotatedClassesd(num_classes=C), EnsureTyped(keys=["image", "label"])]))
+    torch.manual_seed(0)
+    net = PocketUNet(spatial_dims=3, in_channels=1, out_channels=C, channels=4,
+                     kernel_size=[[3, 3, 3]] * 3, strides=[[1, 1, 1], [2, 2, 2], [2, 2, 2]],
+                     deep_supervision=True, deep_supr_num=1)
+    losses = []
+    trainer = SupervisedTrainer(
+        device=torch.device("cpu"), max_epochs=3, train_data_loader=DataLoader(ds, batch_size=2),
+        network=net, optimizer=torch.optim.Adam(net.parameters(), 1e-2),
+        loss_function=MarginalExclusionLoss(num_classes=C), prepare_batch=PackedTargetPrepareBatch(num_classes=C),
+        decollate=False,
+    )
+    from ignite.engine import Events
+
+    trainer.add_event_handler(Events.ITERATION_COMPLETED, lambda e: losses.append(e.state.output["loss"].item()))
+    trainer.run()
+    assert len(losses) == 3 and all(map(torch.isfinite, torch.tensor(losses)))
+    assert losses[-1] < losses[0]

@@ -53,13 +53,15 @@ from typing import Sequence
 
 import torch
 import torch.nn.functional as F
+from monai.engines.utils import PrepareBatch
 from monai.losses import DeepSupervisionLoss, DiceLoss
 from monai.networks.utils import one_hot
+from monai.utils import convert_to_tensor
 from torch import nn
 
 from .labels import NUM_CLASSES
 
-__all__ = ["MarginalExclusionLoss", "pack_target", "unpack_target", "marginal_log_probs"]
+__all__ = ["MarginalExclusionLoss", "PackedTargetPrepareBatch", "pack_target", "unpack_target", "marginal_log_probs"]
 
 
 def pack_target(label: torch.Tensor, annotated: torch.Tensor) -> torch.Tensor:
@@ -84,6 +86,34 @@ def unpack_target(target: torch.Tensor, num_classes: int) -> tuple[torch.Tensor,
     label = target[:, :1].round().long()
     flat = target[:, 1:].reshape(target.shape[0], num_classes, -1)
     return label, flat[..., 0] > 0.5
+
+
+class PackedTargetPrepareBatch(PrepareBatch):
+    """``prepare_batch`` for MONAI ``SupervisedTrainer``: returns ``(image, packed target)``.
+
+    The trainer calls ``loss_function(pred, target)`` with two arguments; packing the batch's
+    (B, C) ``annotated`` mask (from :class:`abdoseg.transforms.AnnotatedClassesd`) into the
+    target lets :class:`MarginalExclusionLoss` see it. A batch without ``annotated_key`` counts
+    as fully annotated. Note: handlers that read the trainer's label (train-time metrics)
+    would see the packed (B, 1+C, *S) target; take channel 0 there.
+    """
+
+    def __init__(self, image_key: str = "image", label_key: str = "label",
+                 annotated_key: str = "annotated", num_classes: int = NUM_CLASSES) -> None:
+        self.image_key = image_key
+        self.label_key = label_key
+        self.annotated_key = annotated_key
+        self.num_classes = int(num_classes)
+
+    def __call__(self, batchdata, device=None, non_blocking: bool = False, **kwargs):  # type: ignore[override]
+        image = batchdata[self.image_key].to(device=device, non_blocking=non_blocking, **kwargs)
+        label = convert_to_tensor(batchdata[self.label_key], track_meta=False)
+        label = label.to(device=device, non_blocking=non_blocking)
+        annotated = batchdata.get(self.annotated_key)
+        if annotated is None:
+            annotated = torch.ones(label.shape[0], self.num_classes, dtype=torch.bool)
+        annotated = convert_to_tensor(annotated, track_meta=False).to(device=device, dtype=torch.bool)
+        return image, pack_target(label, annotated)
 
 
 def marginal_log_probs(logits: torch.Tensor, annotated: torch.Tensor) -> torch.Tensor:
