@@ -14,6 +14,7 @@ COMMANDS: dict[str, tuple[str, str]] = {
     "generate": ("abdoseg.phantom:generate", "write a synthetic FLARE23-style phantom dataset"),
     "prepare": ("abdoseg.dataprep:prepare", "scan a FLARE23-style folder, write datalist JSON + summary"),
     "evaluate": ("abdoseg.evaluate:evaluate", "FLARE23 DSC/NSD of a prediction folder vs a ground-truth folder"),
+    "rounds": ("abdoseg.rounds:rounds", "semi-supervised rounds: train teacher -> pseudo-label -> fuse -> select -> retrain"),
 }
 
 

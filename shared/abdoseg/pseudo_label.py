@@ -125,7 +125,10 @@ def bundle_teacher(checkpoint: str, inference_config: str | Sequence[str], bundl
         device: torch device for the network and the inputs (also set as the config's ``device``).
         overrides: further config id -> value pairs.
     Returns:
-        ``segment(item) -> (mask (X, Y, Z) uint8, affine)``: ``preprocessing({"image": path})``,
+        ``segment(item) -> (mask (X, Y, Z) uint8, affine)``. A config with a ``segment`` id (the
+        fine_organ_tumor bundle: ``abdoseg.cascade.CascadeSegmenter``) is used as is, with
+        ``model_path`` set to ``checkpoint`` and ``load_weights`` evaluated. Otherwise:
+        ``preprocessing({"image": path})``,
         ``inferer(image[None], network)``, ``postprocessing`` on the decollated dict; a
         one-channel ``pred`` is squeezed, a multi-channel one is argmaxed. The mask must come
         back in the image's voxel grid (checked; else :class:`InputError` naming the image).
@@ -138,9 +141,19 @@ def bundle_teacher(checkpoint: str, inference_config: str | Sequence[str], bundl
     update: dict[str, Any] = {"device": device}
     if bundle_root is not None:
         update["bundle_root"] = str(bundle_root)
+    if "model_path" in parser:
+        update["model_path"] = str(checkpoint)
     update.update(dict(overrides or {}))
     parser.update(update)
-    net = parser.get_parsed_content("network_def")
+    if "segment" in parser:
+        # the bundle's own batch segmenter (fine_organ_tumor: CascadeSegmenter); weights via load_weights
+        if "load_weights" not in parser or "model_path" not in parser:
+            raise ValueError(f"{inference_config}: a config with 'segment' needs 'model_path' and 'load_weights'")
+        if not Path(checkpoint).is_file():
+            raise InputError(checkpoint, "checkpoint not found")
+        parser.get_parsed_content("load_weights")
+        return parser.get_parsed_content("segment")
+    net = parser.get_parsed_content("network") if "network" in parser else parser.get_parsed_content("network_def")
     try:
         state = torch.load(checkpoint, map_location="cpu", weights_only=True)
     except Exception as exc:
