@@ -227,8 +227,8 @@ def test_prepare_groups_and_datalist(tmp_path):
     cc = rep["class_annotation_counts"]
     assert cc["1"] == 4 and cc["2"] == 3 and cc["13"] == 3 and cc["3"] == 2 and cc["14"] == 3
     assert rep["cases"]["C_part"] == {"split": "train_labeled", "shape": [6, 5, 4], "spacing_mm": [1.5, 1.5, 2.5],
-                                      "annotated_classes": [1, 2, 13], "group": "partial_organs",
-                                      "class_voxels": {"1": 2, "2": 2, "13": 2}}
+                                      "annotated_classes": [1, 2, 13], "present_classes": [1, 2, 13],
+                                      "group": "partial_organs", "class_voxels": {"1": 2, "2": 2, "13": 2}}
     md = (root / "datalist_summary.md").read_text()
     assert "| partial_organs+tumor | 1 |" in md and "| 14 | lesion | 3 |" in md
 
@@ -325,6 +325,34 @@ def test_prepare_strict_raises_and_writes_nothing(tmp_path, kind):
     assert Path(err.value.path).name == fname
     assert reason in err.value.problem and "(case B_x)" in err.value.problem
     assert _snapshot(root) == before
+
+
+def test_prepare_uses_annotations_declared_in_dataset_json(tmp_path):
+    root = tmp_path / "ds"
+    _write_good(root)
+    cases = {"C_part": {"split": "train_labeled", "annotated_classes": [1, 2, 13, 14]},  # tumor-free
+             "C_tum": {"split": "train_labeled", "annotated_classes": [3]},  # label has 14: undeclared
+             "U_1": {"split": "unlabeled", "annotated_classes": []}}
+    (root / "dataset.json").write_text(json.dumps({"name": "x", "cases": cases}))
+    prepare(str(root), workers=1, quiet=True)
+    dl = json.loads((root / "datalist.json").read_text())
+    by_id = {Path(d["label"]).name[:-7]: d for d in dl["training"]}
+    assert by_id["C_part"]["annotated_classes"] == [1, 2, 13, 14]
+    assert by_id["C_part"]["group"] == "partial_organs+tumor"
+    assert by_id["C_all"]["annotated_classes"] == list(range(1, 14))  # not declared: present classes
+    assert "C_tum" not in by_id
+    rep = json.loads((root / "datalist_report.json").read_text())
+    assert [(p["case"], p["reason"]) for p in rep["problems"]] == [
+        ("C_tum", "label holds classes [14] not declared annotated in dataset.json")]
+    assert rep["cases"]["C_part"]["present_classes"] == [1, 2, 13]
+    assert rep["cases"]["C_part"]["annotation_source"] == "dataset.json"
+    prepare(str(root), workers=1, quiet=True, dataset_json=False)
+    dl = json.loads((root / "datalist.json").read_text())
+    by_id = {Path(d["label"]).name[:-7]: d for d in dl["training"]}
+    assert by_id["C_part"]["annotated_classes"] == [1, 2, 13] and by_id["C_tum"]["group"] == "tumor_only"
+    (root / "dataset.json").write_text(json.dumps({"cases": {"C_all": {"annotated_classes": [0, 1]}}}))
+    with pytest.raises(InputError, match=r"dataset.json: case C_all: annotated_classes outside 1..14"):
+        prepare(str(root), workers=1, quiet=True)
 
 
 def test_cli_strict_exit_code_and_missing_folder(tmp_path, capsys):
@@ -454,23 +482,26 @@ def test_real_cases_merged_labels_and_prepare(tmp_path):
 def test_prepare_on_phantom(tmp_path):
     phantom = pytest.importorskip("abdoseg.phantom")
     root = tmp_path / "phantom"
-    phantom.generate(str(root), preset="small", seed=0)
+    phantom.generate(str(root), preset="small", seed=0, n_labeled=6, n_unlabeled=1, n_val=1, slices=12)
     t0 = time.perf_counter()
     prepare(str(root), workers=2, quiet=True)
-    print(f"prepare on phantom 'small': {time.perf_counter() - t0:.2f} s")
+    print(f"prepare on a phantom of 8 cases: {time.perf_counter() - t0:.2f} s")
     ds = json.loads((root / "dataset.json").read_text())
     rep = json.loads((root / "datalist_report.json").read_text())
     dl = json.loads((root / "datalist.json").read_text())
     assert rep["problems"] == []
     splits = {cid: c["split"] for cid, c in ds["cases"].items()}
-    assert len(dl["training"]) == sum(s == "train_labeled" for s in splits.values())
-    assert len(dl["unlabeled"]) == sum(s == "unlabeled" for s in splits.values())
-    assert len(dl["validation"]) == sum(s == "validation" for s in splits.values())
+    assert len(dl["training"]) == sum(s == "train_labeled" for s in splits.values()) == 6
+    assert len(dl["unlabeled"]) == sum(s == "unlabeled" for s in splits.values()) == 1
+    assert len(dl["validation"]) == sum(s == "validation" for s in splits.values()) == 1
     for item in dl["training"]:
         cid = Path(item["label"]).name[: -len(".nii.gz")]
-        declared = set(ds["cases"][cid]["annotated_classes"])
-        assert set(item["annotated_classes"]) <= declared
-        assert set(item["annotated_classes"]) & set(range(1, 14)) == declared & set(range(1, 14))
-        assert item["group"] == group_of(item["annotated_classes"])
+        declared = ds["cases"][cid]["annotated_classes"]
+        assert item["annotated_classes"] == declared
+        assert set(rep["cases"][cid]["present_classes"]) <= set(declared)
+        assert item["group"] == group_of(declared)
         assert list(ds["cases"][cid]["shape"]) == rep["cases"][cid]["shape"]
-        assert {"pseudo_A", "pseudo_B"} <= set(item)
+        assert {"pseudo_A", "pseudo_B"} <= set(item) and (root / item["pseudo_B"]).is_file()
+    assert rep["groups"]["all_organs+tumor"] == sum(
+        ds["cases"][c]["annotated_classes"] == list(range(1, 15)) for c in splits if splits[c] == "train_labeled")
+    assert len(dl["training_all_organs"]) == sum(d["group"].startswith("all_organs") for d in dl["training"])

@@ -238,7 +238,7 @@ def prepare(data_dir: str, out: str | None = None, strict: bool = False, workers
             images: str = "imagesTr", labels: str = "labelsTr", unlabeled: str | None = "unlabeledTr",
             pseudo: Sequence[str] | Mapping[str, str] | None = ("pseudo_A", "pseudo_B"),
             val_images: str | None = "imagesVal", val_labels: str | None = "labelsVal",
-            quiet: bool = False) -> str:
+            dataset_json: bool = True, quiet: bool = False) -> str:
     """Scan a FLARE23-style dataset root, validate every case and write the datalist JSON.
 
     Args:
@@ -255,7 +255,15 @@ def prepare(data_dir: str, out: str | None = None, strict: bool = False, workers
             or a mapping {datalist key: folder}. An absent folder drops its key (noted in the
             summary); a present folder must hold a file for every training case.
         val_images, val_labels: validation images / full labels folders (``None``/absent: none).
+        dataset_json: when ``<data_dir>/dataset.json`` declares ``cases[id].annotated_classes``
+            (the phantom does), use those as a case's annotated classes (they may list a class
+            that is annotated but absent, e.g. lesion in a tumor-free case); a label holding an
+            undeclared class is then a problem. Otherwise (real FLARE23) the annotated classes
+            are the classes present in the label.
         quiet: do not print the summary.
+
+    Images and pseudo labels get header-only checks (truncated image data is not detected);
+    labels are read in full. Groups (:data:`GROUPS`) follow the annotated classes.
 
     Returns:
         The datalist path (str).
@@ -281,6 +289,9 @@ def prepare(data_dir: str, out: str | None = None, strict: bool = False, workers
         else:
             notes.append(f"pseudo-label folder '{folder}' not found: key '{key}' omitted")
     pseudo_files = {key: _nifti_files(p) for key, p in present_pseudo.items()}
+    declared = _declared_annotations(root) if dataset_json else {}
+    if declared:
+        notes.append(f"annotated classes of {len(declared)} cases taken from dataset.json")
 
     tasks: list[_Task] = []
     seen: dict[str, str] = {}  # case id -> images folder it was first found in
@@ -345,8 +356,18 @@ def prepare(data_dir: str, out: str | None = None, strict: bool = False, workers
             datalist["unlabeled"].append(item)
         else:
             assert task.label is not None and res.class_voxels is not None
-            annotated = sorted(res.class_voxels)
+            present = sorted(res.class_voxels)
+            annotated = present
+            if res.split != "validation" and res.case_id in declared:
+                annotated = declared[res.case_id]
+                undeclared = sorted(set(present) - set(annotated))
+                if undeclared:
+                    problem(res.case_id, res.split, str(task.label),
+                            f"label holds classes {undeclared} not declared annotated in dataset.json")
+                    continue
+                info["annotation_source"] = "dataset.json"
             info["annotated_classes"] = annotated
+            info["present_classes"] = present
             info["class_voxels"] = {str(c): n for c, n in res.class_voxels.items()}
             item["label"] = _rel(task.label, root)
             if res.split == "validation":
@@ -396,6 +417,31 @@ def prepare(data_dir: str, out: str | None = None, strict: bool = False, workers
             print(f"prepare: {len(problems)} problem(s): those cases are left out (see {report_path})",
                   file=sys.stderr)
     return str(out_path)
+
+
+def _declared_annotations(root: Path) -> dict[str, list[int]]:
+    """{case id: annotated class ids 1..14} declared in ``root/dataset.json`` (phantom style)."""
+    path = root / "dataset.json"
+    if not path.is_file():
+        return {}
+    try:
+        meta = json.loads(path.read_text())
+    except (OSError, ValueError) as exc:
+        raise InputError(path, f"not valid JSON ({exc})") from exc
+    cases = meta.get("cases") if isinstance(meta, dict) else None
+    out: dict[str, list[int]] = {}
+    if not isinstance(cases, dict):
+        return out
+    for cid, c in cases.items():
+        if isinstance(c, dict) and isinstance(c.get("annotated_classes"), list):
+            try:
+                ids = sorted({int(x) for x in c["annotated_classes"]})
+            except (TypeError, ValueError) as exc:
+                raise InputError(path, f"case {cid}: annotated_classes not integers") from exc
+            if any(not 1 <= x <= NUM_CLASSES - 1 for x in ids):
+                raise InputError(path, f"case {cid}: annotated_classes outside 1..{NUM_CLASSES - 1}")
+            out[str(cid)] = ids
+    return out
 
 
 def _run_checks(tasks: list[_Task], workers: int, strict: bool) -> list[_Result]:
