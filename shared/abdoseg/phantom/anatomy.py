@@ -145,18 +145,18 @@ def sample_anatomy(rng: np.random.Generator, n_lesions: int) -> Anatomy:
                                    + np.array([12 * sx, 10, 0]), np.array([14, 22, 24.0]), sh["spleen"].rot)
     for side, sgn in (("r", 1), ("l", -1)):
         zk = -8 if side == "r" else 6
-        kid = Ellipsoid(jit((sgn * 70, ys / sy + 8, zk)), sz((24, 21, 54), 0.12),
+        kid = Ellipsoid(jit((sgn * 70, ys / sy + 8, zk)), sz((28, 24, 58), 0.1),
                         rotation(-12, -sgn * 14, sgn * 32) @ rj(5))
         sh[f"kid_{side}"] = kid
         medial = kid.rot @ np.array([-sgn * 1.0, 0, 0])
-        sh[f"sinus_{side}"] = Ellipsoid(kid.center + medial * kid.semi[0] * 0.95, kid.semi * [0.75, 0.55, 0.5], kid.rot)
+        sh[f"sinus_{side}"] = Ellipsoid(kid.center + medial * kid.semi[0] * 1.0, kid.semi * [0.62, 0.5, 0.45], kid.rot)
         top = kid.center + kid.rot @ np.array([0, 0, kid.semi[2]])
-        adr_c = np.array([top[0] - sgn * 22 * sx, top[1] + 12, top[2] + 8]) + rng.normal(0, 3, 3)
+        adr_c = np.array([top[0] - sgn * 6, top[1] - 2, top[2] + 12]) + rng.normal(0, 2, 3)
         limbs = []
         for k in range(2):
             d = np.array([sgn * (0.25 if k == 0 else -0.35), 0.55 if k == 0 else -0.25, -1.0])
             limbs.append(Ellipsoid(adr_c + np.array([0, 0, -6]) + d / np.linalg.norm(d) * 8,
-                                   np.array([_u(rng, 2.6, 3.6), _u(rng, 6, 9), _u(rng, 12, 17)]) * size,
+                                   np.array([_u(rng, 3.0, 4.2), _u(rng, 7, 10), _u(rng, 13, 19)]) * size,
                                    frame_from_axis(d, _u(rng, -20, 20))))
         sh[f"adr_{side}"] = limbs
     # retroperitoneal vessels
@@ -218,6 +218,17 @@ def sample_anatomy(rng: np.random.Generator, n_lesions: int) -> Anatomy:
         tgt = sh["ivc"].points[int(np.argmin(np.abs(sh["ivc"].points[:, 2] - hil_k[2])))]
         mid = (hil_k + tgt) / 2 + (np.array([0, 14, 0]) if side == "l" else 0)
         sh["renal_v"].append(Tube.smooth([hil_k, mid, tgt], [4.5, 5, 5]))
+    # adrenals stay clear of the IVC (right, behind it) and the aorta (left, lateral to it)
+    for side, sgn in (("r", 1), ("l", -1)):
+        vessel = sh["ivc"] if side == "r" else sh["aorta"]
+        for limb in sh[f"adr_{side}"]:
+            vp = vessel.points[int(np.argmin(np.abs(vessel.points[:, 2] - limb.center[2])))]
+            vr = vessel.radii.max()
+            if side == "r":
+                limb.center[1] = min(limb.center[1], vp[1] - vr - 6)
+                limb.center[0] = max(limb.center[0], vp[0] - 4)
+            else:
+                limb.center[0] = min(limb.center[0], vp[0] - vr - 7)
     # colon (haustra) and pelvis
     colon = [(86, 22, -115), (96, 6, -70), (94, 6, -20), (80, 22, 10), (40, 62, 8), (0, 76, -2),
              (-45, 62, 18), (-84, 18, 48), (-98, -6, 20), (-96, -6, -60), (-90, 0, -125), (-55, 35, -155),
@@ -610,24 +621,6 @@ def _paint_esophagus(an: Anatomy, s: Slab):
         s.paint(sl, d < -6, F32(-900))
 
 
-def _paint_hollow(s: Slab, sl, d, an: Anatomy, label: int, fill: float, wall_mm: float = 4.0):
-    """Hollow organ: enhancing wall, fluid in the dependent (posterior) part, gas anteriorly."""
-    H = an.hu
-    m = d < 0
-    if not m.any():
-        return
-    s.paint(sl, m, H["wall"] + 6 * s.field("tex", sl), label)
-    lumen = d < -wall_mm
-    Y = s.Y[sl]
-    ys = Y[lumen]
-    if ys.size == 0:
-        return
-    level = np.quantile(ys, fill) if ys.size > 10 else ys.max()
-    content = F32(H["oral"] if an.oral_contrast else H["fluid"]) + 6 * s.field("tex", sl)
-    s.paint(sl, lumen, content)
-    s.paint(sl, lumen & (Y > level), F32(-1000))
-
-
 def _paint_stomach(an: Anatomy, s: Slab):
     sh = an.shapes
     sl = s.box(*sh["stomach"].bbox())
@@ -728,13 +721,13 @@ def _paint_ribs(an: Anatomy, s: Slab, cav_sdf: np.ndarray):
     for k in range(12):
         z0 = sh["rib_z12"] + k * sh["rib_step"]
         t_end = [0.38, 0.55, 0.72, 0.8, 0.85][min(k, 4)]
-        drop = [30, 55, 85, 100, 105][min(k, 4)]
-        zc = F32(z0) - F32(drop) * theta ** F32(1.3)
-        d = np.sqrt(r_off ** 2 + ((Z - zc) / F32(1.4)) ** 2)
+        drop = [60, 90, 120, 140, 150][min(k, 4)]
+        zc = F32(z0) - F32(drop) * theta
+        d = np.sqrt((r_off / F32(1.25)) ** 2 + (Z - zc) ** 2)
         on = (theta > 0.1) & (theta < t_end)
-        rib = on & (d < 5.5)
+        rib = on & (d < 4.5)
         bone |= rib
-        cort |= rib & (d > 3.5)
+        cort |= rib & (d > 2.8)
         cart = (theta >= t_end) & (theta < 0.93) & (d < 5) & (k >= 2)
         s.paint(sl, cart, H["cartilage"], 0)
     s.paint(sl, bone, np.where(cort, F32(H["cortical"]), F32(H["cancellous"])), 0)

@@ -33,7 +33,7 @@ def sample_annotation(rng: np.random.Generator, index: int, has_lesion: bool) ->
         return {"kind": "single", "classes": [int(rng.choice(ORGAN_IDS))], "force_lesion": False}
     k = int(rng.integers(2, 13))
     organs = sorted(int(c) for c in rng.choice(ORGAN_IDS, size=k, replace=False))
-    with_tumor = rng.random() < 0.62
+    with_tumor = rng.random() < 0.48
     return {"kind": "some", "classes": organs + ([LESION_ID] if with_tumor else []),
             "force_lesion": with_tumor and rng.random() < 0.8}
 
@@ -68,21 +68,23 @@ def _organ_boxes(lab: np.ndarray, pad: int) -> dict[int, tuple[slice, ...]]:
     return out
 
 
-def _sigma_vox(sigma_mm: float, spacing_mm) -> tuple[float, ...]:
-    return tuple(max(0.5, sigma_mm / sp) for sp in spacing_mm)
+def _sigma_vox(sigma_mm: float, spacing_mm, min_vox: float = 0.5) -> tuple[float, ...]:
+    return tuple(max(min_vox, sigma_mm / sp) for sp in spacing_mm)
 
 
 def pseudo_label_a(organs: np.ndarray, spacing_mm, rng: np.random.Generator) -> np.ndarray:
     """Pseudo label "A": per-organ slight dilation or erosion plus occasional false-positive blobs.
 
     ``organs``: organ-only truth (1..13, lesion voxels carry their organ). Boundary shift comes
-    from thresholding a Gaussian-smoothed mask (sigma ~1 mm, at least half a voxel) at 0.3-0.7.
+    from thresholding a Gaussian-smoothed mask (sigma 1.5 mm, at least 0.6 voxel) at 0.28-0.42 (grow) or 0.58-0.72 (shrink;
+    never for the thin adrenals and esophagus).
     """
     out = organs.copy()
     for c, sl in _organ_boxes(organs, 4).items():
         m = organs[sl] == c
-        sm = ndimage.gaussian_filter(m.astype(np.float32), _sigma_vox(1.2, spacing_mm))
-        thr = rng.uniform(0.3, 0.7)
+        sm = ndimage.gaussian_filter(m.astype(np.float32), _sigma_vox(1.5, spacing_mm, 0.6))
+        erode = rng.random() < 0.5 and c not in THIN_CLASSES   # thin structures only grow
+        thr = rng.uniform(0.58, 0.72) if erode else rng.uniform(0.28, 0.42)
         new = sm > thr
         sub = out[sl]
         if thr > 0.5:
@@ -115,7 +117,7 @@ def pseudo_label_b(organs: np.ndarray, spacing_mm, rng: np.random.Generator) -> 
     out = np.zeros_like(organs)
     for c, sl in _organ_boxes(organs, 5).items():
         m = (organs[sl] == c).astype(np.float32)
-        p = ndimage.gaussian_filter(m, _sigma_vox(rng.uniform(1.5, 2.5), spacing_mm))
+        p = ndimage.gaussian_filter(m, _sigma_vox(rng.uniform(1.5, 2.5), spacing_mm, 0.75))
         q = np.clip(p * 255, 0, 255).astype(np.uint8)
         b, o = best[sl], out[sl]
         win = (q > 127) & (q > b)
