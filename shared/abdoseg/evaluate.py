@@ -207,11 +207,11 @@ def _write_chart(summary: dict[str, Any], path: Path) -> None:
     ax.bar(x - 0.2, [v["dsc"] for _, v in items], 0.4, label="DSC")
     ax.bar(x + 0.2, [v["nsd"] for _, v in items], 0.4, label="NSD")
     ax.set_xticks(x, names, rotation=45, ha="right")
-    ax.set_ylim(0, 1.05)
+    ax.set_ylim(0, 1.15)
     ax.set_ylabel("mean over cases")
     ax.set_title(f"FLARE23 metrics, {summary['n_cases']} cases: organ DSC {_fmt(summary['organ_dsc'])}, "
                  f"NSD {_fmt(summary['organ_nsd'])}", fontsize=10)
-    ax.legend(loc="lower right")
+    ax.legend(loc="upper right", ncol=2)
     ax.grid(axis="y", alpha=0.3)
     fig.tight_layout()
     with atomic_path(path) as tmp:

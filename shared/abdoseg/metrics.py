@@ -15,7 +15,9 @@ DESIGN.md section 2. Per case and per class:
 The NSD threshold is 0.2 by default (the current official script); it was 0.1 during the
 2023 challenge. Surfaces are surfel areas from the 2x2x2 marching-cubes lookup table of
 DeepMind's surface-distance (the copy shipped in MONAI, in float64); distances come from
-:func:`scipy.ndimage.distance_transform_edt` with the (anisotropic) voxel spacing of the GT.
+:func:`scipy.ndimage.distance_transform_edt` with the (anisotropic) voxel spacing of the GT;
+here, when the surface is small against its bounding box (organs, vessels), the same distances
+come from a k-d tree on the surface points, which is several times faster (see :func:`_distances`).
 
 Arrays are in NIfTI voxel order (i, j, k) = (X, Y, Z); spacings are in mm in the same order.
 """
@@ -54,8 +56,17 @@ def surfel_area_table(spacing_mm: tuple[float, float, float]) -> np.ndarray:
     ``|(n0*s1*s2, n1*s0*s2, n2*s0*s1)|``; a code's area is the sum over its triangles.
     """
     s0, s1, s2 = (float(s) for s in spacing_mm)
-    scale = np.array([s1 * s2, s0 * s2, s0 * s1], dtype=np.float64)
-    return np.linalg.norm(_code_to_normals() * scale, axis=-1).sum(axis=-1)
+    n = _code_to_normals()
+    # same operations, in the same order, as surface-distance (per-triangle vector norm, summed
+    # in triangle order), so the areas agree bit for bit; 256 x 4 small norms take ~5 ms.
+    scaled = np.stack([n[..., 0] * s1 * s2, n[..., 1] * s0 * s2, n[..., 2] * s0 * s1], axis=-1)
+    table = np.zeros(256)
+    for code in range(256):
+        area = 0.0
+        for tri in scaled[code]:
+            area += np.linalg.norm(tri)
+        table[code] = area
+    return table
 
 
 def _bounding_box(mask: np.ndarray) -> tuple[slice, ...] | None:
@@ -98,25 +109,64 @@ def _surfaces(gt: np.ndarray, pred: np.ndarray, spacing_mm: Sequence[float]):
     return border_gt, border_pred, table[codes_gt], table[codes_pred]
 
 
-def surface_distances(gt: np.ndarray, pred: np.ndarray,
-                      spacing_mm: Sequence[float]) -> dict[str, np.ndarray]:
+def _nearest_distances(query: np.ndarray, target: np.ndarray, sampling: np.ndarray,
+                       upper_bound_mm: float = np.inf) -> np.ndarray:
+    """Distance (mm) from each query grid point (N, 3) to the nearest target grid point (M, 3).
+
+    The nearest point comes from a k-d tree on the target points (exact Euclidean nearest
+    neighbour with the anisotropic spacing); the distance is then computed from the integer
+    offset with the formula of ``distance_transform_edt`` (offset * spacing, squared, summed in
+    axis order, square root), so the values equal the EDT's. Points with no target closer than
+    ``upper_bound_mm`` get ``inf``. Cost grows with the number of points, not the box volume.
+    """
+    from scipy.spatial import cKDTree
+
+    tree = cKDTree(target * sampling)
+    _, nn = tree.query(query * sampling, k=1, distance_upper_bound=upper_bound_mm)
+    found = nn < len(target)
+    out = np.full(len(query), np.inf)
+    off = (target[nn[found]] - query[found]).astype(np.float64) * sampling
+    out[found] = np.sqrt(off[:, 0] * off[:, 0] + off[:, 1] * off[:, 1] + off[:, 2] * off[:, 2])
+    return out
+
+
+def _distances(query_map: np.ndarray, target_map: np.ndarray, sampling: np.ndarray,
+               upper_bound_mm: float = np.inf, method: str = "auto") -> np.ndarray:
+    """Distance (mm) from every True voxel of ``query_map`` (in C order, like ``map[mask]``) to the
+    nearest True voxel of ``target_map``; both maps non-empty, same shape.
+
+    ``method``: "edt" = ``distance_transform_edt(~target_map, sampling)[query_map]`` as in the
+    official code (cost ~ box volume); "kdtree" = :func:`_nearest_distances` (cost ~ number of
+    points; distances above ``upper_bound_mm`` may come back as ``inf``); "auto" takes the k-d
+    tree when there are fewer than a quarter as many query points as voxels (measured: 4-10x
+    faster on organ and vessel surfaces in 512x512 CT), else the EDT (noisy predictions).
+    Both give the same numbers.
+    """
+    n_query = int(np.count_nonzero(query_map))
+    if method == "edt" or (method == "auto" and 4 * n_query >= query_map.size):
+        return ndimage.distance_transform_edt(~target_map, sampling=sampling)[query_map]
+    if method not in ("auto", "kdtree"):
+        raise ValueError(f"unknown distance method {method!r}")
+    return _nearest_distances(np.argwhere(query_map), np.argwhere(target_map), sampling, upper_bound_mm)
+
+
+def surface_distances(gt: np.ndarray, pred: np.ndarray, spacing_mm: Sequence[float],
+                      method: str = "auto") -> dict[str, np.ndarray]:
     """Distances (mm) from each surfel of one mask to the other mask's surface, and surfel areas.
 
     Same quantities as ``surface_distance.compute_surface_distances`` (unsorted): keys
     ``distances_gt_to_pred``, ``distances_pred_to_gt``, ``surfel_areas_gt``,
     ``surfel_areas_pred`` (1-D float64). ``gt``/``pred``: boolean (X, Y, Z) arrays of the same
-    shape, both non-empty.
+    shape, both non-empty. ``method``: see :func:`_distances`.
     """
     gt, pred = _check_pair(gt, pred)
     if not gt.any() or not pred.any():
         raise ValueError("surface_distances needs two non-empty masks")
     border_gt, border_pred, area_gt, area_pred = _surfaces(gt, pred, spacing_mm)
-    sampling = tuple(float(s) for s in spacing_mm)
-    dist_to_gt = ndimage.distance_transform_edt(~border_gt, sampling=sampling)
-    dist_to_pred = ndimage.distance_transform_edt(~border_pred, sampling=sampling)
+    sampling = np.asarray(spacing_mm, dtype=np.float64)
     return {
-        "distances_gt_to_pred": dist_to_pred[border_gt],
-        "distances_pred_to_gt": dist_to_gt[border_pred],
+        "distances_gt_to_pred": _distances(border_gt, border_pred, sampling, method=method),
+        "distances_pred_to_gt": _distances(border_pred, border_gt, sampling, method=method),
         "surfel_areas_gt": area_gt[border_gt],
         "surfel_areas_pred": area_pred[border_pred],
     }
@@ -144,14 +194,14 @@ def dice(gt: np.ndarray, pred: np.ndarray) -> float:
 
 
 def normalized_surface_dice(gt: np.ndarray, pred: np.ndarray, spacing_mm: Sequence[float],
-                            tolerance_mm: float) -> float:
+                            tolerance_mm: float, method: str = "auto") -> float:
     """Normalized surface Dice of two boolean (X, Y, Z) masks at ``tolerance_mm``.
 
     (GT surface area within the tolerance of the predicted surface + predicted surface area
     within the tolerance of the GT surface) / (total GT + predicted surface area); a surfel
     counts when its distance is <= tolerance. Equals
     ``surface_distance.compute_surface_dice_at_tolerance``. Both empty -> 1.0, one empty -> 0.0.
-    No DSC threshold here (see :func:`evaluate_case`).
+    No DSC threshold here (see :func:`evaluate_case`). ``method``: see :func:`_distances`.
     """
     gt, pred = _check_pair(gt, pred)
     has_gt, has_pred = bool(gt.any()), bool(pred.any())
@@ -159,12 +209,15 @@ def normalized_surface_dice(gt: np.ndarray, pred: np.ndarray, spacing_mm: Sequen
         return 1.0
     if has_gt != has_pred:
         return 0.0
-    d = surface_distances(gt, pred, spacing_mm)
     tol = float(tolerance_mm)
-    overlap = (d["surfel_areas_gt"][d["distances_gt_to_pred"] <= tol].sum()
-               + d["surfel_areas_pred"][d["distances_pred_to_gt"] <= tol].sum())
-    total = d["surfel_areas_gt"].sum() + d["surfel_areas_pred"].sum()
-    return float(overlap / total)
+    border_gt, border_pred, area_gt, area_pred = _surfaces(gt, pred, spacing_mm)
+    sampling = np.asarray(spacing_mm, dtype=np.float64)
+    bound = tol * (1.0 + 1e-6) + 1e-9  # k-d tree bound is strict; the exact test is below
+    near_gt = _distances(border_gt, border_pred, sampling, bound, method) <= tol
+    near_pred = _distances(border_pred, border_gt, sampling, bound, method) <= tol
+    area_gt, area_pred = area_gt[border_gt], area_pred[border_pred]
+    overlap = area_gt[near_gt].sum() + area_pred[near_pred].sum()
+    return float(overlap / (area_gt.sum() + area_pred.sum()))
 
 
 def _union_box(a: tuple[slice, ...] | None, b: tuple[slice, ...] | None) -> tuple[slice, ...] | None:
