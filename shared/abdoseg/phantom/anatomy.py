@@ -296,6 +296,10 @@ class Slab:
         self.X = grid.xs[:, None, None] + deform[0].evaluate(*all_)
         self.Y = grid.ys[None, :, None] + deform[1].evaluate(*all_)
         self.Z = grid.zs[None, None, k0:k1] + deform[2].evaluate(*all_)
+        # tight bound of the displacement inside this slab (boxes are padded by it)
+        self.dmax = float(max(np.abs(self.X - grid.xs[:, None, None]).max(),
+                              np.abs(self.Y - grid.ys[None, :, None]).max(),
+                              np.abs(self.Z - grid.zs[None, None, k0:k1]).max()))
         self.zs = grid.zs[k0:k1]
         self.hu = hu[:, :, k0:k1]
         self.lab = lab[:, :, k0:k1]
@@ -317,18 +321,20 @@ class Slab:
 
     def field(self, name: str, sl) -> np.ndarray:
         """Smooth random field ``name`` on the local box ``sl`` (whole slab cached)."""
-        if name not in self._cache:
+        if name in self._cache:
+            return self._cache[name][sl]
+        si, sj, sk = sl
+        if si == slice(None) and sj == slice(None):
             self._cache[name] = self.fields[name].evaluate(slice(None), slice(None), slice(self.k0, self.k1))
-        return self._cache[name][sl]
+            return self._cache[name][sl]
+        k0 = self.k0 + (sk.start or 0)
+        k1 = self.k0 + (sk.stop if sk.stop is not None else self.k1 - self.k0)
+        return self.fields[name].evaluate(si, sj, slice(k0, k1))
 
     def paint(self, sl, mask: np.ndarray, value, label: int = KEEP) -> None:
-        h = self.hu[sl]
-        if np.ndim(value) == 0:
-            h[mask] = value
-        else:
-            h[mask] = value[mask]
+        np.copyto(self.hu[sl], value, where=mask, casting="unsafe")
         if label != KEEP:
-            self.lab[sl][mask] = label
+            np.copyto(self.lab[sl], label, where=mask, casting="unsafe")
 
     def tube_sdf(self, tube: Tube, sl) -> np.ndarray:
         """Signed distance of ``tube`` on local box ``sl`` (large outside its segments)."""
@@ -709,28 +715,32 @@ def _paint_spine(an: Anatomy, s: Slab, body: np.ndarray):
 
 def _paint_ribs(an: Anatomy, s: Slab, cav_sdf: np.ndarray):
     H, bd, sh = an.hu, an.body, an.shapes
-    zlo = sh["rib_z12"] - 110
+    zlo = sh["rib_z12"] - 160
     sl = s.box((-400, -400, zlo), (400, 400, 1e4))
     if sl is None:
         return
-    X, Y, Z = s.xyz(sl)
     r_off = cav_sdf[sl] + F32(5)            # rib line ~5 mm outside the cavity
+    idx = np.nonzero(np.abs(r_off) < 6)      # only the thin shell where ribs can be
+    if not idx[0].size:
+        return
+    X, Y, Z = (A[sl][idx] for A in (s.X, s.Y, s.Z))
+    r = r_off[idx]
     theta = np.arctan2(np.abs(X) / F32(bd["a"]), -Y / F32(bd["b"])) / F32(np.pi)  # 0 posterior, 1 anterior
-    bone = np.zeros(X.shape, bool)
-    cort = np.zeros(X.shape, bool)
+    hu = s.hu[sl][idx]
+    lab = s.lab[sl][idx]
     for k in range(12):
         z0 = sh["rib_z12"] + k * sh["rib_step"]
         t_end = [0.38, 0.55, 0.72, 0.8, 0.85][min(k, 4)]
         drop = [60, 90, 120, 140, 150][min(k, 4)]
         zc = F32(z0) - F32(drop) * theta
-        d = np.sqrt((r_off / F32(1.25)) ** 2 + (Z - zc) ** 2)
-        on = (theta > 0.1) & (theta < t_end)
-        rib = on & (d < 4.5)
-        bone |= rib
-        cort |= rib & (d > 2.8)
-        cart = (theta >= t_end) & (theta < 0.93) & (d < 5) & (k >= 2)
-        s.paint(sl, cart, H["cartilage"], 0)
-    s.paint(sl, bone, np.where(cort, F32(H["cortical"]), F32(H["cancellous"])), 0)
+        d = np.sqrt((r / F32(1.25)) ** 2 + (Z - zc) ** 2)
+        rib = (theta > 0.1) & (theta < t_end) & (d < 4.5)
+        cart = (theta >= t_end) & (theta < 0.93) & (d < 4.5) & (k >= 2)
+        hu[cart] = H["cartilage"]
+        hu[rib] = np.where(d[rib] > 2.8, F32(H["cortical"]), F32(H["cancellous"]))
+        lab[rib | cart] = 0
+    s.hu[sl][idx] = hu
+    s.lab[sl][idx] = lab
 
 
 def _paint_pelvis(an: Anatomy, s: Slab):

@@ -14,21 +14,28 @@ import numpy as np
 F32 = np.float32
 
 
-def bspline_weights(coords_mm: np.ndarray, start_mm: float, step_mm: float, n_nodes: int) -> np.ndarray:
-    """Cubic B-spline interpolation matrix ``(len(coords_mm), n_nodes)`` (float32, rows sum to 1).
+def bspline_taps(coords_mm: np.ndarray, start_mm: float, step_mm: float, n_nodes: int
+                 ) -> tuple[np.ndarray, np.ndarray]:
+    """Cubic B-spline taps: node indices ``(n, 4)`` and weights ``(n, 4)`` (float32, sum 1 per row).
 
-    Node ``n`` sits at ``start_mm + n * step_mm``; nodes past the ends are clamped to the edge.
+    Node ``m`` sits at ``start_mm + m * step_mm``; nodes past the ends are clamped to the edge.
     """
     u = (np.asarray(coords_mm, np.float64) - start_mm) / step_mm
     i = np.floor(u).astype(np.int64)
     f = u - i
     w = np.stack([(1 - f) ** 3 / 6, (3 * f ** 3 - 6 * f ** 2 + 4) / 6,
                   (-3 * f ** 3 + 3 * f ** 2 + 3 * f + 1) / 6, f ** 3 / 6], axis=1)
-    out = np.zeros((len(u), n_nodes), np.float64)
-    rows = np.arange(len(u))
+    idx = np.clip(i[:, None] - 1 + np.arange(4)[None, :], 0, n_nodes - 1)
+    return idx, w.astype(F32)
+
+
+def bspline_weights(coords_mm: np.ndarray, start_mm: float, step_mm: float, n_nodes: int) -> np.ndarray:
+    """Dense cubic B-spline interpolation matrix ``(len(coords_mm), n_nodes)`` (float32)."""
+    idx, w = bspline_taps(coords_mm, start_mm, step_mm, n_nodes)
+    out = np.zeros((len(idx), n_nodes), np.float32)
     for k in range(4):
-        np.add.at(out, (rows, np.clip(i - 1 + k, 0, n_nodes - 1)), w[:, k])
-    return out.astype(F32)
+        np.add.at(out, (np.arange(len(idx)), idx[:, k]), w[:, k])
+    return out
 
 
 class SmoothField:
@@ -45,23 +52,30 @@ class SmoothField:
     def __init__(self, rng: np.random.Generator, axes_mm: tuple[np.ndarray, np.ndarray, np.ndarray],
                  step_mm: float, amplitude: float):
         shape = []
-        self.weights = []
+        self.taps = []
         for ax in axes_mm:
             lo, hi = float(np.min(ax)), float(np.max(ax))
             n = int(np.ceil((hi - lo) / step_mm)) + 4
             start = lo - 1.5 * step_mm
             shape.append(n)
-            self.weights.append(bspline_weights(ax, start, step_mm, n))
+            self.taps.append(bspline_taps(ax, start, step_mm, n))
+        self.weights = [bspline_weights(ax, lo_ - 1.5 * step_mm, step_mm, n_) for ax, lo_, n_ in
+                        zip(axes_mm, [float(np.min(a)) for a in axes_mm], shape)][2:]  # z: dense
         self.values = (rng.standard_normal(shape) * (amplitude / self._STD)).astype(F32)
         self.max_abs = float(np.abs(self.values).max())
 
     def evaluate(self, si: slice, sj: slice, sk: slice) -> np.ndarray:
         """Field on the sub-grid ``(si, sj, sk)`` of the axes, shape ``(ni, nj, nk)``, float32."""
-        wx, wy, wz = self.weights[0][si], self.weights[1][sj], self.weights[2][sk]
-        a = self.values @ wz.T                      # (gx, gy, nk)
-        b = np.tensordot(wy, a, axes=(1, 1))         # (nj, gx, nk)
-        c = np.tensordot(wx, b, axes=(1, 1))         # (ni, nj, nk)
-        return np.ascontiguousarray(c, dtype=F32)
+        (ix, wx), (iy, wy) = (t[si] for t in self.taps[0]), (t[sj] for t in self.taps[1])
+        wz = self.weights[0][sk]
+        a = self.values @ wz.T                       # (gx, gy, nk), small
+        b = a[:, iy[:, 0], :] * wy[None, :, 0, None]  # (gx, nj, nk): 4-tap gather along y
+        for k in range(1, 4):
+            b += a[:, iy[:, k], :] * wy[None, :, k, None]
+        c = b[ix[:, 0]] * wx[:, 0, None, None]        # (ni, nj, nk): 4-tap gather along x
+        for k in range(1, 4):
+            c += b[ix[:, k]] * wx[:, k, None, None]
+        return c
 
 
 def rotation(deg_x: float = 0.0, deg_y: float = 0.0, deg_z: float = 0.0) -> np.ndarray:
@@ -153,7 +167,7 @@ class Tube:
         self.arc = np.concatenate([[0.0], np.cumsum(seg)])
 
     @classmethod
-    def smooth(cls, points, radii, step_mm: float = 5.0, **kw) -> "Tube":
+    def smooth(cls, points, radii, step_mm: float = 9.0, **kw) -> "Tube":
         p, r = catmull_rom(np.asarray(points, float), np.asarray(radii, float), step_mm)
         return cls(p, r, **kw)
 
