@@ -29,11 +29,11 @@ COARSE_SPACING_MM: tuple[float, float, float] = (6.0, 6.0, 6.0)
 COARSE_ROI_SIZE: tuple[int, int, int] = (80, 80, 96)
 #: Coarse ROI net: every spatial size must be a multiple of this (4 stride-2 levels).
 COARSE_DIVISOR: int = 16
-#: Coarse ROI net: training patch (voxels at COARSE_SPACING_MM: 384 mm cube).
-COARSE_PATCH_SIZE: tuple[int, int, int] = (64, 64, 64)
+#: Coarse ROI net: training patch (voxels at COARSE_SPACING_MM: 288 mm cube).
+COARSE_PATCH_SIZE: tuple[int, int, int] = (48, 48, 48)
 #: Coarse ROI net: PocketUNet arguments (2 classes: background, any foreground class 1..14).
 COARSE_NETWORK_KWARGS: dict = {
-    "spatial_dims": 3, "in_channels": 1, "out_channels": 2, "channels": 16,
+    "spatial_dims": 3, "in_channels": 1, "out_channels": 2, "channels": 8,
     "kernel_size": [[3, 3, 3]] * 5, "strides": [[1, 1, 1]] + [[2, 2, 2]] * 4,
     "deep_supervision": False, "res_block": False,
 }
