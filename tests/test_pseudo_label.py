@@ -110,6 +110,7 @@ def test_datalist_items_and_checkpoint_specs(tmp_path):
         datalist_items(tmp_path / "nope.json")
 
 
+@pytest.mark.slow
 def test_killed_run_resumes_to_byte_identical_outputs(tmp_path, capfd):
     data = tmp_path / "data"
     make_data(data)
@@ -143,6 +144,7 @@ def test_killed_run_resumes_to_byte_identical_outputs(tmp_path, capfd):
     assert _files(out) == _files(ref)
 
 
+@pytest.mark.slow
 def test_two_ranks_cover_every_case_exactly_once(tmp_path):
     data = tmp_path / "data"
     make_data(data, 4, 3)

@@ -50,7 +50,7 @@ DEFAULT_FINE_BUNDLE = REPO_ROOT / "bundles" / "fine_organ_tumor"
 #: Tiny CPU training budget applied to the fine bundle's train.json unless overridden.
 DEFAULT_TRAIN_OVERRIDES: dict[str, Any] = {
     "max_epochs": 1,
-    "val_interval": 1,
+    "val_interval": 2,
     "num_workers": 0,
     "cache_rate": 0.0,
     "num_samples": 1,
@@ -203,7 +203,9 @@ def rounds(dataset_dir: str, work_dir: str, datalist: str | None = None, n_round
     work.mkdir(parents=True, exist_ok=True)
     fine = Path(fine_bundle).resolve() if fine_bundle else DEFAULT_FINE_BUNDLE
     names = [str(n) for n in ([checkpoint_names] if isinstance(checkpoint_names, str) else checkpoint_names)]
-    t_overrides = {"max_epochs": int(max_epochs), "val_interval": int(max_epochs), **dict(train_overrides or {})}
+    # validation is skipped by default (val_interval > max_epochs): on a CPU one sliding-window
+    # validation costs more than the tiny training; the final checkpoint is the teacher then
+    t_overrides = {"max_epochs": int(max_epochs), "val_interval": int(max_epochs) + 1, **dict(train_overrides or {})}
     default_trainer = lambda **kw: bundle_trainer(fine_bundle=fine, overrides=t_overrides,  # noqa: E731
                                                   checkpoint_names=names, **kw)
     train_fn = _resolve(trainer, default_trainer)
