@@ -70,6 +70,7 @@ def main(argv: list[str] | None = None) -> int:
         tqdm.write(f"case {i} slices={n} shape={image.shape} coverage={cov:.4f} "
                    f"roi_frac={res.box.volume_fraction:.3f} t={seconds:.2f}s")
         del image, label
+        save_json({"partial": True, "cases": rows}, args.out)  # progress survives an interrupted run
     covs = [r["coverage"] for r in rows]
     summary = {
         "n_cases": len(rows),

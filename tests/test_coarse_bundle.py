@@ -198,14 +198,12 @@ def test_inference_outputs_mask_in_ct_geometry_and_roi_json(trained_bundle, data
 
 
 def test_ckpt_export_torchscript(trained_bundle, tmp_path):
+    from monai.bundle import ckpt_export
+
     ts = tmp_path / "model.ts"
-    cmd = [sys.executable, "-m", "monai.bundle", "ckpt_export", "network_def", "--filepath", str(ts),
-           "--ckpt_file", str(trained_bundle / "models/model.pt"),
-           "--meta_file", str(trained_bundle / "configs/metadata.json"),
-           "--config_file", str(trained_bundle / "configs/inference.json"),
-           "--bundle_root", str(trained_bundle)]
-    res = subprocess.run(cmd, capture_output=True, text=True, timeout=180)
-    assert res.returncode == 0, res.stdout[-2000:] + res.stderr[-2000:]
+    ckpt_export(net_id="network_def", filepath=str(ts), ckpt_file=str(trained_bundle / "models/model.pt"),
+                meta_file=str(trained_bundle / "configs/metadata.json"),
+                config_file=str(trained_bundle / "configs/inference.json"), bundle_root=str(trained_bundle))
     with warnings.catch_warnings():
         warnings.simplefilter("ignore")
         ts_net = torch.jit.load(str(ts))
