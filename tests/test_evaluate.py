@@ -171,3 +171,14 @@ def test_cli_error_exit(tmp_path: Path, capsys):
               "--out_dir", str(tmp_path / "out")])
     assert exc.value.code == 1
     assert "prediction folder not found" in capsys.readouterr().err
+
+
+def test_corrupt_data_in_worker_names_the_file(tmp_path: Path):
+    _write_cases(tmp_path, n=2)
+    bad = tmp_path / "gt" / "CASE_001.nii.gz"
+    data = bad.read_bytes()
+    bad.write_bytes(data[: len(data) // 2])  # header readable, voxel data truncated
+    with pytest.raises(InputError) as err:
+        evaluate(str(tmp_path / "pred"), str(tmp_path / "gt"), str(tmp_path / "out"), workers=2)
+    assert str(bad) in str(err.value)
+    assert not (tmp_path / "out").exists()

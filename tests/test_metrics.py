@@ -261,3 +261,30 @@ def test_evaluate_case_matches_official_loop_on_random_label_maps(threshold):
             assert ours[c][1] == pytest.approx(ref[c][1], abs=1e-6), c
         dscs += [ours[c][0] for c in range(1, 15)]
     assert any(0.1 <= d < 0.2 for d in dscs) and any(d > 0.3 for d in dscs)  # both branches used
+
+
+def test_auto_distance_method_picks_kdtree_for_sparse_surfaces(monkeypatch):
+    import abdoseg.metrics as metrics
+
+    calls = []
+    real = metrics._nearest_distances
+
+    def counting(*args, **kwargs):
+        calls.append(len(args[0]))
+        return real(*args, **kwargs)
+
+    monkeypatch.setattr(metrics, "_nearest_distances", counting)
+    spacing = (0.8, 0.8, 2.0)
+    shape = (120, 120, 50)
+    gt = _ball(shape, (60, 60, 25), 45.0, spacing)  # smooth, large: few surface points per voxel
+    pred = _ball(shape, (62, 59, 25), 44.0, spacing)
+    for tol in (1.0, 2.0):
+        assert metrics.normalized_surface_dice(gt, pred, spacing, tol) == pytest.approx(
+            _ref_nsd(gt, pred, spacing, tol), abs=1e-6)
+    assert len(calls) == 4  # both directions, both tolerances
+    calls.clear()
+    rng = np.random.default_rng(3)
+    noisy = gt & (rng.random(shape) < 0.7)  # speckled prediction: surface everywhere -> EDT
+    assert metrics.normalized_surface_dice(gt, noisy, spacing, 2.0) == pytest.approx(
+        _ref_nsd(gt, noisy, spacing, 2.0), abs=1e-6)
+    assert len(calls) == 0
