@@ -86,7 +86,7 @@ def app_setup(tmp_path_factory) -> dict:
     return {"root": root, "app": app, "bundle": bundle, "studies": studies, "hu": hu, "affine": affine}
 
 
-@pytest.fixture(scope="module")
+@pytest.fixture()
 def server(app_setup):
     port = _free_port()
     log_path = app_setup["root"] / "server.log"
@@ -124,14 +124,13 @@ def server(app_setup):
                 proc.wait(timeout=30)
 
 
-def test_info_lists_the_bundle_with_flare_labels(server):
+def test_info_then_infer_label_in_image_geometry_matching_bundle_inference(server, app_setup, tmp_path):
+    """One test (one server start) so that pytest-xdist cannot start a second server on another worker."""
     model = server["info"]["models"][MODEL]
     assert model["type"] == "segmentation" and model["dimension"] == 3
     assert model["labels"] == {name: cid for cid, name in LABELS.items() if cid != 0}
     assert "sam_2d" not in server["info"]["models"]  # --conf sam2 false
 
-
-def test_infer_returns_label_in_image_geometry_matching_bundle_inference(server, app_setup, tmp_path):
     req = urllib.request.Request(f"{server['url']}/infer/{MODEL}?image=SMALL_0001&output=image", data=b"",
                                  method="POST")
     t0 = time.perf_counter()
