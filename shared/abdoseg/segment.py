@@ -1,0 +1,389 @@
+"""``abdoseg segment -i <CT> -o <mask>``: the trained cascade on a NIfTI file, a folder of NIfTI files
+or a DICOM series folder, for users who do not want to touch MONAI configs.
+
+The cascade is built from the fine bundle's ``configs/inference.json`` with MONAI's
+``ConfigParser`` from exactly the ids MONAI Label uses (``network_def``, ``preprocessing``,
+``inferer``, ``postprocessing``) plus the bundle's weights (``models/model.pt`` and the
+checkpoints the config refers to, e.g. ``models/coarse_model.pt``), and run over the cases with
+:func:`abdoseg.batch.run_batch` (resume: existing masks are kept unless ``--force``; per-case
+failures are reported at the end; every file is written atomically).
+
+Inputs:
+- ``ct.nii.gz`` -> one case; ``-o mask.nii.gz`` (a file) or ``-o folder`` (``folder/<case>.nii.gz``).
+- a folder with ``*.nii.gz``/``*.nii`` files -> one case per file (``X_0000.nii.gz`` -> case ``X``);
+  sub-folders are read as DICOM series (one case each, named after the sub-folder); any other
+  file is reported as a failure.
+- a folder that holds a DICOM series (and no NIfTI files) -> one case named after the folder.
+  The series is read with ITK (``ImageSeriesReader`` + ``GDCMSeriesFileNames``, rescale
+  slope/intercept applied), converted from ITK's LPS world to NIfTI's RAS (x and y negated), and
+  the mask is written as NIfTI with that affine, so it overlays the series exactly.
+
+Per case, optional: ``<case>_statistics.json`` (:func:`abdoseg.statistics.label_statistics`:
+organ volumes in mL, mean HU, lesion count and per-lesion volumes) and ``<case>_preview.png``
+(:func:`abdoseg.viz.overlay_png`).
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+import sys
+import tempfile
+import warnings
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+from abdoseg.io import InputError, case_id_from_image, load_nifti, save_json, save_nifti, voxel_spacing_mm
+
+logger = logging.getLogger(__name__)
+
+REPO_ROOT = Path(__file__).resolve().parents[2]
+DEFAULT_BUNDLE = REPO_ROOT / "bundles" / "fine_organ_tumor"
+NIFTI_SUFFIXES = (".nii.gz", ".nii")
+#: ITK (DICOM) world is LPS, NIfTI world is RAS: the two differ by negating x and y.
+LPS_TO_RAS = np.diag([-1.0, -1.0, 1.0, 1.0])
+
+
+def _is_nifti(path: Path) -> bool:
+    return path.name.lower().endswith(NIFTI_SUFFIXES)
+
+
+def _visible(folder: Path) -> list[Path]:
+    return sorted(p for p in folder.iterdir() if not p.name.startswith("."))
+
+
+# ----------------------------------------------------------------------------------------------
+# DICOM
+# ----------------------------------------------------------------------------------------------
+def dicom_series_files(folder: str | os.PathLike) -> list[list[str]]:
+    """File lists of the DICOM series directly inside ``folder`` (GDCM sorting), largest first;
+    ``[]`` when there is none."""
+    import itk
+
+    names = itk.GDCMSeriesFileNames.New()
+    names.SetUseSeriesDetails(True)
+    names.SetDirectory(str(folder))
+    series = [list(names.GetFileNames(uid)) for uid in names.GetSeriesUIDs()]
+    return sorted((s for s in series if s), key=len, reverse=True)
+
+
+def read_dicom_series(folder: str | os.PathLike) -> tuple[np.ndarray, np.ndarray]:
+    """Read the DICOM series in ``folder`` as ``(array (X, Y, Z), affine 4x4 voxel -> RAS mm)``,
+    i.e. what nibabel would give for the same volume saved as NIfTI.
+
+    Values are the rescaled ones (HU for CT): int16 when they are all integers in range, else
+    float32. Several series in one folder: the one with the most files is read (warning). Raises
+    :class:`InputError` naming the folder when it holds no readable series.
+    """
+    import itk
+
+    folder = Path(folder)
+    if not folder.is_dir():
+        raise InputError(folder, "DICOM folder not found")
+    series = dicom_series_files(folder)
+    if not series:
+        what = "empty folder" if not _visible(folder) else "no readable DICOM series in this folder"
+        raise InputError(folder, f"{what} (expected the .dcm files of one CT series)")
+    if len(series) > 1:
+        warnings.warn(f"{folder}: {len(series)} DICOM series found; segmenting the largest ({len(series[0])} files)",
+                      stacklevel=2)
+    try:
+        reader = itk.ImageSeriesReader[itk.Image[itk.F, 3]].New()
+        reader.SetImageIO(itk.GDCMImageIO.New())
+        reader.SetFileNames(series[0])
+        reader.Update()
+        img = reader.GetOutput()
+    except Exception as exc:  # ITK raises RuntimeError with a long C++ trace
+        first = str(exc).strip().splitlines()
+        raise InputError(folder, f"could not read the DICOM series ({first[-1] if first else type(exc).__name__})") from exc
+    zyx = itk.array_from_image(img)  # ITK arrays are (Z, Y, X)
+    array = np.ascontiguousarray(np.transpose(zyx, (2, 1, 0)))
+    direction = np.asarray(itk.array_from_matrix(img.GetDirection()), dtype=np.float64)
+    spacing = np.asarray(img.GetSpacing(), dtype=np.float64)
+    origin = np.asarray(img.GetOrigin(), dtype=np.float64)
+    lps = np.eye(4)
+    lps[:3, :3] = direction * spacing[None, :]
+    lps[:3, 3] = origin
+    affine = LPS_TO_RAS @ lps
+    if np.all(np.isfinite(array)) and np.all(array == np.round(array)) and array.size \
+            and array.min() >= np.iinfo(np.int16).min and array.max() <= np.iinfo(np.int16).max:
+        array = array.astype(np.int16)
+    return array, affine
+
+
+# ----------------------------------------------------------------------------------------------
+# inputs and outputs
+# ----------------------------------------------------------------------------------------------
+def find_cases(input_path: str | os.PathLike) -> list[dict[str, str]]:
+    """Cases of ``input_path``: ``[{"case_id", "source", "kind": "nifti" | "dicom" | "unknown"}]``.
+
+    Raises :class:`InputError` when the input does not exist, holds nothing to segment, or two
+    inputs would write the same ``<case>.nii.gz``.
+    """
+    src = Path(input_path)
+    if not src.exists():
+        raise InputError(src, "input not found")
+    if src.is_file():
+        if not _is_nifti(src):
+            raise InputError(src, "not a NIfTI file (.nii/.nii.gz); for DICOM give the folder of the series")
+        return [{"case_id": case_id_from_image(src), "source": str(src), "kind": "nifti"}]
+    entries = _visible(src)
+    niftis = [p for p in entries if p.is_file() and _is_nifti(p)]
+    if not niftis and dicom_series_files(src):
+        return [{"case_id": src.resolve().name, "source": str(src), "kind": "dicom"}]
+    if not entries:
+        raise InputError(src, "empty folder: no NIfTI files (.nii/.nii.gz) and no DICOM series")
+    cases = []
+    for p in entries:
+        if p.is_dir():
+            cases.append({"case_id": p.name, "source": str(p), "kind": "dicom"})
+        elif _is_nifti(p):
+            cases.append({"case_id": case_id_from_image(p), "source": str(p), "kind": "nifti"})
+        else:
+            cases.append({"case_id": p.name, "source": str(p), "kind": "unknown"})
+    if not any(c["kind"] != "unknown" for c in cases):
+        raise InputError(src, "no NIfTI files (.nii/.nii.gz) and no DICOM series in this folder")
+    seen: dict[str, str] = {}
+    for c in cases:
+        if c["case_id"] in seen:
+            raise InputError(src, f"{Path(seen[c['case_id']]).name} and {Path(c['source']).name} would both be "
+                                  f"written as {c['case_id']}.nii.gz; rename one of them")
+        seen[c["case_id"]] = c["source"]
+    return cases
+
+
+def output_layout(cases: list[dict[str, str]], input_path: str | os.PathLike,
+                  output: str | os.PathLike) -> tuple[Path, list[dict[str, str]]]:
+    """``(output folder, cases)``: ``output`` ending in ``.nii.gz`` names the mask of a single case
+    (the case id becomes the file's stem); anything else is a folder of ``<case>.nii.gz``."""
+    out = Path(output)
+    if out.name.lower().endswith(".nii"):
+        raise InputError(out, "masks are written compressed: name the output file *.nii.gz")
+    if out.name.lower().endswith(".nii.gz"):
+        if len(cases) != 1:
+            raise InputError(out, f"{len(cases)} cases found in {input_path}: give an output folder, not a file")
+        if out.exists() and out.is_dir():
+            raise InputError(out, "is a folder; name the output file differently")
+        case = dict(cases[0], case_id=out.name[: -len(".nii.gz")])
+        out_dir = out.parent
+        cases = [case]
+    else:
+        if out.exists() and not out.is_dir():
+            raise InputError(out, "exists and is not a folder")
+        out_dir = out
+    src = Path(input_path)
+    src_dir = src.resolve() if src.is_dir() else src.resolve().parent
+    if out_dir.resolve() == src_dir and any(c["kind"] == "nifti" for c in cases):
+        for c in cases:
+            if Path(c["source"]).resolve() == (out_dir / f"{c['case_id']}.nii.gz").resolve():
+                raise InputError(c["source"], "the mask would overwrite this input; choose another output")
+        if src.is_dir():
+            raise InputError(out_dir, "write the masks to another folder than the input folder")
+    return out_dir, cases
+
+
+def resolve_device(device: str) -> str:
+    """``"auto"`` -> ``"cuda"`` when a GPU is usable, else ``"cpu"``; ``"cuda"`` without a GPU is an error."""
+    import torch
+
+    device = str(device).lower()
+    if device == "auto":
+        return "cuda" if torch.cuda.is_available() else "cpu"
+    if device.startswith("cuda"):
+        if not torch.cuda.is_available():
+            raise InputError("--device", f"{device} requested but no CUDA GPU is available (use --device cpu)")
+        return device
+    if device == "cpu":
+        return device
+    raise InputError("--device", f"unknown device {device!r}: use cpu, cuda or auto")
+
+
+# ----------------------------------------------------------------------------------------------
+# the cascade from the bundle
+# ----------------------------------------------------------------------------------------------
+def bundle_weight_files(bundle_dir: str | os.PathLike, parser: Any) -> list[Path]:
+    """Checkpoints the bundle's inference config needs: ``model_path``, ``coarse_checkpoint`` (when
+    the config has it) and every ``models/<file>`` it mentions."""
+    from abdoseg.package import referenced_model_files
+
+    bundle_dir = Path(bundle_dir)
+    files = [Path(parser.get_parsed_content("model_path"))]
+    if "coarse_checkpoint" in parser:
+        c = parser.get_parsed_content("coarse_checkpoint")
+        if c not in (None, ""):
+            files.append(Path(c))
+    files += [bundle_dir / "models" / n for n in referenced_model_files(bundle_dir / "configs" / "inference.json")]
+    unique: dict[str, Path] = {}
+    for f in files:
+        unique.setdefault(str(f.resolve()), f)
+    return list(unique.values())
+
+
+def missing_weights_message(bundle_dir: Path, missing: list[Path]) -> str:
+    names = ", ".join(str(m) for m in missing)
+    return (f"trained weights not found: {names}.\n"
+            "  Get them in one of three ways:\n"
+            "  1. train on the bundled phantoms end to end: `abdoseg demo --out_dir runs/demo`, then\n"
+            "     `abdoseg segment ... --bundle_dir runs/demo/bundles/fine_organ_tumor`;\n"
+            "  2. train on your data: `python -m monai.bundle run training --config_file "
+            f"{bundle_dir}/configs/train.json --bundle_root {bundle_dir} --dataset_dir <FLARE-style folder>` "
+            "(and copy bundles/coarse_roi/models/model.pt to models/coarse_model.pt);\n"
+            "  3. download a packed bundle (`abdoseg pack` output): `python -m monai.bundle download --name "
+            "fine_organ_tumor --url <url of fine_organ_tumor_v<version>.zip> --bundle_dir <dir>`, then "
+            "`--bundle_dir <dir>/fine_organ_tumor`.")
+
+
+def load_cascade(bundle_dir: str | os.PathLike = DEFAULT_BUNDLE, device: str = "auto"):
+    """The bundle's cascade as a :class:`abdoseg.cascade.CascadeSegmenter` on ``device`` with its
+    trained weights. Raises :class:`InputError` when the bundle or its weights are missing."""
+    import torch
+    from monai.bundle import ConfigParser
+
+    from abdoseg.cascade import CascadeSegmenter, load_state_dict_file
+
+    bundle = Path(bundle_dir)
+    config = bundle / "configs" / "inference.json"
+    if not config.is_file():
+        raise InputError(bundle, "not a bundle folder (configs/inference.json missing); pass --bundle_dir "
+                                 "<path to fine_organ_tumor>")
+    dev = resolve_device(device)
+    parser = ConfigParser()
+    parser.read_config(str(config))
+    meta = bundle / "configs" / "metadata.json"
+    if meta.is_file():
+        parser.read_meta(str(meta))
+    parser["bundle_root"] = str(bundle)
+    parser["device"] = f"$torch.device({dev!r})"
+    missing = [f for f in bundle_weight_files(bundle, parser) if not f.is_file()]
+    if missing:
+        raise InputError(bundle, missing_weights_message(bundle, missing))
+    network = parser.get_parsed_content("network_def").to(torch.device(dev))
+    model_path = parser.get_parsed_content("model_path")
+    try:
+        network.load_state_dict(load_state_dict_file(model_path, map_location=dev))
+    except RuntimeError as exc:
+        raise InputError(model_path, f"does not fit the bundle's network_def ({str(exc).splitlines()[0]})") from exc
+    network.eval()
+    return CascadeSegmenter(
+        preprocessing=parser.get_parsed_content("preprocessing"),
+        inferer=parser.get_parsed_content("inferer"),
+        network=network,
+        postprocessing=parser.get_parsed_content("postprocessing") if "postprocessing" in parser else None,
+    )
+
+
+class _CaseRunner:
+    """``item -> (mask, affine)`` for :func:`abdoseg.batch.run_batch`, with DICOM folders converted
+    to a temporary NIfTI first (kept for statistics/preview, deleted at the end)."""
+
+    def __init__(self, segmenter: Any, tmp_dir: Path) -> None:
+        self.segmenter = segmenter
+        self.tmp_dir = tmp_dir
+        self._nifti: dict[str, Path] = {}
+
+    def image_file(self, case: dict[str, str]) -> Path:
+        src = case["source"]
+        if case["kind"] == "nifti":
+            return Path(src)
+        if case["kind"] != "dicom":
+            raise InputError(src, "not a NIfTI file (.nii/.nii.gz) or a DICOM series folder")
+        if src not in self._nifti:
+            array, affine = read_dicom_series(src)
+            path = self.tmp_dir / f"dicom_{len(self._nifti):05d}.nii.gz"
+            save_nifti(array, affine, path)
+            self._nifti[src] = path
+        return self._nifti[src]
+
+    def __call__(self, item: dict) -> tuple[np.ndarray, np.ndarray]:
+        case = item["case"]
+        image = self.image_file(case)
+        try:
+            return self.segmenter({"image": str(image)})
+        except InputError as exc:
+            if case["kind"] == "dicom":  # name the user's folder, not the temporary file
+                raise InputError(case["source"], exc.problem) from exc
+            raise
+
+
+def write_extras(case_id: str, image_file: Path, mask_file: Path, out_dir: Path, statistics: bool,
+                 preview: bool, source: str) -> list[Path]:
+    """``<case>_statistics.json`` and/or ``<case>_preview.png`` from the written mask and its CT."""
+    from abdoseg.statistics import label_statistics
+
+    image, affine, header = load_nifti(image_file)
+    mask, mask_affine, _ = load_nifti(mask_file)
+    if mask.shape != image.shape[: mask.ndim] or not np.allclose(mask_affine, affine, atol=1e-3):
+        raise InputError(mask_file, f"does not match its CT {source} (shape or affine); rerun with --force")
+    image = np.asarray(image).reshape(mask.shape)
+    written = []
+    if statistics:
+        stats = label_statistics(mask, image, voxel_spacing_mm(header))
+        stats = {"case": case_id, "image": str(source), "mask": str(mask_file), **stats}
+        written.append(save_json(stats, out_dir / f"{case_id}_statistics.json"))
+    if preview:
+        from abdoseg.viz import overlay_png
+
+        written.append(overlay_png(image, mask, affine, out_dir / f"{case_id}_preview.png", title=case_id))
+    return written
+
+
+def segment(input: str, output: str, bundle_dir: str = str(DEFAULT_BUNDLE), device: str = "auto",
+            statistics: bool = False, preview: bool = False, force: bool = False) -> None:
+    """Segment 13 abdominal organs + lesions in CT scans with the trained cascade.
+
+    Args:
+        input: (-i) a CT as NIfTI (.nii.gz/.nii), a folder of NIfTI files (sub-folders: DICOM
+            series), or the folder of one DICOM series.
+        output: (-o) a .nii.gz file (one case) or a folder, filled with <case>.nii.gz masks
+            (uint8, FLARE23 ids 0..14, same grid as the CT).
+        bundle_dir: the fine_organ_tumor bundle with its trained weights in models/.
+        device: cpu, cuda or auto (cuda when available).
+        statistics: (-s) also write <case>_statistics.json (organ volumes in mL and mean HU,
+            lesion count and per-lesion volumes in mL).
+        preview: (-p) also write <case>_preview.png (axial/coronal/sagittal overlay).
+        force: (-f) recompute masks that already exist (default: keep them and resume).
+    Exit status 1 when any case failed; the failures are listed at the end, and a failed case
+    leaves no file behind.
+    """
+    from tqdm.auto import tqdm
+
+    from abdoseg.batch import run_batch
+
+    cases = find_cases(input)
+    out_dir, cases = output_layout(cases, input, output)
+    segmenter = load_cascade(bundle_dir, device)
+    out_dir.mkdir(parents=True, exist_ok=True)
+    with tempfile.TemporaryDirectory(prefix="abdoseg_segment_") as tmp:
+        runner = _CaseRunner(segmenter, Path(tmp))
+        items = [{"image": c["source"], "case_id": c["case_id"], "case": c} for c in cases]
+        report = run_batch(items, runner, out_dir, overwrite=force, desc="segment", rank=0, world_size=1)
+        failed = {cid for cid, _, _ in report.failed}
+        extra_failures: list[str] = []
+        if statistics or preview:
+            todo = []
+            for c in cases:
+                cid = c["case_id"]
+                if cid in failed:
+                    continue
+                want_stats = statistics and (force or cid in report.done or not (out_dir / f"{cid}_statistics.json").exists())
+                want_png = preview and (force or cid in report.done or not (out_dir / f"{cid}_preview.png").exists())
+                if want_stats or want_png:
+                    todo.append((c, want_stats, want_png))
+            for c, want_stats, want_png in tqdm(todo, desc="statistics/preview", unit="case", disable=None,
+                                                file=sys.stderr):
+                cid = c["case_id"]
+                try:
+                    write_extras(cid, runner.image_file(c), out_dir / f"{cid}.nii.gz", out_dir, want_stats,
+                                 want_png, c["source"])
+                except Exception as exc:
+                    extra_failures.append(f"{c['source']}: {exc}" if not isinstance(exc, InputError) else str(exc))
+                    logger.error("%s", extra_failures[-1])
+    n_ok = len(report.done) + len(report.skipped)
+    print(f"masks in {out_dir}: {len(report.done)} new, {len(report.skipped)} kept from before"
+          f"{' (use --force to recompute)' if report.skipped else ''}", file=sys.stderr)
+    problems = [reason for _, _, reason in report.failed] + extra_failures
+    if problems:
+        raise SystemExit(f"abdoseg segment: {len(problems)} problem(s) ({n_ok} of {len(cases)} case(s) segmented):\n"
+                         + "\n".join(f"  {p}" for p in problems))
