@@ -288,3 +288,13 @@ def test_auto_distance_method_picks_kdtree_for_sparse_surfaces(monkeypatch):
     assert metrics.normalized_surface_dice(gt, noisy, spacing, 2.0) == pytest.approx(
         _ref_nsd(gt, noisy, spacing, 2.0), abs=1e-6)
     assert len(calls) == 0
+
+
+def test_evaluate_case_rejects_background_and_unknown_classes():
+    lab = np.zeros((4, 4, 4), np.uint8)
+    with pytest.raises(ValueError, match="no NSD tolerance"):
+        evaluate_case(lab, lab, (1, 1, 1), classes=[0, 1])
+    with pytest.raises(ValueError, match="no NSD tolerance"):
+        evaluate_case(lab, lab, (1, 1, 1), classes=[15])
+    with pytest.raises(ValueError, match="same shape"):
+        evaluate_case(lab, lab[:3], (1, 1, 1))

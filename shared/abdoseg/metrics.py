@@ -260,6 +260,9 @@ def evaluate_case(gt_label: np.ndarray, pred_label: np.ndarray, spacing_mm: Sequ
     tolerance_mm = NSD_TOLERANCE_MM if tolerance_mm is None else tolerance_mm
     z_range_classes = set(int(c) for c in z_range_classes)
     classes = [int(c) for c in classes]
+    unknown = [c for c in classes if c < 1 or c not in tolerance_mm]
+    if unknown:
+        raise ValueError(f"classes {unknown} have no NSD tolerance (foreground ids are 1..14)")
     max_label = max(classes) if classes else 0
     gt_boxes = ndimage.find_objects(gt_label, max_label=max_label)
     pred_boxes = ndimage.find_objects(pred_label, max_label=max_label)
