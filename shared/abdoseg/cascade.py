@@ -50,10 +50,11 @@ from abdoseg.preprocessing import COARSE_ROI_SIZE, COARSE_SPACING_MM, HU_WINDOW,
 logger = logging.getLogger(__name__)
 
 #: Default fine-network spacing (X, Y, Z) in mm. Seed 001 uses 0.8 x 0.8 x 2.5 mm on a GPU; the
-#: CPU-friendly default here is coarser in-plane (see bundles/fine_organ_tumor/docs/README.md).
-FINE_SPACING_MM: tuple[float, float, float] = (1.6, 1.6, 2.5)
-#: Default fine patch (voxels at FINE_SPACING_MM).
-FINE_ROI_SIZE: tuple[int, int, int] = (160, 128, 96)
+#: CPU-friendly default here is coarser (see bundles/fine_organ_tumor/docs/README.md).
+FINE_SPACING_MM: tuple[float, float, float] = (2.0, 2.0, 3.0)
+#: Default fine inference window (voxels at FINE_SPACING_MM = 384 x 384 x 384 mm): most abdominal
+#: ROIs fit in one pass, so no overlapping windows are computed.
+FINE_ROI_SIZE: tuple[int, int, int] = (192, 192, 128)
 #: Budget (number of float32 elements) of one slab when resampling logits back.
 _SLAB_ELEMENTS: int = 48_000_000
 
@@ -203,6 +204,7 @@ class CascadeInferer(Inferer):
     Args:
         coarse_network: coarse ROI network (module, e.g. ``abdoseg.networks.PocketUNet``); its
             output is reduced to foreground by ``argmax > 0`` (or ``sigmoid > 0.5`` for 1 channel).
+            ``None``: no coarse stage, the fine net runs on the whole CT (single-stage baseline).
         coarse_checkpoint: state dict file for ``coarse_network``, loaded on first use; ``None``
             keeps the module's current weights.
         coarse_spacing_mm: coarse resampling target (X, Y, Z) mm.
@@ -225,7 +227,7 @@ class CascadeInferer(Inferer):
 
     def __init__(
         self,
-        coarse_network: torch.nn.Module,
+        coarse_network: torch.nn.Module | None,
         coarse_checkpoint: str | os.PathLike | None = None,
         coarse_spacing_mm: Sequence[float] = COARSE_SPACING_MM,
         coarse_roi_size: Sequence[int] = COARSE_ROI_SIZE,
@@ -296,8 +298,12 @@ class CascadeInferer(Inferer):
                 out = _first_output(network(xp))
                 out = out[:, :, : spatial[0], : spatial[1], : spatial[2]]
             else:
+                # windows never larger than the (divisor-padded) input along an axis: a thin axis
+                # is not padded up to the full window
+                div = _network_divisor(network)
+                window_size = [min(int(r), int(math.ceil(s / d) * d)) for r, s, d in zip(roi_size, spatial, div)]
                 out = sliding_window_inference(
-                    x, roi_size=roi_size, sw_batch_size=self.sw_batch_size,
+                    x, roi_size=window_size, sw_batch_size=self.sw_batch_size,
                     predictor=lambda t: _first_output(network(t)), overlap=self.sw_overlap,
                     mode="constant",
                 )
@@ -314,6 +320,8 @@ class CascadeInferer(Inferer):
         from abdoseg.roi import EmptyRoiWarning, RoiBox, roi_from_mask, scale_box
 
         shape = tuple(ras_hu.shape[2:])
+        if self.coarse_network is None:
+            return RoiBox.whole(shape).slices  # type: ignore[return-value]
         cshape = resampled_shape(shape, spacing_mm, self.coarse_spacing_mm)
         coarse_in = resample_volume(window(ras_hu.to(device), self.hu_window), cshape)
         net = self._prepare_coarse(device)
