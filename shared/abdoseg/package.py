@@ -22,6 +22,7 @@ from __future__ import annotations
 
 import json
 import re
+import warnings
 import zipfile
 from pathlib import Path
 from typing import Mapping
@@ -119,6 +120,9 @@ def pack(bundle_dir: str, out_dir: str = "dist", weights: str | None = None,
             raise InputError(bundle / rel, "required bundle file missing")
     meta = _read_metadata(bundle)
     name = bundle.name
+    if not (bundle / "docs" / "README.md").is_file():
+        warnings.warn(f"{bundle / 'docs' / 'README.md'}: missing (MONAI model-zoo convention); packing without it",
+                      stacklevel=2)
 
     # models/: name in the zip -> source file
     models: dict[str, Path] = {}
