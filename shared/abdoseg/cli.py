@@ -39,12 +39,18 @@ def main(argv: list[str] | None = None) -> None:
         raise SystemExit(2)
     module_name, func_name = COMMANDS[name][0].split(":")
     func = getattr(importlib.import_module(module_name), func_name)
+    import functools
+
     import fire
+
+    @functools.wraps(func)
+    def quiet(*args, **kwargs):  # commands print their own summaries; fire would echo the return value
+        func(*args, **kwargs)
 
     from abdoseg.io import InputError
 
     try:
-        fire.Fire(func, command=argv[1:], name=f"abdoseg {name}")
+        fire.Fire(quiet, command=argv[1:], name=f"abdoseg {name}")
     except InputError as exc:
         print(f"abdoseg {name}: error: {exc}", file=sys.stderr)
         raise SystemExit(1) from exc

@@ -76,7 +76,7 @@ def write_report(out: Path, summary: dict, pred_dir: Path, data_dir: Path, timin
     from abdoseg.labels import ORGAN_IDS
     from abdoseg.viz import overlay_png
 
-    rows = list(csv.DictReader(open(out / "evaluation" / "per_case.csv")))
+    rows = list(csv.DictReader(open(out / "evaluation" / "metrics_per_case.csv")))
     per_case: dict[str, list[float]] = {}
     for r in rows:
         if int(r["class"]) in ORGAN_IDS and r["dsc"] not in ("", "nan"):
@@ -151,7 +151,7 @@ def demo(out_dir: str = "runs/demo", seed: int = 0, preset: str = "small", n_lab
     def train_coarse() -> None:
         coarse = bundles["coarse_roi"]
         _run_bundle(coarse, "train.json", "training", dataset_dir=str(data), max_epochs=coarse_epochs,
-                    seed=seed)
+                    val_interval=coarse_epochs, seed=seed)
         shutil.copy2(_best_checkpoint(coarse / "models"), fine / "models" / "coarse_model.pt")
 
     step("train_coarse", train_coarse)
