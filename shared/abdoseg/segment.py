@@ -175,12 +175,11 @@ def output_layout(cases: list[dict[str, str]], input_path: str | os.PathLike,
         out_dir = out
     src = Path(input_path)
     src_dir = src.resolve() if src.is_dir() else src.resolve().parent
-    if out_dir.resolve() == src_dir and any(c["kind"] == "nifti" for c in cases):
-        for c in cases:
-            if Path(c["source"]).resolve() == (out_dir / f"{c['case_id']}.nii.gz").resolve():
-                raise InputError(c["source"], "the mask would overwrite this input; choose another output")
-        if src.is_dir():
-            raise InputError(out_dir, "write the masks to another folder than the input folder")
+    if src.is_dir() and out_dir.resolve() == src_dir and any(c["kind"] == "nifti" for c in cases):
+        raise InputError(out_dir, "write the masks to another folder than the input folder")
+    for c in cases:
+        if Path(c["source"]).resolve() == (out_dir / f"{c['case_id']}.nii.gz").resolve():
+            raise InputError(c["source"], "the mask would overwrite this input; choose another output")
     return out_dir, cases
 
 
