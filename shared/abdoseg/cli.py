@@ -17,6 +17,7 @@ COMMANDS: dict[str, tuple[str, str]] = {
     "evaluate": ("abdoseg.evaluate:evaluate", "FLARE23 DSC/NSD of a prediction folder vs a ground-truth folder"),
     "rounds": ("abdoseg.rounds:rounds", "semi-supervised rounds: train teacher -> pseudo-label -> fuse -> select -> retrain"),
     "pack": ("abdoseg.package:pack", "pack a bundle (configs + trained weights) into <name>_v<version>.zip for monai.bundle download"),
+    "export": ("abdoseg.export:export", "export coarse and fine networks to TorchScript and ONNX"),
     "segment": ("abdoseg.segment:segment", "segment CT file/folder/DICOM folder with the cascade"),
 }
 
