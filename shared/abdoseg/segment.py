@@ -62,7 +62,10 @@ def dicom_series_files(folder: str | os.PathLike) -> list[list[str]]:
     ``[]`` when there is none."""
     import itk
 
+    if not _visible(Path(folder)):
+        return []
     names = itk.GDCMSeriesFileNames.New()
+    names.SetGlobalWarningDisplay(False)  # "No Series were found" is reported by us, by file name
     names.SetUseSeriesDetails(True)
     names.SetDirectory(str(folder))
     series = [list(names.GetFileNames(uid)) for uid in names.GetSeriesUIDs()]
@@ -296,14 +299,22 @@ class _CaseRunner:
         return self._nifti[src]
 
     def __call__(self, item: dict) -> tuple[np.ndarray, np.ndarray]:
+        import nibabel as nib
+
         case = item["case"]
         image = self.image_file(case)
+        if case["kind"] == "nifti":
+            try:  # header only: a clear one-line reason before MONAI tries all its readers
+                nib.load(str(image)).shape
+            except Exception as exc:
+                raise InputError(image, f"not a readable NIfTI image ({type(exc).__name__}: {exc})") from exc
         try:
             return self.segmenter({"image": str(image)})
         except InputError as exc:
-            if case["kind"] == "dicom":  # name the user's folder, not the temporary file
-                raise InputError(case["source"], exc.problem) from exc
-            raise
+            lines = exc.problem.strip().splitlines()
+            problem = lines[0] + (" ...)" if len(lines) > 1 and lines[0].count("(") > lines[0].count(")") else "")
+            # DICOM: name the user's folder, not the temporary NIfTI
+            raise InputError(case["source"] if case["kind"] == "dicom" else exc.path, problem) from exc
 
 
 def write_extras(case_id: str, image_file: Path, mask_file: Path, out_dir: Path, statistics: bool,
@@ -332,6 +343,10 @@ def segment(input: str, output: str, bundle_dir: str = str(DEFAULT_BUNDLE), devi
             statistics: bool = False, preview: bool = False, force: bool = False) -> None:
     """Segment 13 abdominal organs + lesions in CT scans with the trained cascade.
 
+    Example: abdoseg segment -i ct.nii.gz -o ct_mask.nii.gz --statistics --preview
+    Exit status 1 when any case failed; the failures are listed at the end, and a failed case
+    leaves no file behind. Existing masks are kept (resume) unless --force.
+
     Args:
         input: (-i) a CT as NIfTI (.nii.gz/.nii), a folder of NIfTI files (sub-folders: DICOM
             series), or the folder of one DICOM series.
@@ -339,12 +354,10 @@ def segment(input: str, output: str, bundle_dir: str = str(DEFAULT_BUNDLE), devi
             (uint8, FLARE23 ids 0..14, same grid as the CT).
         bundle_dir: the fine_organ_tumor bundle with its trained weights in models/.
         device: cpu, cuda or auto (cuda when available).
-        statistics: (-s) also write <case>_statistics.json (organ volumes in mL and mean HU,
+        statistics: also write <case>_statistics.json (organ volumes in mL and mean HU,
             lesion count and per-lesion volumes in mL).
-        preview: (-p) also write <case>_preview.png (axial/coronal/sagittal overlay).
-        force: (-f) recompute masks that already exist (default: keep them and resume).
-    Exit status 1 when any case failed; the failures are listed at the end, and a failed case
-    leaves no file behind.
+        preview: also write <case>_preview.png (axial/coronal/sagittal overlay).
+        force: recompute masks (and statistics/previews) that already exist.
     """
     from tqdm.auto import tqdm
 
