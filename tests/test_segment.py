@@ -227,12 +227,22 @@ def test_folder_to_folder_resume_and_force(bundle, phantoms, tmp_path, capsys):
 def test_dicom_series_round_trip(bundle, phantoms, tmp_path, capsys):
     from abdoseg.segment import read_dicom_series, segment
 
+    import itk
+
+    for i, (hu, _, affine) in enumerate(phantoms):  # LPS and RAS voxel orientations
+        series = tmp_path / f"series_{i}"
+        _write_dicom_series(hu, affine, series)
+        arr, aff = read_dicom_series(series)
+        assert arr.dtype == np.int16 and np.array_equal(arr, hu)
+        assert np.allclose(aff, affine, atol=1e-4)
+        # independent LPS -> RAS conversion: ITK's own NIfTI writer on the series ITK reads
+        itk.imwrite(itk.imread(str(series)), str(tmp_path / f"itk_{i}.nii.gz"))
+        ref = nib.load(str(tmp_path / f"itk_{i}.nii.gz"))
+        assert np.allclose(ref.affine, aff, atol=1e-3) and np.array_equal(np.asarray(ref.dataobj), arr)
     hu, _, affine = phantoms[0]
     series = tmp_path / "patient_A"
-    _write_dicom_series(hu, affine, series)
-    arr, aff = read_dicom_series(series)
-    assert arr.dtype == np.int16 and np.array_equal(arr, hu)
-    assert np.allclose(aff, affine, atol=1e-4)
+    series_0 = tmp_path / "series_0"
+    series_0.rename(series)
     out = tmp_path / "out"
     segment(str(series), str(out), bundle_dir=str(bundle), device="cpu")
     mask_img = nib.load(str(out / "patient_A.nii.gz"))
