@@ -62,11 +62,11 @@ def phantoms() -> list[tuple[np.ndarray, np.ndarray, np.ndarray]]:
     return [make_case(i, shape=SHAPE, spacing_mm=SPACING_MM, axcodes=ax) for i, ax in enumerate(["LPS", "RAS"])]
 
 
-def _write_dicom_series(hu: np.ndarray, affine: np.ndarray, folder: Path) -> None:
+def _write_dicom_series(hu: np.ndarray, affine: np.ndarray, folder: Path, series: int = 1) -> None:
     """Write an (X, Y, Z) int16 volume with a RAS affine as one DICOM CT series (one file per slice)."""
     import itk
 
-    folder.mkdir(parents=True)
+    folder.mkdir(parents=True, exist_ok=True)
     lps = np.diag([-1.0, -1.0, 1.0, 1.0]) @ affine
     spacing = np.linalg.norm(lps[:3, :3], axis=0)
     direction = lps[:3, :3] / spacing
@@ -78,7 +78,8 @@ def _write_dicom_series(hu: np.ndarray, affine: np.ndarray, folder: Path) -> Non
         pos = lps[:3, 3] + lps[:3, 2] * k
         tags = {
             "0008|0060": "CT", "0008|0016": "1.2.840.10008.5.1.4.1.1.2", "0020|000d": "1.2.826.0.1.3680043.2.1",
-            "0020|000e": "1.2.826.0.1.3680043.2.1.1", "0008|0018": f"1.2.826.0.1.3680043.2.1.1.{k + 1}",
+            "0020|000e": f"1.2.826.0.1.3680043.2.1.{series}",
+            "0008|0018": f"1.2.826.0.1.3680043.2.1.{series}.{k + 1}",
             "0020|0013": str(k + 1), "0020|0032": "\\".join(f"{v:.6f}" for v in pos),
             "0020|0037": "\\".join(f"{v:.6f}" for v in [*direction[:, 0], *direction[:, 1]]),
             "0028|0030": f"{spacing[1]:.6f}\\{spacing[0]:.6f}", "0018|0050": f"{spacing[2]:.6f}",
@@ -88,7 +89,7 @@ def _write_dicom_series(hu: np.ndarray, affine: np.ndarray, folder: Path) -> Non
             md[tag] = value
         io = itk.GDCMImageIO.New()
         io.KeepOriginalUIDOn()
-        itk.imwrite(sl, str(folder / f"IM{k:04d}.dcm"), imageio=io)
+        itk.imwrite(sl, str(folder / f"S{series}_IM{k:04d}.dcm"), imageio=io)
 
 
 def _cli(args: list[str], capsys) -> tuple[object, str]:
@@ -239,6 +240,12 @@ def test_dicom_series_round_trip(bundle, phantoms, tmp_path, capsys):
         itk.imwrite(itk.imread(str(series)), str(tmp_path / f"itk_{i}.nii.gz"))
         ref = nib.load(str(tmp_path / f"itk_{i}.nii.gz"))
         assert np.allclose(ref.affine, aff, atol=1e-3) and np.array_equal(np.asarray(ref.dataobj), arr)
+    # two series in one folder: the larger one is read, with a warning
+    hu1, _, aff1 = phantoms[1]
+    _write_dicom_series(hu1[:, :, :6], aff1, tmp_path / "series_0", series=2)
+    with pytest.warns(UserWarning, match="2 DICOM series"):
+        arr, aff = read_dicom_series(tmp_path / "series_0")
+    assert np.array_equal(arr, phantoms[0][0])
     hu, _, affine = phantoms[0]
     series = tmp_path / "patient_A"
     series_0 = tmp_path / "series_0"
