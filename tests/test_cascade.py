@@ -265,3 +265,27 @@ def test_batch_continues_and_reports_bad_inputs(tmp_path):
     assert sorted(p.name for p in (tmp_path / "out").iterdir()) == ["good.nii.gz"]  # no partial output
     with pytest.raises(SystemExit):
         report.raise_if_failed()
+
+
+def test_training_roi_crop_matches_margin_in_mm():
+    from abdoseg.cascade import RandForegroundRoiCropd
+
+    lab = np.zeros((40, 40, 20), np.uint8)
+    lab[10:20, 12:22, 8:12] = 1
+    aff = torch.diag(torch.tensor([1.0, 2.0, 4.0, 1.0]))
+    img = MetaTensor(torch.arange(40 * 40 * 20, dtype=torch.float32).reshape(1, 40, 40, 20), affine=aff)
+    d = {"image": img, "label": MetaTensor(torch.as_tensor(lab)[None], affine=aff)}
+    out = RandForegroundRoiCropd(["image", "label"], "label", margin_mm=8.0, jitter_mm=0.0)(d)
+    # 8 mm = 8 / 2 / 2 voxels along x / y / z; clipped at the volume border
+    assert tuple(out["image"].shape[1:]) == (10 + 16, 10 + 8, 4 + 4)
+    assert out["image"][0, 0, 0, 0].item() == img[0, 2, 8, 6].item()
+    assert torch.equal(out["label"][0] > 0, torch.as_tensor(lab[2:28, 8:26, 6:14] > 0))
+    np.testing.assert_allclose(np.asarray(out["image"].affine)[:3, 3], [2.0, 16.0, 24.0])
+    t = RandForegroundRoiCropd(["image", "label"], "label", margin_mm=8.0, jitter_mm=4.0)
+    sizes = set()
+    for seed in range(8):
+        t.set_random_state(seed)
+        o = t(d)["image"].shape[1:]
+        assert 10 + 2 * 4 <= o[0] <= 10 + 2 * 12 and 4 + 2 * 1 <= o[2] <= 4 + 2 * 3
+        sizes.add(tuple(o))
+    assert len(sizes) > 1

@@ -390,7 +390,8 @@ class CascadeInferer(Inferer):
         self.last_roi = {"ras_slices": [(s.start, s.stop) for s in roi], "ras_shape": list(ras_shape)}
         result = result.to(inputs.device)
         if isinstance(inputs, MetaTensor):
-            result = MetaTensor(result, affine=inputs.affine, meta=inputs.meta)
+            meta = {k: v for k, v in inputs.meta.items() if k != "affine"}
+            result = MetaTensor(result, affine=inputs.affine, meta=meta)
         return result
 
 
