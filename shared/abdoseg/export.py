@@ -36,7 +36,7 @@ import shutil
 import subprocess
 import sys
 import tempfile
-from collections.abc import Sequence
+from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -383,11 +383,19 @@ class OnnxNetwork(torch.nn.Module):
         return f"path={str(self.path)!r}"
 
 
-def torch_cascade(bundle_dir: str | os.PathLike, device: str = "cpu") -> tuple[Any, torch.nn.Module]:
+def _apply(parser: Any, overrides: Mapping[str, Any] | None) -> None:
+    for key, value in (overrides or {}).items():
+        parser[key] = value
+
+
+def torch_cascade(bundle_dir: str | os.PathLike, device: str = "cpu",
+                  overrides: Mapping[str, Any] | None = None) -> tuple[Any, torch.nn.Module]:
     """``(inferer, network)`` of the bundle's ``inference.json`` with ``models/model.pt`` loaded, as
-    its ``initialize`` does; ``inferer(image, network)`` segments a (1, 1, X, Y, Z) HU MetaTensor."""
+    its ``initialize`` does; ``inferer(image, network)`` segments a (1, 1, X, Y, Z) HU MetaTensor.
+    ``overrides``: config id -> value (e.g. ``{"fine_spacing_mm": [4, 4, 4]}``)."""
     bundle = Path(bundle_dir).resolve()
     parser = _parser(bundle)
+    _apply(parser, overrides)
     parser["device"] = f"$torch.device('{device}')"
     specs = {s.net_id: s for s in bundle_networks(bundle)}
     from abdoseg.cascade import load_state_dict_file
@@ -398,7 +406,8 @@ def torch_cascade(bundle_dir: str | os.PathLike, device: str = "cpu") -> tuple[A
 
 
 def onnx_cascade(bundle_dir: str | os.PathLike, onnx_dir: str | os.PathLike | None = None,
-                 intra_op_threads: int | None = None) -> tuple[Any, OnnxNetwork]:
+                 intra_op_threads: int | None = None,
+                 overrides: Mapping[str, Any] | None = None) -> tuple[Any, OnnxNetwork]:
     """``(inferer, network)`` like :func:`torch_cascade`, the bundle's own ``inferer`` (the same
     :class:`~abdoseg.cascade.CascadeInferer` code) with both networks replaced by
     :class:`OnnxNetwork` sessions on ``<onnx_dir>/coarse_model.onnx`` and ``model.onnx``
@@ -406,6 +415,7 @@ def onnx_cascade(bundle_dir: str | os.PathLike, onnx_dir: str | os.PathLike | No
     bundle = Path(bundle_dir).resolve()
     folder = Path(onnx_dir).resolve() if onnx_dir else bundle / "models"
     parser = _parser(bundle)
+    _apply(parser, overrides)
     if "coarse_network_def" not in parser.get():
         raise InputError(bundle / "configs" / "inference.json", "defines no coarse_network_def (not a cascade bundle)")
     parser["device"] = "$torch.device('cpu')"
