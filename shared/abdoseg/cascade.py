@@ -291,6 +291,8 @@ class CascadeInferer(Inferer):
             if all(s <= r for s, r in zip(spatial, roi_size)):
                 div = _network_divisor(network)
                 padded = [int(math.ceil(s / d) * d) for s, d in zip(spatial, div)]
+                if all(p == d for p, d in zip(padded, div)):  # 1x1x1 bottleneck: instance norm needs > 1 voxel
+                    padded[0] *= 2
                 pad = []
                 for s, p in reversed(list(zip(spatial, padded))):
                     pad += [0, p - s]
@@ -664,3 +666,32 @@ class RandForegroundRoiCropd(Randomizable, MapTransform):
         for key in self.key_iterator(d):
             d[key] = crop(d[key])
         return d
+
+
+# ----------------------------------------------------------------------------------------------
+# checkpoints
+# ----------------------------------------------------------------------------------------------
+_DEEP_SUPERVISION_KEYS = ("deep_supervision_heads.", "super_head.")
+
+
+def inference_state_dict(network: torch.nn.Module) -> dict[str, torch.Tensor]:
+    """State dict of ``network`` for the inference ``network_def`` (``deep_supervision: false``):
+    DDP/DataParallel ``module`` unwrapped, DynUNet deep-supervision heads dropped (they are only
+    used by the training loss, and TorchScript export fails with them)."""
+    net = getattr(network, "module", network)
+    return {k: v for k, v in net.state_dict().items() if not any(s in k for s in _DEEP_SUPERVISION_KEYS)}
+
+
+class InferenceWeights:
+    """``save_dict`` entry for MONAI ``CheckpointSaver``: saves :func:`inference_state_dict` (a plain
+    state dict that the inference config's network loads strictly)."""
+
+    def __init__(self, network: torch.nn.Module) -> None:
+        self.network = network
+
+    def state_dict(self) -> dict[str, torch.Tensor]:
+        return inference_state_dict(self.network)
+
+    def load_state_dict(self, state: Mapping[str, torch.Tensor]) -> None:
+        net = getattr(self.network, "module", self.network)
+        net.load_state_dict(state, strict=False)
