@@ -31,6 +31,8 @@ BUNDLE = REPO / "bundles" / "fine_organ_tumor"
 RULE_SETS: dict[str, dict] = {
     "none": dict(largest_organ_component=False),
     "largest_organ": dict(largest_organ_component=True),
+    "organ_components>=0.1xlargest": dict(largest_organ_component=True, organ_min_fraction_of_largest=0.1),
+    "organ_components>=0.3xlargest": dict(largest_organ_component=True, organ_min_fraction_of_largest=0.3),
     "largest_organ+lesion>=50mm3": dict(largest_organ_component=True, min_lesion_volume_mm3=50.0),
     "largest_organ+lesion>=200mm3": dict(largest_organ_component=True, min_lesion_volume_mm3=200.0),
     "largest_organ+lesion<=10mm_from_organ": dict(largest_organ_component=True, lesion_max_distance_mm=10.0),
@@ -43,7 +45,10 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--dataset_dir", required=True)
     ap.add_argument("--datalist", default=None, help="default: <dataset_dir>/datalist.json")
     ap.add_argument("--key", default="validation")
-    ap.add_argument("--model", required=True, help="fine network state dict")
+    ap.add_argument("--model", default=None, help="fine network state dict (source 'model')")
+    ap.add_argument("--source", default="model", choices=["model", "pseudo_A", "pseudo_B"],
+                    help="raw masks: the fine network's output, or the phantom's pseudo labels of the "
+                         "training cases scored against groundtruth/labelsTr (realistic organ errors)")
     ap.add_argument("--coarse_model", default=None, help="coarse state dict (default: no ROI stage)")
     ap.add_argument("--overrides", default="{}", help="JSON dict of inference.json overrides")
     ap.add_argument("--out_dir", default=str(REPO / "runs" / "postprocess_effect"))
@@ -55,17 +60,22 @@ def main(argv: list[str] | None = None) -> int:
     from monai.data import load_decathlon_datalist
 
     from abdoseg.cascade import load_state_dict_file
-    from abdoseg.io import load_nifti, voxel_spacing_mm
-    from abdoseg.labels import LESION_ID, ORGAN_IDS
-    from abdoseg.metrics import evaluate_case
-    from abdoseg.postprocess import postprocess_labels
+    from abdoseg.io import load_nifti
 
     torch.set_num_threads(args.threads)
+    datalist = args.datalist or str(Path(args.dataset_dir) / "datalist.json")
+    if args.source != "model":
+        items = load_decathlon_datalist(datalist, True, "training", base_dir=args.dataset_dir)
+        return _score(items, args, lambda it: load_nifti(it[args.source])[0],
+                      lambda it: str(Path(args.dataset_dir) / "groundtruth" / "labelsTr" / Path(it["label"]).name))
+    if not args.model:
+        ap.error("--model is required with --source model")
     parser = ConfigParser()
     parser.read_config(str(BUNDLE / "configs" / "inference.json"))
     parser.update({"bundle_root": str(BUNDLE), "device": "cpu", **json.loads(args.overrides)})
     net = parser.get_parsed_content("network")
-    net.load_state_dict(load_state_dict_file(args.model))
+    sd = load_state_dict_file(args.model)  # older checkpoints may still hold deep-supervision heads
+    net.load_state_dict({k: v for k, v in sd.items() if "deep_supervision_heads." not in k and "super_head." not in k})
     net.eval()
     inferer = parser.get_parsed_content("inferer")
     if args.coarse_model:
@@ -76,13 +86,21 @@ def main(argv: list[str] | None = None) -> int:
     segment = parser.get_parsed_content("segment")
     segment.inferer, segment.network, segment.postprocessing = inferer, net, None
 
-    datalist = args.datalist or str(Path(args.dataset_dir) / "datalist.json")
     items = load_decathlon_datalist(datalist, True, args.key, base_dir=args.dataset_dir)
+    return _score(items, args, lambda it: segment({"image": it["image"]})[0], lambda it: it["label"])
+
+
+def _score(items, args, raw_fn, gt_path_fn) -> int:
+    from abdoseg.io import load_nifti, voxel_spacing_mm
+    from abdoseg.labels import LESION_ID, ORGAN_IDS
+    from abdoseg.metrics import evaluate_case
+    from abdoseg.postprocess import postprocess_labels
+
     scores: dict[str, list[dict]] = {k: [] for k in RULE_SETS}
     t0 = time.perf_counter()
     for it in items:
-        raw, _ = segment({"image": it["image"]})
-        gt, _, hdr = load_nifti(it["label"])
+        raw = np.asarray(raw_fn(it))
+        gt, _, hdr = load_nifti(gt_path_fn(it))
         spacing = voxel_spacing_mm(hdr)
         for name, rules in RULE_SETS.items():
             pred = postprocess_labels(raw, spacing, **rules)
@@ -100,9 +118,9 @@ def main(argv: list[str] | None = None) -> int:
                        "rules": RULE_SETS[name]}
     out = Path(args.out_dir)
     out.mkdir(parents=True, exist_ok=True)
-    (out / "postprocess_effect.json").write_text(json.dumps({"cases": len(items), "key": args.key,
-                                                             "table": table}, indent=2) + "\n")
-    print(f"{'rules':<40} organ DSC  organ NSD  lesion DSC  lesion NSD   ({len(items)} cases)")
+    (out / f"postprocess_effect_{args.source}.json").write_text(
+        json.dumps({"cases": len(items), "source": args.source, "table": table}, indent=2) + "\n")
+    print(f"{'rules':<40} organ DSC  organ NSD  lesion DSC  lesion NSD   ({len(items)} cases, {args.source})")
     for name, r in table.items():
         print(f"{name:<40} {r['organ_dsc']:9.4f}  {r['organ_nsd']:9.4f}  {r['lesion_dsc']:10.4f}  {r['lesion_nsd']:10.4f}")
     return 0

@@ -76,3 +76,14 @@ def test_transform_keeps_meta_and_shape():
     assert isinstance(out, MetaTensor) and tuple(out.shape) == (1, *lab.shape) and out.dtype == torch.uint8
     np.testing.assert_array_equal(out[0].numpy(), postprocess_labels(lab, (2, 2, 2), min_lesion_volume_mm3=10.0))
     assert torch.equal(out.affine, aff)
+
+
+def test_keep_components_above_fraction_of_largest():
+    lab = np.zeros((20, 10, 4), np.uint8)
+    lab[0:8, 0:5, 0:2] = 1    # 80 voxels
+    lab[12:16, 0:5, 0:2] = 1  # 40 voxels
+    lab[18:19, 8:9, 3:4] = 1  # 1 voxel
+    out = keep_largest_organ_components(lab, min_fraction_of_largest=0.5)
+    assert (out[12:16, 0:5, 0:2] == 1).all() and out[18, 8, 3] == 0
+    out = keep_largest_organ_components(lab, min_fraction_of_largest=0.51)
+    assert (out[12:16] == 0).all() and (out[0:8, 0:5, 0:2] == 1).all()

@@ -49,8 +49,10 @@ def _bbox_slices(mask: np.ndarray) -> tuple[slice, ...] | None:
 
 
 def keep_largest_organ_components(labels: np.ndarray, organ_ids: Sequence[int] = ORGAN_IDS,
-                                  connectivity: int = 26) -> np.ndarray:
-    """Keep, for each class in ``organ_ids``, only its largest connected component.
+                                  connectivity: int = 26, min_fraction_of_largest: float = 1.0) -> np.ndarray:
+    """Keep, for each class in ``organ_ids``, its largest connected component, plus any other
+    component with at least ``min_fraction_of_largest`` x the largest one's voxels (1.0: the
+    largest only, as in the seeds; e.g. 0.1 keeps an organ split in two large pieces).
 
     One multi-label ``cc3d.connected_components`` pass labels all classes at once (components
     never merge across classes); voxel counts per component come from ``fastremap.unique``.
@@ -65,7 +67,7 @@ def keep_largest_organ_components(labels: np.ndarray, organ_ids: Sequence[int] =
     sub = np.where(organ_mask[box], labels[box], 0)
     cc = cc3d.connected_components(sub, connectivity=connectivity)
     comp_ids, counts = fastremap.unique(cc, return_counts=True)
-    keep_comp: dict[int, tuple[int, int]] = {}  # class -> (count, comp id)
+    keep_comp: dict[int, tuple[int, int]] = {}  # class -> (count, comp id) of the largest
     # class of each component: read one voxel per component
     flat_cc = cc.ravel()
     flat_lab = sub.ravel()
@@ -81,6 +83,9 @@ def keep_largest_organ_components(labels: np.ndarray, organ_ids: Sequence[int] =
         if cls not in keep_comp or n > keep_comp[cls][0]:
             keep_comp[cls] = (n, cid)
     keep_ids = [cid for _, cid in keep_comp.values()]
+    if min_fraction_of_largest < 1.0:
+        keep_ids += [cid for cid, n in zip(comp_ids.tolist(), counts.tolist())
+                     if cid != 0 and cid not in keep_ids and n >= min_fraction_of_largest * keep_comp[first[cid]][0]]
     kept = np.isin(cc, keep_ids)
     out = labels.copy()
     region = out[box]
@@ -143,12 +148,12 @@ def drop_lesions_far_from_organs(labels: np.ndarray, spacing_mm: Sequence[float]
 
 
 def postprocess_labels(labels: np.ndarray, spacing_mm: Sequence[float], *, largest_organ_component: bool = True,
-                       min_lesion_volume_mm3: float = 0.0, lesion_max_distance_mm: float | None = None,
+                       organ_min_fraction_of_largest: float = 1.0, min_lesion_volume_mm3: float = 0.0, lesion_max_distance_mm: float | None = None,
                        organ_ids: Sequence[int] = ORGAN_IDS, lesion_id: int = LESION_ID) -> np.ndarray:
     """Apply the rules in order: largest organ components, small-lesion removal, distant-lesion removal."""
     out = np.asarray(labels)
     if largest_organ_component:
-        out = keep_largest_organ_components(out, organ_ids)
+        out = keep_largest_organ_components(out, organ_ids, min_fraction_of_largest=organ_min_fraction_of_largest)
     if min_lesion_volume_mm3 > 0:
         out = remove_small_lesions(out, spacing_mm, min_lesion_volume_mm3, lesion_id)
     if lesion_max_distance_mm is not None:
@@ -165,11 +170,12 @@ class FlarePostprocessd(MapTransform):
     """
 
     def __init__(self, keys: KeysCollection, largest_organ_component: bool = True,
-                 min_lesion_volume_mm3: float = 0.0, lesion_max_distance_mm: float | None = None,
+                 organ_min_fraction_of_largest: float = 1.0, min_lesion_volume_mm3: float = 0.0, lesion_max_distance_mm: float | None = None,
                  spacing_mm: Sequence[float] | None = None, organ_ids: Sequence[int] = ORGAN_IDS,
                  lesion_id: int = LESION_ID, allow_missing_keys: bool = False) -> None:
         super().__init__(keys, allow_missing_keys)
         self.kwargs = dict(largest_organ_component=bool(largest_organ_component),
+                           organ_min_fraction_of_largest=float(organ_min_fraction_of_largest),
                            min_lesion_volume_mm3=float(min_lesion_volume_mm3),
                            lesion_max_distance_mm=None if lesion_max_distance_mm is None else float(lesion_max_distance_mm),
                            organ_ids=tuple(int(c) for c in organ_ids), lesion_id=int(lesion_id))
