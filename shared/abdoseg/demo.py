@@ -50,9 +50,9 @@ def _copy_bundles(out: Path) -> dict[str, Path]:
     dst = {}
     for name in BUNDLES:
         target = out / "bundles" / name
-        if not target.exists():
-            shutil.copytree(REPO_ROOT / "bundles" / name, target,
-                            ignore=shutil.ignore_patterns("eval", "*.pt", "*.ts", "*.onnx", "__pycache__"))
+        # configs/docs are refreshed from the repository on every run; trained weights stay
+        shutil.copytree(REPO_ROOT / "bundles" / name, target, dirs_exist_ok=True,
+                        ignore=shutil.ignore_patterns("eval", "*.pt", "*.ts", "*.onnx", "__pycache__"))
         (target / "models").mkdir(exist_ok=True)
         dst[name] = target
     return dst
