@@ -175,6 +175,26 @@ def _network_divisor(network: Any, default: int = 16) -> tuple[int, int, int]:
     return tuple(div)  # type: ignore[return-value]
 
 
+def _n_windows(size: int, window: int, overlap: float) -> int:
+    """Windows MONAI's sliding_window_inference places along an axis (same formula)."""
+    if size <= window:
+        return 1
+    interval = max(1, int(window * (1 - overlap)))
+    return int(math.ceil((size - window) / interval)) + 1
+
+
+def _tight_window(size: int, roi: int, divisor: int, overlap: float) -> int:
+    """Smallest window (multiple of ``divisor``, at most ``roi``) that tiles ``size`` with no more
+    windows than ``roi`` would: e.g. 200 voxels with roi 192 -> 2 windows of 128, not 2 of 192.
+    Never larger than the divisor-padded size (a thin axis is not padded up to the window)."""
+    roi = max(divisor, (roi // divisor) * divisor)
+    target = _n_windows(size, roi, overlap)
+    for w in range(divisor, roi + 1, divisor):
+        if _n_windows(size, w, overlap) <= target:
+            return w
+    return roi
+
+
 def _first_output(out: Any) -> torch.Tensor:
     if isinstance(out, (list, tuple)):
         return out[0]
@@ -303,7 +323,7 @@ class CascadeInferer(Inferer):
                 # windows never larger than the (divisor-padded) input along an axis: a thin axis
                 # is not padded up to the full window
                 div = _network_divisor(network)
-                window_size = [min(int(r), int(math.ceil(s / d) * d)) for r, s, d in zip(roi_size, spatial, div)]
+                window_size = [_tight_window(s, int(r), d, self.sw_overlap) for r, s, d in zip(roi_size, spatial, div)]
                 out = sliding_window_inference(
                     x, roi_size=window_size, sw_batch_size=self.sw_batch_size,
                     predictor=lambda t: _first_output(network(t)), overlap=self.sw_overlap,
