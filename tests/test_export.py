@@ -125,6 +125,13 @@ def test_bad_inputs(tmp_path):
     (b / "models" / "coarse_model.pt").unlink()
     with pytest.raises(InputError, match="coarse_model.pt: checkpoint of coarse_network_def not found"):
         export(str(b), runner="inprocess")
+    torch.save({}, str(b / "models" / "coarse_model.pt"))
+    meta_path = b / "configs" / "metadata.json"
+    meta = json.loads(meta_path.read_text())
+    meta["coarse_data_format"]["outputs"]["pred"]["num_channels"] = 3
+    meta_path.write_text(json.dumps(meta))
+    with pytest.raises(InputError, match="coarse_data_format.outputs.pred.num_channels is 3 but coarse_network_def"):
+        bundle_networks(b)
     with pytest.raises(ValueError, match="formats"):
         export(str(b), formats="tensorrt")
     with pytest.raises(InputError, match="ONNX model not found"):

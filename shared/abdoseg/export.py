@@ -101,6 +101,19 @@ def _strides_of(net: Any) -> list[list[int]]:
     return [[int(s)] * 3 if isinstance(s, int) else [int(v) for v in s] for s in strides]
 
 
+def _check_data_format(bundle: Path, meta: dict, key: str, net_id: str, net: Any) -> None:
+    """The channel counts ``metadata.json`` declares for ``net_id`` (under ``key``) must be the network's."""
+    fmt = meta.get(key)
+    if not isinstance(fmt, dict):
+        return
+    for side, io_key, attr in (("inputs", "image", "in_channels"), ("outputs", "pred", "out_channels")):
+        declared = fmt.get(side, {}).get(io_key, {}).get("num_channels")
+        actual = getattr(net, attr, None)
+        if declared is not None and actual is not None and int(declared) != int(actual):
+            raise InputError(bundle / "configs" / "metadata.json",
+                             f"{key}.{side}.{io_key}.num_channels is {declared} but {net_id} has {attr}={actual}")
+
+
 def bundle_networks(bundle_dir: str | os.PathLike) -> list[NetSpec]:
     """The networks of ``bundle_dir/configs/inference.json`` to export (see module docstring).
 
@@ -111,9 +124,9 @@ def bundle_networks(bundle_dir: str | os.PathLike) -> list[NetSpec]:
     parser = _parser(bundle)
     cfg = parser.get()
     specs: list[NetSpec] = []
-    for net_id, stem, ckpt_id, default_ckpt in (("network_def", "model", None, "models/model.pt"),
-                                                ("coarse_network_def", "coarse_model", "coarse_checkpoint",
-                                                 "models/coarse_model.pt")):
+    for net_id, stem, ckpt_id, default_ckpt, fmt_key in (
+            ("network_def", "model", None, "models/model.pt", "network_data_format"),
+            ("coarse_network_def", "coarse_model", "coarse_checkpoint", "models/coarse_model.pt", "coarse_data_format")):
         if net_id not in cfg:
             continue
         ckpt = bundle / default_ckpt
@@ -122,6 +135,7 @@ def bundle_networks(bundle_dir: str | os.PathLike) -> list[NetSpec]:
         if not ckpt.is_file():
             raise InputError(ckpt, f"checkpoint of {net_id} not found (train the bundle or copy the weights first)")
         net = parser.get_parsed_content(net_id, instantiate=True)
+        _check_data_format(bundle, cfg.get("_meta_", {}), fmt_key, net_id, net)
         strides = _strides_of(net)
         divisor = tuple(int(np.prod([s[d] for s in strides])) for d in range(3))
         specs.append(NetSpec(net_id=net_id, stem=stem, checkpoint=ckpt.resolve(),
