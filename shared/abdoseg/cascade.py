@@ -140,27 +140,34 @@ def resample_scores_to_labels(scores: torch.Tensor, out_shape: Sequence[int],
                               slab_elements: int = _SLAB_ELEMENTS) -> torch.Tensor:
     """Trilinear-resample class scores ``(C, X, Y, Z)`` to ``out_shape`` and argmax -> uint8 labels.
 
-    Works slab by slab along Z (linear along Z by hand, bilinear in X/Y with ``F.interpolate``),
-    which is exactly separable trilinear interpolation with ``align_corners=False``, while keeping
-    at most ``slab_elements`` float32 values of full-resolution scores alive.
+    Separable trilinear interpolation (``align_corners=False``, as ``F.interpolate``): each needed
+    fine Z-slice is upsampled in X/Y once (bilinear) and cached, then output slices are linear
+    blends of two cached planes; work proceeds in Z slabs, so full-resolution scores never exist
+    for more than ``slab_elements`` values at a time.
     """
     c, xi, yi, zi = scores.shape
     xo, yo, zo = (int(v) for v in out_shape)
     if (xi, yi, zi) == (xo, yo, zo):
         return scores.argmax(0).to(torch.uint8)
-    out = torch.empty((xo, yo, zo), dtype=torch.uint8, device=scores.device)
+    planes_in = scores.permute(3, 0, 1, 2).float().contiguous()  # (Zi, C, Xi, Yi)
+    out = torch.empty((zo, xo, yo), dtype=torch.uint8, device=scores.device)
     slab = max(1, min(zo, slab_elements // max(1, c * xo * yo)))
+    cache: dict[int, torch.Tensor] = {}
     for z0 in range(0, zo, slab):
         z1 = min(zo, z0 + slab)
         i0, i1, w = _linear_source(zo, zi, z0, z1, scores.device)
-        a = scores.index_select(3, i0).float()
-        b = scores.index_select(3, i1).float()
-        zlin = torch.lerp(a, b, w.view(1, 1, 1, -1))  # (C, Xi, Yi, n)
-        planes = zlin.permute(3, 0, 1, 2)  # (n, C, Xi, Yi)
-        if (xi, yi) != (xo, yo):
-            planes = F.interpolate(planes, size=(xo, yo), mode="bilinear", align_corners=False)
-        out[:, :, z0:z1] = planes.argmax(1).permute(1, 2, 0).to(torch.uint8)
-    return out
+        need = sorted(set(i0.tolist()) | set(i1.tolist()))
+        cache = {k: v for k, v in cache.items() if k in need}
+        missing = [k for k in need if k not in cache]
+        if missing:
+            up = planes_in[missing]
+            if (xi, yi) != (xo, yo):
+                up = F.interpolate(up, size=(xo, yo), mode="bilinear", align_corners=False)
+            cache.update({k: up[j] for j, k in enumerate(missing)})
+        for j, (a, b, wj) in enumerate(zip(i0.tolist(), i1.tolist(), w.tolist())):
+            blended = cache[a] if (a == b or wj == 0.0) else torch.lerp(cache[a], cache[b], wj)
+            out[z0 + j] = blended.argmax(0).to(torch.uint8)
+    return out.permute(1, 2, 0)
 
 
 def _network_divisor(network: Any, default: int = 16) -> tuple[int, int, int]:

@@ -60,37 +60,41 @@ def keep_largest_organ_components(labels: np.ndarray, organ_ids: Sequence[int] =
     """
     labels = np.asarray(labels)
     organ_ids = [int(c) for c in organ_ids]
-    organ_mask = np.isin(labels, organ_ids)
+    organ_mask = _class_mask(labels, organ_ids)
     box = _bbox_slices(organ_mask)
     if box is None:
         return labels.copy()
-    sub = np.where(organ_mask[box], labels[box], 0)
+    sub = np.ascontiguousarray(np.where(organ_mask[box], labels[box], 0))
     cc = cc3d.connected_components(sub, connectivity=connectivity)
     comp_ids, counts = fastremap.unique(cc, return_counts=True)
-    keep_comp: dict[int, tuple[int, int]] = {}  # class -> (count, comp id) of the largest
-    # class of each component: read one voxel per component
-    flat_cc = cc.ravel()
-    flat_lab = sub.ravel()
-    first = {}
-    nz = np.flatnonzero(flat_cc)
-    comps_at, idx = np.unique(flat_cc[nz], return_index=True)
-    for cid, i in zip(comps_at.tolist(), idx.tolist()):
-        first[cid] = int(flat_lab[nz[i]])
+    comp_class = fastremap.component_map(cc, sub)  # component id -> its class
+    largest: dict[int, tuple[int, int]] = {}  # class -> (voxel count, component id)
     for cid, n in zip(comp_ids.tolist(), counts.tolist()):
         if cid == 0:
             continue
-        cls = first[cid]
-        if cls not in keep_comp or n > keep_comp[cls][0]:
-            keep_comp[cls] = (n, cid)
-    keep_ids = [cid for _, cid in keep_comp.values()]
+        cls = int(comp_class[cid])
+        if cls not in largest or n > largest[cls][0]:
+            largest[cls] = (n, cid)
+    keep_ids = {cid for _, cid in largest.values()}
     if min_fraction_of_largest < 1.0:
-        keep_ids += [cid for cid, n in zip(comp_ids.tolist(), counts.tolist())
-                     if cid != 0 and cid not in keep_ids and n >= min_fraction_of_largest * keep_comp[first[cid]][0]]
-    kept = np.isin(cc, keep_ids)
+        keep_ids |= {cid for cid, n in zip(comp_ids.tolist(), counts.tolist())
+                     if cid != 0 and n >= min_fraction_of_largest * largest[int(comp_class[cid])][0]}
+    drop_ids = [cid for cid in comp_ids.tolist() if cid != 0 and cid not in keep_ids]
     out = labels.copy()
-    region = out[box]
-    region[organ_mask[box] & ~kept] = 0
+    if drop_ids:
+        dropped = fastremap.mask_except(cc, drop_ids, in_place=True) != 0
+        out[box][dropped] = 0
     return out
+
+
+def _class_mask(labels: np.ndarray, class_ids: Sequence[int]) -> np.ndarray:
+    """Boolean mask of voxels whose class is in ``class_ids`` (lookup table for small int types)."""
+    if labels.dtype in (np.uint8, np.int8, np.uint16, np.int16) and len(class_ids):
+        lut = np.zeros(1 << (8 * labels.dtype.itemsize), bool)
+        offset = 1 << (8 * labels.dtype.itemsize - 1) if labels.dtype.kind == "i" else 0
+        lut[np.asarray(class_ids, dtype=np.int64) + offset] = True
+        return lut[labels.astype(np.int64) + offset] if offset else lut[labels]
+    return np.isin(labels, [int(c) for c in class_ids])
 
 
 def remove_small_lesions(labels: np.ndarray, spacing_mm: Sequence[float], min_volume_mm3: float,
