@@ -155,6 +155,8 @@ def worker(args: argparse.Namespace) -> None:
         weights = "coarse_model.pt"
     else:
         inferer.coarse_network = _oracle_coarse(inferer.coarse_network, args.label, inferer.coarse_spacing_mm)
+        # the oracle can only answer a whole-volume pass (sliding-window patches carry no position)
+        inferer.coarse_roi_size = tuple(max(int(r), 160) for r in inferer.coarse_roi_size)
         inferer.coarse_checkpoint = None
         inferer._coarse_loaded = True
         weights = "oracle ROI"
