@@ -130,6 +130,34 @@ def run_arm(arm: str, work: Path, data: Path, coarse_ckpt: Path, datalist: Path,
     return row
 
 
+def label_quality(arm: str, work: Path, data: Path, datalist: Path, train_key: str) -> dict[str, Any]:
+    """FLARE23 DSC/NSD of the labels an arm trains on against the phantoms' hidden full truth.
+
+    Every ``train_key`` item's ``label`` is scored (all 14 classes) against
+    ``groundtruth/labelsTr`` or ``groundtruth/unlabeledTr``; unannotated classes of a partial
+    label count as background, as arm a trains on them (arm b's loss ignores them instead).
+    Folders of symbolic links ``<work>/label_quality/<arm>/{labels,truth}`` feed
+    :func:`abdoseg.evaluate.evaluate`; its summary is returned (cached in ``summary.json``).
+    """
+    qdir = work / "label_quality" / arm
+    if (qdir / "evaluation" / "summary.json").is_file():
+        return json.loads((qdir / "evaluation" / "summary.json").read_text())
+    items = json.loads(datalist.read_text())[train_key]
+    for sub in ("labels", "truth"):
+        shutil.rmtree(qdir / sub, ignore_errors=True)
+        (qdir / sub).mkdir(parents=True)
+    for it in items:
+        label = data / it["label"]
+        case = label.name[: -len(".nii.gz")]
+        truth = [t for t in (data / "groundtruth" / "labelsTr" / f"{case}.nii.gz",
+                             data / "groundtruth" / "unlabeledTr" / f"{case}.nii.gz") if t.is_file()]
+        if not truth:
+            raise FileNotFoundError(f"{data / 'groundtruth'}: no hidden truth for {case}")
+        (qdir / "labels" / f"{case}.nii.gz").symlink_to(label)
+        (qdir / "truth" / f"{case}.nii.gz").symlink_to(truth[0])
+    return evaluate(str(qdir / "labels"), str(qdir / "truth"), str(qdir / "evaluation"))
+
+
 def _fmt(x: float | None) -> str:
     return "-" if x is None else f"{x:.3f}"
 
@@ -142,11 +170,20 @@ def results_markdown(rows: list[dict[str, Any]], args: argparse.Namespace, timin
         lines.append(f"| {r['arm']} | {r['method']} | `{r['datalist']}` [{r['train_key']}] | {r['label_mode']} | "
                      f"{r['n_train']} | {_fmt(r['organ_dsc'])} | {_fmt(r['organ_nsd'])} | {_fmt(r['lesion_dsc'])} | "
                      f"{_fmt(r['lesion_nsd'])} | {r['train_s']:.0f} |")
+    lines += ["", "Training labels of each arm against the phantoms' hidden full truth (`groundtruth/`), "
+              "all classes scored, unannotated = background:", "",
+              "| arm | cases | organ DSC | organ NSD | lesion DSC | lesion NSD |", "|---|---:|---:|---:|---:|---:|"]
+    for r in rows:
+        q = r.get("label_quality")
+        if q:
+            lines.append(f"| {r['arm']} | {r['n_train']} | {_fmt(q['organ_dsc'])} | {_fmt(q['organ_nsd'])} | "
+                         f"{_fmt(q['lesion_dsc'])} | {_fmt(q['lesion_nsd'])} |")
     shared = ", ".join(f"{k} {v:.0f} s" for k, v in timings.items())
     lines += ["", f"Final-model budget (all arms): {args.fine_epochs} epochs, seed {args.seed}, overrides "
               f"`{json.dumps(args.train_overrides)}`; teacher: {args.teacher_epochs} epochs per round; "
               f"selection in round 2 of arm e: keep_fraction={args.keep_fraction}, threshold={args.threshold}.",
-              f"Shared steps: {shared}. Wall time of this invocation: {wall_s:.0f} s."]
+              f"Shared steps: {shared}. Wall time of this invocation: {wall_s:.0f} s "
+              "(a resumed invocation counts only what it redid)."]
     return "\n".join(lines) + "\n"
 
 
@@ -230,6 +267,10 @@ def main(argv: list[str] | None = None) -> int:
              "d": (rounds_dir / "round_1" / "datalist.json", "training", "full"),
              "e": (rounds_dir / "round_2" / "datalist.json", "training", "full")}
     rows = [run_arm(a, work, data, coarse_model, *plans[a], args) for a in arms]
+    for r in rows:
+        dl, key, _ = plans[r["arm"]]
+        q = label_quality(r["arm"], work, data, dl, key)
+        r["label_quality"] = {k: q[k] for k in ("organ_dsc", "organ_nsd", "lesion_dsc", "lesion_nsd")}
     wall = time.perf_counter() - t_start
     md = results_markdown(rows, args, steps.timings, wall)
     with atomic_path(work / "results.md") as tmp:
