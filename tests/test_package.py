@@ -50,6 +50,7 @@ def bundle_copy(dst: Path, with_weights: bool = True) -> Path:
     (b / "eval" / "CASE.nii.gz").write_bytes(b"old prediction")
     (b / "configs" / "__pycache__").mkdir(exist_ok=True)
     (b / "configs" / "__pycache__" / "x.pyc").write_bytes(b"\0")
+    (b / "models").mkdir(exist_ok=True)  # a clean clone has no models/ folder content
     (b / "models" / "checkpoint_epoch=3.pt").write_bytes(b"training leftover")
     (b / "persistent_cache").mkdir(exist_ok=True)
     (b / "persistent_cache" / "a.pt").write_bytes(b"cache")
