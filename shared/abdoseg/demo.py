@@ -121,7 +121,7 @@ def write_report(out: Path, summary: dict, pred_dir: Path, data_dir: Path, timin
 
 def demo(out_dir: str = "runs/demo", seed: int = 0, preset: str = "small", n_labeled: int | None = None,
          n_unlabeled: int | None = None, n_val: int | None = None, coarse_epochs: int = 30,
-         teacher_epochs: int = 30, fine_epochs: int = 25, rule: str = "seed003",
+         teacher_epochs: int = 40, fine_epochs: int = 50, rule: str = "seed003",
          fine_spacing_mm: tuple[float, float, float] | None = None) -> str:
     """Run the whole pipeline on phantoms; returns the path of ``report.md``.
 
