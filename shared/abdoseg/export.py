@@ -82,18 +82,9 @@ class NetSpec:
 # bundle inspection
 # ----------------------------------------------------------------------------------------------
 def _parser(bundle_dir: Path, config: str = "configs/inference.json"):
-    from monai.bundle import ConfigParser
+    from abdoseg.bundle_config import load_bundle_config
 
-    cfg = bundle_dir / config
-    if not cfg.is_file():
-        raise InputError(cfg, "bundle config not found")
-    parser = ConfigParser()
-    parser.read_config(str(cfg))
-    meta = bundle_dir / "configs" / "metadata.json"
-    if meta.is_file():
-        parser.read_meta(str(meta))
-    parser["bundle_root"] = str(bundle_dir)
-    return parser
+    return load_bundle_config(bundle_dir, config)
 
 
 def _strides_of(net: Any) -> list[list[int]]:

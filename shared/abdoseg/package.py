@@ -83,12 +83,10 @@ def _check_state_dict(path: Path) -> dict:
 
 def _check_network_weights(bundle: Path, weights: Path) -> None:
     """``weights`` must load strictly into ``network_def`` of the bundle's inference.json."""
-    from monai.bundle import ConfigParser
+    from abdoseg.bundle_config import load_bundle_config
 
     sd = _check_state_dict(weights)
-    parser = ConfigParser()
-    parser.read_config(str(bundle / "configs" / "inference.json"))
-    parser["bundle_root"] = str(bundle)
+    parser = load_bundle_config(bundle)
     net = parser.get_parsed_content("network_def", instantiate=True)
     try:
         net.load_state_dict(sd, strict=True)

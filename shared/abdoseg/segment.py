@@ -241,8 +241,8 @@ def load_cascade(bundle_dir: str | os.PathLike = DEFAULT_BUNDLE, device: str = "
     """The bundle's cascade as a :class:`abdoseg.cascade.CascadeSegmenter` on ``device`` with its
     trained weights. Raises :class:`InputError` when the bundle or its weights are missing."""
     import torch
-    from monai.bundle import ConfigParser
 
+    from abdoseg.bundle_config import load_bundle_config
     from abdoseg.cascade import CascadeSegmenter, load_state_dict_file
 
     bundle = Path(bundle_dir)
@@ -251,12 +251,7 @@ def load_cascade(bundle_dir: str | os.PathLike = DEFAULT_BUNDLE, device: str = "
         raise InputError(bundle, "not a bundle folder (configs/inference.json missing); pass --bundle_dir "
                                  "<path to fine_organ_tumor>")
     dev = resolve_device(device)
-    parser = ConfigParser()
-    parser.read_config(str(config))
-    meta = bundle / "configs" / "metadata.json"
-    if meta.is_file():
-        parser.read_meta(str(meta))
-    parser["bundle_root"] = str(bundle)
+    parser = load_bundle_config(bundle)
     parser["device"] = f"$torch.device({dev!r})"
     missing = [f for f in bundle_weight_files(bundle, parser) if not f.is_file()]
     if missing:
