@@ -138,13 +138,15 @@ def worker(args: argparse.Namespace) -> None:
     from abdoseg.io import save_nifti
 
     parser = ConfigParser()
-    parser.read_config(str(BUNDLE / "configs" / "inference.json"))
+    bundle = Path(args.bundle)
+    parser.read_config(str(bundle / "configs" / "inference.json"))
     device = "cuda:0" if torch.cuda.is_available() and not args.cpu else "cpu"
-    parser.update({"bundle_root": str(BUNDLE), "device": device, **json.loads(args.overrides)})
+    parser.update({"bundle_root": str(bundle), "device": device, **json.loads(args.overrides)})
     torch.manual_seed(0)
     net = parser.get_parsed_content("network")
-    fine_ckpt = BUNDLE / "models" / "model.pt"
-    if fine_ckpt.is_file():
+    fine_ckpt = bundle / "models" / "model.pt"
+    fine_weights = fine_ckpt.is_file()
+    if fine_weights:
         net.load_state_dict(load_state_dict_file(fine_ckpt, map_location=device))
     net.eval()
     inferer = parser.get_parsed_content("inferer")
@@ -178,6 +180,7 @@ def worker(args: argparse.Namespace) -> None:
         sampler.__exit__()
     res = {
         "case": Path(args.image).name, "pipeline": args.pipeline, "roi": weights, "device": device,
+        "fine_weights": "model.pt" if fine_weights else "random",
         "shape": list(mask.shape), "case_s": round(case_s, 2),
         "process_s": round(time.perf_counter() - t_process, 2),
         "peak_rss_mb": round(resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024, 1),
@@ -221,6 +224,10 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--cpu", action="store_true", help="force CPU even if CUDA is available")
     ap.add_argument("--skip_single", action="store_true", help="only time the cascade")
     ap.add_argument("--overrides", default="{}", help="JSON dict of inference.json overrides")
+    ap.add_argument("--bundle", default=str(BUNDLE),
+                    help="fine_organ_tumor bundle folder (its configs and models/*.pt), e.g. a trained demo copy")
+    ap.add_argument("--no_eval", action="store_true",
+                    help="skip scoring each pipeline's masks against the phantom truth (FLARE23 DSC/NSD)")
     # worker mode
     ap.add_argument("--worker", action="store_true", help=argparse.SUPPRESS)
     ap.add_argument("--pipeline", default="cascade", help=argparse.SUPPRESS)
@@ -241,7 +248,8 @@ def main(argv: list[str] | None = None) -> int:
         for pipe in pipelines:
             pred = out / f"pred_{pipe}" / img_p.name.replace("_0000", "")
             cmd = [sys.executable, __file__, "--worker", "--pipeline", pipe, "--image", str(img_p), "--label",
-                   str(lab_p), "--output", str(pred), "--threads", str(args.threads), "--overrides", args.overrides]
+                   str(lab_p), "--output", str(pred), "--threads", str(args.threads), "--overrides", args.overrides,
+                   "--bundle", str(args.bundle)]
             if args.cpu:
                 cmd.append("--cpu")
             t = time.perf_counter()
@@ -275,6 +283,21 @@ def main(argv: list[str] | None = None) -> int:
         ratios = [p["single"] / p["cascade"] for p in pairs.values() if "single" in p and "cascade" in p]
         summary["speedup_single_over_cascade_median"] = round(statistics.median(ratios), 2) if ratios else None
         summary["speedup_of_medians"] = round(summary["single"]["case_s"] / summary["cascade"]["case_s"], 2)
+    if not args.no_eval and results:
+        # accuracy of the very masks that were timed (not timed itself): "at equal or better DSC"
+        from abdoseg.evaluate import evaluate
+
+        gt_dir = out / "cases_gt_run"
+        gt_dir.mkdir(parents=True, exist_ok=True)
+        for old in gt_dir.iterdir():  # score only the cases of this run
+            old.unlink()
+        for _, lab_p in cases:
+            (gt_dir / lab_p.name).symlink_to(lab_p.resolve())
+        for pipe in pipelines:
+            if pipe in summary:
+                s = evaluate(str(out / f"pred_{pipe}"), str(gt_dir), str(out / f"eval_{pipe}"), workers=1)
+                summary[pipe].update(organ_dsc=s["organ_dsc"], organ_nsd=s["organ_nsd"],
+                                     lesion_dsc=s["lesion_dsc"], lesion_nsd=s["lesion_nsd"])
     out.mkdir(parents=True, exist_ok=True)
     (out / "bench_cascade.json").write_text(json.dumps(summary, indent=2) + "\n")
     print(json.dumps({k: v for k, v in summary.items() if k != "cases"}, indent=2))

@@ -1,7 +1,8 @@
 """Experiment: how to train the fine model when labels are partial (phantoms, CPU budget).
 
 Five arms, all scored on the same held-out validation phantoms (``labelsVal``, full truth) and
-all trained with the same final budget (same seed, epochs and train.json overrides):
+all trained with the same final budget (same seed, train.json overrides, and the same epochs or, with
+``--budget_cases``, the same number of iterations):
 
   a  naive       fine train.json, ``label_mode=full`` on the partial ``training`` labels
                  (unannotated classes count as background)
@@ -106,9 +107,10 @@ def run_arm(arm: str, work: Path, data: Path, coarse_ckpt: Path, datalist: Path,
     _log(f"arm {arm}: {ARMS[arm]}")
     fine = _copy_bundles(adir)["fine_organ_tumor"]
     shutil.copy2(coarse_ckpt, fine / "models" / "coarse_model.pt")
+    epochs = arm_epochs(args.fine_epochs, _n_items(datalist, train_key), args.budget_cases)
     t0 = time.perf_counter()
     _run_bundle(fine, "train.json", "run", dataset_dir=str(data), datalist=str(datalist), train_key=train_key,
-                label_mode=label_mode, max_epochs=args.fine_epochs, val_interval=args.fine_epochs + 1,
+                label_mode=label_mode, max_epochs=epochs, val_interval=epochs + 1,
                 seed=args.seed, **args.train_overrides)
     t_train = time.perf_counter() - t0
     models = fine / "models"
@@ -123,11 +125,20 @@ def run_arm(arm: str, work: Path, data: Path, coarse_ckpt: Path, datalist: Path,
         summary = json.loads((adir / "evaluation" / "summary.json").read_text())
     row = {"arm": arm, "method": ARMS[arm], "datalist": str(datalist.relative_to(work)) if datalist.is_relative_to(work)
            else str(datalist), "train_key": train_key, "label_mode": label_mode,
-           "n_train": _n_items(datalist, train_key), "organ_dsc": summary["organ_dsc"], "organ_nsd": summary["organ_nsd"],
+           "n_train": _n_items(datalist, train_key), "epochs": epochs, "organ_dsc": summary["organ_dsc"], "organ_nsd": summary["organ_nsd"],
            "lesion_dsc": summary["lesion_dsc"], "lesion_nsd": summary["lesion_nsd"],
            "train_s": round(t_train, 1), "segment_s": round(t_seg, 1)}
     save_json(row, adir / DONE)
     return row
+
+
+def arm_epochs(fine_epochs: int, n_train: int, budget_cases: int | None) -> int:
+    """Epochs of an arm's final model: ``fine_epochs``, or, with ``budget_cases``, the epochs that give
+    every arm the same number of training iterations (``fine_epochs * budget_cases`` case-visits),
+    so an arm with more training cases does not also get more gradient steps."""
+    if not budget_cases:
+        return fine_epochs
+    return max(1, round(fine_epochs * budget_cases / max(1, n_train)))
 
 
 def label_quality(arm: str, work: Path, data: Path, datalist: Path, train_key: str) -> dict[str, Any]:
@@ -164,11 +175,11 @@ def _fmt(x: float | None) -> str:
 
 def results_markdown(rows: list[dict[str, Any]], args: argparse.Namespace, timings: dict[str, float],
                      wall_s: float) -> str:
-    lines = ["| arm | method | final training data | label_mode | cases | organ DSC | organ NSD | lesion DSC | lesion NSD | train s |",
-             "|---|---|---|---|---:|---:|---:|---:|---:|---:|"]
+    lines = ["| arm | method | final training data | label_mode | cases | epochs | organ DSC | organ NSD | lesion DSC | lesion NSD | train s |",
+             "|---|---|---|---|---:|---:|---:|---:|---:|---:|---:|"]
     for r in rows:
         lines.append(f"| {r['arm']} | {r['method']} | `{r['datalist']}` [{r['train_key']}] | {r['label_mode']} | "
-                     f"{r['n_train']} | {_fmt(r['organ_dsc'])} | {_fmt(r['organ_nsd'])} | {_fmt(r['lesion_dsc'])} | "
+                     f"{r['n_train']} | {r.get('epochs', '-')} | {_fmt(r['organ_dsc'])} | {_fmt(r['organ_nsd'])} | {_fmt(r['lesion_dsc'])} | "
                      f"{_fmt(r['lesion_nsd'])} | {r['train_s']:.0f} |")
     lines += ["", "Training labels of each arm against the phantoms' hidden full truth (`groundtruth/`), "
               "all classes scored, unannotated = background:", "",
@@ -179,7 +190,9 @@ def results_markdown(rows: list[dict[str, Any]], args: argparse.Namespace, timin
             lines.append(f"| {r['arm']} | {r['n_train']} | {_fmt(q['organ_dsc'])} | {_fmt(q['organ_nsd'])} | "
                          f"{_fmt(q['lesion_dsc'])} | {_fmt(q['lesion_nsd'])} |")
     shared = ", ".join(f"{k} {v:.0f} s" for k, v in timings.items())
-    lines += ["", f"Final-model budget (all arms): {args.fine_epochs} epochs, seed {args.seed}, overrides "
+    budget = (f"{args.fine_epochs} x {args.budget_cases} case-visits (epochs scaled per arm)" if args.budget_cases
+              else f"{args.fine_epochs} epochs")
+    lines += ["", f"Final-model budget (all arms): {budget}, seed {args.seed}, overrides "
               f"`{json.dumps(args.train_overrides)}`; teacher: {args.teacher_epochs} epochs per round; "
               f"selection in round 2 of arm e: keep_fraction={args.keep_fraction}, threshold={args.threshold}.",
               f"Shared steps: {shared}. Wall time of this invocation: {wall_s:.0f} s "
@@ -201,6 +214,9 @@ def main(argv: list[str] | None = None) -> int:
                         "validation phantoms)")
     p.add_argument("--teacher_epochs", type=int, default=3, help="teacher epochs per round (rounds 1 and 2)")
     p.add_argument("--fine_epochs", type=int, default=3, help="final fine model epochs, identical for every arm")
+    p.add_argument("--budget_cases", type=int, default=None,
+                   help="equal iterations: every arm gets fine_epochs * budget_cases case-visits (epochs scaled by "
+                        "its number of training cases); default: equal epochs")
     p.add_argument("--keep_fraction", type=float, default=0.75, help="arm e, round 2 selection")
     p.add_argument("--threshold", type=float, default=None, help="arm e, round 2 selection")
     p.add_argument("--train_overrides", type=json.loads,

@@ -136,23 +136,33 @@ def _linear_source(n_out: int, n_in: int, start: int, stop: int, device: torch.d
     return i0, i1, w
 
 
+def _argmax_classes(scores: torch.Tensor) -> torch.Tensor:
+    """uint8 argmax over dim 0 (``max(0).indices``: first maximum on ties, as ``argmax``, and
+    several times faster than ``argmax(0)`` on CPU for (C, X, Y) planes)."""
+    return scores.max(0).indices.to(torch.uint8)
+
+
 def resample_scores_to_labels(scores: torch.Tensor, out_shape: Sequence[int],
                               slab_elements: int = _SLAB_ELEMENTS) -> torch.Tensor:
     """Trilinear-resample class scores ``(C, X, Y, Z)`` to ``out_shape`` and argmax -> uint8 labels.
 
-    Separable trilinear interpolation (``align_corners=False``, as ``F.interpolate``): each needed
-    fine Z-slice is upsampled in X/Y once (bilinear) and cached, then output slices are linear
-    blends of two cached planes; work proceeds in Z slabs, so full-resolution scores never exist
-    for more than ``slab_elements`` values at a time.
+    Same labels as ``F.interpolate(scores[None], out_shape, mode="trilinear",
+    align_corners=False)[0].argmax(0)`` (up to float rounding at exact ties), computed separably
+    without full-resolution scores: each needed source Z-plane is upsampled in X/Y once (bilinear),
+    argmaxed once and cached; an output slice between source planes ``a`` and ``b`` takes their
+    common label wherever the two planes agree (a blend of two score vectors that both peak at
+    class k peaks at k) and blends + argmaxes only the other pixels (the boundaries crossing
+    between the planes). Work proceeds in Z slabs; at most ``slab_elements`` upsampled scores are
+    cached at a time.
     """
     c, xi, yi, zi = scores.shape
     xo, yo, zo = (int(v) for v in out_shape)
     if (xi, yi, zi) == (xo, yo, zo):
-        return scores.argmax(0).to(torch.uint8)
+        return _argmax_classes(scores)
     planes_in = scores.permute(3, 0, 1, 2).float().contiguous()  # (Zi, C, Xi, Yi)
-    out = torch.empty((zo, xo, yo), dtype=torch.uint8, device=scores.device)
+    out = torch.empty((zo, xo * yo), dtype=torch.uint8, device=scores.device)
     slab = max(1, min(zo, slab_elements // max(1, c * xo * yo)))
-    cache: dict[int, torch.Tensor] = {}
+    cache: dict[int, tuple[torch.Tensor, torch.Tensor]] = {}  # plane -> (scores (C, XoYo), labels (XoYo,))
     for z0 in range(0, zo, slab):
         z1 = min(zo, z0 + slab)
         i0, i1, w = _linear_source(zo, zi, z0, z1, scores.device)
@@ -163,11 +173,21 @@ def resample_scores_to_labels(scores: torch.Tensor, out_shape: Sequence[int],
             up = planes_in[missing]
             if (xi, yi) != (xo, yo):
                 up = F.interpolate(up, size=(xo, yo), mode="bilinear", align_corners=False)
-            cache.update({k: up[j] for j, k in enumerate(missing)})
+            up = up.reshape(len(missing), c, xo * yo)
+            cache.update({k: (up[j], _argmax_classes(up[j])) for j, k in enumerate(missing)})
         for j, (a, b, wj) in enumerate(zip(i0.tolist(), i1.tolist(), w.tolist())):
-            blended = cache[a] if (a == b or wj == 0.0) else torch.lerp(cache[a], cache[b], wj)
-            out[z0 + j] = blended.argmax(0).to(torch.uint8)
-    return out.permute(1, 2, 0)
+            scores_a, labels_a = cache[a]
+            if a == b or wj == 0.0:
+                out[z0 + j] = labels_a
+                continue
+            scores_b, labels_b = cache[b]
+            differ = (labels_a != labels_b).nonzero(as_tuple=True)[0]
+            row = labels_a.clone()
+            if differ.numel():
+                blended = torch.lerp(scores_a.index_select(1, differ), scores_b.index_select(1, differ), wj)
+                row[differ] = _argmax_classes(blended)
+            out[z0 + j] = row
+    return out.reshape(zo, xo, yo).permute(1, 2, 0)
 
 
 def _network_divisor(network: Any, default: int = 16) -> tuple[int, int, int]:

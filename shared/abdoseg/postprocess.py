@@ -63,8 +63,10 @@ def keep_largest_organ_components(labels: np.ndarray, organ_ids: Sequence[int] =
     organ_mask = _class_mask(labels, organ_ids)
     box = _bbox_slices(organ_mask)
     if box is None:
-        return labels.copy()
-    sub = np.ascontiguousarray(np.where(organ_mask[box], labels[box], 0))
+        return labels.copy(order="K")
+    sub = np.where(organ_mask[box], labels[box], 0)
+    if not (sub.flags.c_contiguous or sub.flags.f_contiguous):  # cc3d takes either layout
+        sub = np.ascontiguousarray(sub)
     cc = cc3d.connected_components(sub, connectivity=connectivity)
     comp_ids, counts = fastremap.unique(cc, return_counts=True)
     comp_class = fastremap.component_map(cc, sub)  # component id -> its class
@@ -80,7 +82,7 @@ def keep_largest_organ_components(labels: np.ndarray, organ_ids: Sequence[int] =
         keep_ids |= {cid for cid, n in zip(comp_ids.tolist(), counts.tolist())
                      if cid != 0 and n >= min_fraction_of_largest * largest[int(comp_class[cid])][0]}
     drop_ids = [cid for cid in comp_ids.tolist() if cid != 0 and cid not in keep_ids]
-    out = labels.copy()
+    out = labels.copy(order="K")
     if drop_ids:
         dropped = fastremap.mask_except(cc, drop_ids, in_place=True) != 0
         out[box][dropped] = 0
@@ -102,10 +104,10 @@ def remove_small_lesions(labels: np.ndarray, spacing_mm: Sequence[float], min_vo
     """Set lesion components with volume < ``min_volume_mm3`` (voxels x voxel volume) to background."""
     labels = np.asarray(labels)
     if min_volume_mm3 <= 0:
-        return labels.copy()
+        return labels.copy(order="K")
     lesion = labels == lesion_id
     box = _bbox_slices(lesion)
-    out = labels.copy()
+    out = labels.copy(order="K")
     if box is None:
         return out
     voxel_mm3 = float(np.prod([float(s) for s in spacing_mm]))
@@ -132,7 +134,7 @@ def drop_lesions_far_from_organs(labels: np.ndarray, spacing_mm: Sequence[float]
     labels = np.asarray(labels)
     lesion = labels == lesion_id
     lbox = _bbox_slices(lesion)
-    out = labels.copy()
+    out = labels.copy(order="K")
     if lbox is None:
         return out
     grow = [int(np.ceil(max_distance_mm / float(s))) + 1 for s in spacing_mm]
