@@ -126,3 +126,22 @@ def test_inference_workflow_writes_masks_on_input_grid(partial_models, tmp_path)
     assert img.shape == hu.shape and img.get_data_dtype() == np.uint8
     np.testing.assert_allclose(img.affine, lps)
     assert np.asarray(img.dataobj).max() <= 14
+
+
+@pytest.mark.parametrize("single_stage", [False, True])
+def test_single_stage_switch_drops_only_the_coarse_network(single_stage):
+    """``--single_stage true`` is the documented baseline: same fine network and settings, no ROI."""
+    parser = ConfigParser()
+    parser.read_config(str(BUNDLE / "configs" / "inference.json"))
+    parser.update({"single_stage": single_stage, "device": "cpu", "coarse_checkpoint": None})  # random coarse weights
+    inferer = parser.get_parsed_content("inferer")
+    assert (inferer.coarse_network is None) == single_stage
+    assert tuple(inferer.fine_spacing_mm) == tuple(parser.get_parsed_content("fine_spacing_mm"))
+    torch.manual_seed(0)
+    net = parser.get_parsed_content("network_def", lazy=False).eval()
+    x = torch.full((1, 1, 24, 20, 12), -1000.0)
+    x[..., 4:20, 4:16, 2:10] = 40.0
+    out = inferer(x, net)
+    assert out.shape == x.shape
+    if single_stage:
+        assert inferer.last_roi["ras_slices"] == [(0, 24), (0, 20), (0, 12)]
