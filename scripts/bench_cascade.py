@@ -153,7 +153,7 @@ def worker(args: argparse.Namespace) -> None:
     if args.pipeline == "single":
         inferer.coarse_network = None
         weights = "single-stage"
-    elif Path(inferer.coarse_checkpoint or "").is_file():
+    elif Path(inferer.coarse_checkpoint or "").is_file() and not args.oracle_roi:
         weights = "coarse_model.pt"
     else:
         inferer.coarse_network = _oracle_coarse(inferer.coarse_network, args.label, inferer.coarse_spacing_mm)
@@ -179,7 +179,7 @@ def worker(args: argparse.Namespace) -> None:
     if sampler:
         sampler.__exit__()
     res = {
-        "case": Path(args.image).name, "pipeline": args.pipeline, "roi": weights, "device": device,
+        "case": Path(args.output).name, "pipeline": args.pipeline, "roi": weights, "device": device,
         "fine_weights": "model.pt" if fine_weights else "random",
         "shape": list(mask.shape), "case_s": round(case_s, 2),
         "process_s": round(time.perf_counter() - t_process, 2),
@@ -215,6 +215,25 @@ def _make_cases(out: Path, slices: list[int], seed: int) -> list[tuple[Path, Pat
     return cases
 
 
+def _real_cases(out: Path, real_ct: Path) -> list[tuple[Path, Path]]:
+    """Real CTs (``data/real_ct``-style case folders with ``image.nii.gz``): their organ masks,
+    merged to FLARE ids in memory (:func:`abdoseg.dataprep.load_real_case_label`), are written to
+    ``out/cases_gt`` for the oracle ROI and the scores; the CTs themselves are read in place."""
+    from abdoseg.dataprep import load_real_case_label
+    from abdoseg.io import save_nifti
+
+    cases = []
+    for case_dir in sorted(p for p in real_ct.iterdir() if (p / "image.nii.gz").is_file()):
+        lab_p = out / "cases_gt" / f"{case_dir.name}.nii.gz"
+        if not lab_p.is_file():
+            label, affine, _ = load_real_case_label(case_dir)
+            save_nifti(label, affine, lab_p)
+        cases.append((case_dir / "image.nii.gz", lab_p))
+    if not cases:
+        raise SystemExit(f"{real_ct}: no case folder with an image.nii.gz")
+    return cases
+
+
 def main(argv: list[str] | None = None) -> int:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--out_dir", default=str(REPO / "runs" / "bench_cascade"))
@@ -226,6 +245,12 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--overrides", default="{}", help="JSON dict of inference.json overrides")
     ap.add_argument("--bundle", default=str(BUNDLE),
                     help="fine_organ_tumor bundle folder (its configs and models/*.pt), e.g. a trained demo copy")
+    ap.add_argument("--real_ct", default=None,
+                    help="folder of real CT case folders (image.nii.gz + organ masks, e.g. ../shared/data/real_ct) "
+                         "to time instead of phantoms; use with --oracle_roi (a phantom-trained coarse net is "
+                         "not meant for real CT)")
+    ap.add_argument("--oracle_roi", action="store_true",
+                    help="ROI from the ground-truth foreground (+ margin) while the coarse network still runs")
     ap.add_argument("--no_eval", action="store_true",
                     help="skip scoring each pipeline's masks against the phantom truth (FLARE23 DSC/NSD)")
     # worker mode
@@ -240,18 +265,22 @@ def main(argv: list[str] | None = None) -> int:
         return 0
 
     out = Path(args.out_dir)
-    slices = [int(s) for s in str(args.slices).split(",") if s]
-    cases = _make_cases(out, slices, args.seed)
+    if args.real_ct:
+        cases = _real_cases(out, Path(args.real_ct))
+    else:
+        cases = _make_cases(out, [int(s) for s in str(args.slices).split(",") if s], args.seed)
     pipelines = ["cascade"] + ([] if args.skip_single else ["single"])
     results = []
     for img_p, lab_p in cases:
         for pipe in pipelines:
-            pred = out / f"pred_{pipe}" / img_p.name.replace("_0000", "")
+            pred = out / f"pred_{pipe}" / lab_p.name  # <case>.nii.gz
             cmd = [sys.executable, __file__, "--worker", "--pipeline", pipe, "--image", str(img_p), "--label",
                    str(lab_p), "--output", str(pred), "--threads", str(args.threads), "--overrides", args.overrides,
                    "--bundle", str(args.bundle)]
             if args.cpu:
                 cmd.append("--cpu")
+            if args.oracle_roi:
+                cmd.append("--oracle_roi")
             t = time.perf_counter()
             proc = subprocess.run(cmd, capture_output=True, text=True)
             wall = time.perf_counter() - t
