@@ -15,12 +15,16 @@ reports:
 Weights: ``models/model.pt`` / ``models/coarse_model.pt`` of the bundle when present, else random
 fine weights (the run time of a network does not depend on its weights) and an *oracle* coarse
 stage: the real coarse network still runs (same cost), but the ROI comes from the phantom's
-ground-truth foreground, so the ROI size is realistic. The table says which was used.
+ground-truth foreground, so the ROI size is realistic (``--oracle_roi`` forces it). The table
+says which was used. After timing, the masks of each pipeline are scored against the truth
+(FLARE23 DSC/NSD, not timed; ``--no_eval`` skips it), so speed is reported at a known accuracy.
 
 Usage::
 
     .venv/bin/python scripts/bench_cascade.py --out_dir runs/bench            # all eight sizes
     .venv/bin/python scripts/bench_cascade.py --slices 55,554 --threads 2     # a subset
+    .venv/bin/python scripts/bench_cascade.py --bundle runs/demo/bundles/fine_organ_tumor --seed 7  # trained demo weights
+    .venv/bin/python scripts/bench_cascade.py --real_ct ../shared/data/real_ct --oracle_roi          # real CTs
 """
 
 from __future__ import annotations
