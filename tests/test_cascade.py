@@ -189,6 +189,21 @@ def test_resample_scores_to_labels_matches_trilinear():
     assert (got.long() == want).float().mean() > 0.999  # float rounding may flip exact ties only
 
 
+def test_resample_scores_to_labels_smooth_scores_uses_agreement_shortcut_exactly():
+    """Smooth scores (large one-label regions, thin boundaries) as a trained net gives: the labels
+    equal F.interpolate + argmax, including where only one Z source plane changes label."""
+    g = torch.Generator().manual_seed(1)
+    coarse = torch.randn(1, 6, 4, 4, 3, generator=g)
+    scores = torch.nn.functional.interpolate(coarse, size=(20, 18, 9), mode="trilinear", align_corners=False)[0] * 4
+    out_shape = (47, 41, 26)
+    want = torch.nn.functional.interpolate(scores[None], size=out_shape, mode="trilinear",
+                                           align_corners=False)[0].argmax(0)
+    got = resample_scores_to_labels(scores, out_shape, slab_elements=6 * 47 * 41 * 4)
+    assert got.dtype == torch.uint8 and tuple(got.shape) == out_shape
+    assert len(torch.unique(want)) >= 3  # several regions, so boundaries are exercised
+    assert (got.long() == want).float().mean() > 0.9999
+
+
 def test_to_from_ras_inverse():
     t = torch.arange(3 * 4 * 5).reshape(1, 3, 4, 5)
     for codes in ("LPS", "ASR", "ILP"):
