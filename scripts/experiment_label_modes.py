@@ -20,7 +20,7 @@ seed003 datalist, arm c re-fuses its pseudo labels with rule seed004, arm e cont
 round 2 in the same folder). Round 1 has no uncertainty score, so its selection keeps every
 fused case whatever ``keep_fraction`` is: round 1 is the same for d and e.
 
-Resumable: every shared step ends with ``<work_dir>/steps/<name>.done``; every arm runs in
+Resumable: every shared step ends with ``<work_dir>/steps/<name>.done`` (:class:`abdoseg.steps.MarkedSteps`); every arm runs in
 ``<work_dir>/arms/<arm>/`` (its own copy of the bundles, predictions, evaluation) and ends with
 ``<work_dir>/arms/<arm>/DONE``. A rerun skips what is finished. The final Markdown table is
 printed and written to ``<work_dir>/results.md``.
@@ -43,7 +43,7 @@ import shutil
 import sys
 import time
 from pathlib import Path
-from typing import Any, Callable
+from typing import Any
 
 REPO_ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO_ROOT / "shared"))
@@ -55,6 +55,7 @@ from abdoseg.io import atomic_path, save_json  # noqa: E402
 from abdoseg.label_fusion_workflow import fuse_datalist, select_and_write  # noqa: E402
 from abdoseg.phantom import generate  # noqa: E402
 from abdoseg.rounds import DONE, rounds  # noqa: E402
+from abdoseg.steps import MarkedSteps  # noqa: E402
 
 ARMS: dict[str, str] = {
     "a": "naive: partial labels as full (missing classes = background)",
@@ -68,29 +69,6 @@ TEACHER_NAMES = ("model",)
 
 def _log(msg: str) -> None:
     print(f"\n=== [label_modes] {msg} ===", file=sys.stderr, flush=True)
-
-
-class Steps:
-    """Marker-file steps: ``run(name, fn)`` runs ``fn`` once, records its wall time."""
-
-    def __init__(self, work: Path) -> None:
-        self.dir = work / "steps"
-        self.dir.mkdir(parents=True, exist_ok=True)
-        self.timings_file = work / "timings.json"
-        self.timings: dict[str, float] = (json.loads(self.timings_file.read_text())
-                                          if self.timings_file.exists() else {})
-
-    def run(self, name: str, fn: Callable[[], Any]) -> None:
-        marker = self.dir / f"{name}.done"
-        if marker.exists():
-            print(f"[label_modes] {name}: done earlier, skipped", file=sys.stderr)
-            return
-        _log(f"step {name}")
-        t0 = time.perf_counter()
-        fn()
-        self.timings[name] = round(time.perf_counter() - t0, 1)
-        save_json(self.timings, self.timings_file)
-        marker.write_text("ok\n")
 
 
 def _n_items(datalist: Path, key: str) -> int:
@@ -233,7 +211,7 @@ def main(argv: list[str] | None = None) -> int:
     work.mkdir(parents=True, exist_ok=True)
     save_json(vars(args), work / "args.json")
     data = work / "data"
-    steps = Steps(work)
+    steps = MarkedSteps(work, "label_modes")
     shared = _copy_bundles(work)
     coarse_model = shared["fine_organ_tumor"] / "models" / "coarse_model.pt"
 

@@ -17,11 +17,11 @@ import json
 import shutil
 import subprocess
 import sys
-import time
 from pathlib import Path
-from typing import Any, Callable
+from typing import Any
 
-from abdoseg.io import atomic_path, load_nifti, save_json
+from abdoseg.io import atomic_path, load_nifti
+from abdoseg.steps import MarkedSteps
 
 REPO_ROOT = Path(__file__).resolve().parents[2]
 BUNDLES = ("coarse_roi", "fine_organ_tumor", "label_fusion")
@@ -31,10 +31,6 @@ BUNDLES = ("coarse_roi", "fine_organ_tumor", "label_fusion")
 #: (same data, seed and budget, measured side by side).
 SHORT_SCHEDULE_OPTIMIZER: dict[str, Any] = {"_target_": "torch.optim.AdamW", "params": "$@network.parameters()",
                                             "lr": 0.002, "weight_decay": 1e-05}
-
-
-def _banner(msg: str) -> None:
-    print(f"\n=== {msg} ===", file=sys.stderr, flush=True)
 
 
 def _run_bundle(bundle: Path, config: str | list[str], run_id: str = "run", **overrides: Any) -> None:
@@ -146,11 +142,8 @@ def demo(out_dir: str = "runs/demo", seed: int = 0, preset: str = "small", n_lab
     from abdoseg.rounds import rounds
 
     out = Path(out_dir).resolve()
-    steps = out / "steps"
-    steps.mkdir(parents=True, exist_ok=True)
+    steps = MarkedSteps(out, "demo")
     data = out / "data"
-    timings_file = out / "timings.json"
-    timings: dict[str, float] = json.loads(timings_file.read_text()) if timings_file.exists() else {}
     bundles = _copy_bundles(out)
     fine = bundles["fine_organ_tumor"]
     if fine_spacing_mm is None and preset == "small":
@@ -160,21 +153,9 @@ def demo(out_dir: str = "runs/demo", seed: int = 0, preset: str = "small", n_lab
     configure_bundle(fine, {"optimizer": SHORT_SCHEDULE_OPTIMIZER}, configs=("train.json",))
     pred_dir = out / "predictions"
 
-    def step(name: str, fn: Callable[[], Any]) -> None:
-        marker = steps / f"{name}.done"
-        if marker.exists():
-            print(f"[demo] {name}: done earlier, skipped", file=sys.stderr)
-            return
-        _banner(f"demo step: {name}")
-        t0 = time.perf_counter()
-        fn()
-        timings[name] = time.perf_counter() - t0
-        save_json(timings, timings_file)
-        marker.write_text("ok\n")
-
-    step("generate", lambda: generate(str(data), preset=preset, seed=seed, n_labeled=n_labeled,
-                                      n_unlabeled=n_unlabeled, n_val=n_val, workers=2))
-    step("prepare", lambda: prepare(str(data)))
+    steps.run("generate", lambda: generate(str(data), preset=preset, seed=seed, n_labeled=n_labeled,
+                                           n_unlabeled=n_unlabeled, n_val=n_val, workers=2))
+    steps.run("prepare", lambda: prepare(str(data)))
 
     def train_coarse() -> None:
         coarse = bundles["coarse_roi"]
@@ -182,14 +163,14 @@ def demo(out_dir: str = "runs/demo", seed: int = 0, preset: str = "small", n_lab
                     val_interval=coarse_epochs, seed=seed)
         shutil.copy2(_best_checkpoint(coarse / "models"), fine / "models" / "coarse_model.pt")
 
-    step("train_coarse", train_coarse)
+    steps.run("train_coarse", train_coarse)
 
     def label_rounds() -> None:
         rounds(str(data), str(out / "rounds"), n_rounds=1, rule=rule, fine_bundle=str(fine),
                max_epochs=teacher_epochs, final_train=False,
                teacher_overrides={"coarse_checkpoint": str(fine / "models" / "coarse_model.pt")})
 
-    step("teacher_pseudo_label_fuse", label_rounds)
+    steps.run("teacher_pseudo_label_fuse", label_rounds)
 
     def train_fine() -> None:
         datalist = out / "rounds" / "round_1" / "datalist.json"
@@ -201,12 +182,12 @@ def demo(out_dir: str = "runs/demo", seed: int = 0, preset: str = "small", n_lab
         if best.name != "model.pt":
             shutil.copy2(best, models / "model.pt")
 
-    step("train_fine", train_fine)
-    step("segment", lambda: _run_bundle(fine, "inference.json", "run", datalist=str(data / "datalist.json"),
-                                        data_list_key="validation", dataset_dir=str(data),
-                                        output_dir=str(pred_dir)))
-    step("evaluate", lambda: evaluate(str(pred_dir), str(data / "labelsVal"), str(out / "evaluation")))
+    steps.run("train_fine", train_fine)
+    steps.run("segment", lambda: _run_bundle(fine, "inference.json", "run", datalist=str(data / "datalist.json"),
+                                             data_list_key="validation", dataset_dir=str(data),
+                                             output_dir=str(pred_dir)))
+    steps.run("evaluate", lambda: evaluate(str(pred_dir), str(data / "labelsVal"), str(out / "evaluation")))
     summary = json.loads((out / "evaluation" / "summary.json").read_text())
-    report = write_report(out, summary, pred_dir, data, {k: v for k, v in timings.items()})
+    report = write_report(out, summary, pred_dir, data, dict(steps.timings))
     print(f"\nreport: {report}", file=sys.stderr)
     return str(report)
