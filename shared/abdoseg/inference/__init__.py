@@ -1,0 +1,1 @@
+"""Inference stages of the cascade (see the module docstrings)."""
