@@ -7,6 +7,7 @@ the first step after ``LoadImaged`` / ``EnsureChannelFirstd`` in every inference
 from __future__ import annotations
 
 import os
+import warnings
 from collections.abc import Hashable, Mapping, Sequence
 from typing import Any
 
@@ -19,15 +20,89 @@ from monai.transforms import MapTransform
 from abdoseg.geometry import affine_spacing_mm
 from abdoseg.io import InputError
 
-__all__ = ["check_ct_volume", "ValidateCTd", "MIN_VOXELS_PER_AXIS", "CT_MAX_AT_LEAST_HU", "CT_MIN_AT_MOST_HU"]
+__all__ = ["check_ct_volume", "check_affine", "plausibility_problems", "ValidateCTd", "ImplausibleCTWarning",
+           "MIN_VOXELS_PER_AXIS", "CT_MAX_AT_LEAST_HU", "CT_MIN_AT_MOST_HU"]
 
 #: Input checks (see :func:`check_ct_volume`).
 MIN_VOXELS_PER_AXIS: int = 4
 CT_MAX_AT_LEAST_HU: float = 100.0
 CT_MIN_AT_MOST_HU: float = -200.0
 
+#: Plausibility (warnings, see :func:`plausibility_problems`): voxel sizes of abdominal CT (mm).
+PLAUSIBLE_SPACING_MM: tuple[float, float] = (0.3, 8.0)
+#: The cross-section (second-largest extent) must be able to hold an abdomen (mm) ...
+MIN_ABDOMEN_FOV_MM: float = 150.0
+#: ... and no axis longer than a whole body (mm).
+MAX_FOV_MM: float = 2500.0
+#: No HU value (even on the extended CT scale) lies outside this range.
+HU_SCALE_LIMIT: float = 32768.0
+#: Air, fat, soft tissue, bone: at least this fraction of the voxels lies in ``BODY_HU_RANGE``.
+BODY_HU_RANGE: tuple[float, float] = (-1100.0, 3100.0)
+MIN_BODY_HU_FRACTION: float = 0.5
+#: An affine whose 3x3 part has a condition number above this is (numerically) singular.
+MAX_AFFINE_CONDITION: float = 1e6
 
-def check_ct_volume(array: Any, spacing_mm: Sequence[float] | None, path: str | os.PathLike) -> None:
+
+class ImplausibleCTWarning(UserWarning):
+    """The input is accepted but unusual for an abdominal CT (voxel size, field of view, value
+    scale); the result may be poor and the run slow. The message names the file and the reason."""
+
+
+def check_affine(affine: Any, path: str | os.PathLike) -> None:
+    """Raise :class:`InputError` naming ``path`` unless ``affine`` (4x4 voxel -> world) is finite and
+    invertible: a NaN/inf entry or a singular 3x3 part (a zero or repeated axis) has no geometry."""
+    a = np.asarray(affine.detach().cpu() if isinstance(affine, torch.Tensor) else affine, dtype=np.float64)
+    if a.shape != (4, 4):
+        raise InputError(path, f"expected a 4x4 affine, got shape {a.shape}")
+    if not np.all(np.isfinite(a)):
+        bad = [f"[{i},{j}]" for i, j in zip(*np.nonzero(~np.isfinite(a)))]
+        raise InputError(path, f"the affine (voxel -> world matrix) has NaN/infinite entries at {', '.join(bad)}")
+    m = a[:3, :3]
+    norms = np.linalg.norm(m, axis=0)
+    cond = np.linalg.cond(m / np.where(norms > 0, norms, 1.0)[None, :]) if np.all(norms > 0) else np.inf
+    if not np.isfinite(cond) or cond > MAX_AFFINE_CONDITION:
+        raise InputError(path, "the affine (voxel -> world matrix) is singular (a zero or repeated axis): "
+                               f"spacing {tuple(round(float(v), 6) for v in norms)} mm; the header has no usable geometry")
+
+
+def plausibility_problems(shape: Sequence[int], spacing_mm: Sequence[float] | None, array: Any = None,
+                          lo: float | None = None, hi: float | None = None) -> list[str]:
+    """What is unusual for an abdominal CT (empty list: nothing): voxel size outside
+    ``PLAUSIBLE_SPACING_MM``, a field of view that cannot hold an abdomen or is longer than a body,
+    values beyond any HU scale or mostly outside ``BODY_HU_RANGE`` (e.g. scaled by 1000)."""
+    problems = []
+    if spacing_mm is not None:
+        sp = np.asarray(spacing_mm, dtype=np.float64)[:3]
+        txt = " x ".join(f"{v:g}" for v in sp)
+        if sp.min() < PLAUSIBLE_SPACING_MM[0]:
+            problems.append(f"voxel size {txt} mm is below {PLAUSIBLE_SPACING_MM[0]:g} mm (abdominal CT: 0.5-1 mm "
+                            "in plane); check the header spacing")
+        if sp.max() > PLAUSIBLE_SPACING_MM[1]:
+            problems.append(f"voxel size {txt} mm is above {PLAUSIBLE_SPACING_MM[1]:g} mm (abdominal CT: <= 5 mm); "
+                            "check the header spacing (large fields of view are slow and use much memory)")
+        fov = np.asarray(shape[:3], dtype=np.float64) * sp
+        fov_txt = " x ".join(f"{v:.0f}" for v in fov)
+        if np.sort(fov)[1] < MIN_ABDOMEN_FOV_MM:
+            problems.append(f"field of view {fov_txt} mm cannot hold an abdomen (need >= {MIN_ABDOMEN_FOV_MM:g} mm "
+                            "across)")
+        if fov.max() > MAX_FOV_MM:
+            problems.append(f"field of view {fov_txt} mm is longer than a body (> {MAX_FOV_MM:g} mm); "
+                            "check the header spacing")
+    if lo is not None and hi is not None and (hi >= HU_SCALE_LIMIT or lo < -HU_SCALE_LIMIT):
+        problems.append(f"values [{lo:g}, {hi:g}] lie beyond any Hounsfield scale (|HU| < {HU_SCALE_LIMIT:g}); "
+                        "are they scaled (x1000?)")
+    elif array is not None:
+        sample = array[tuple(slice(None, None, 2) for _ in range(min(array.ndim, 3)))]
+        if sample.size:
+            inside = np.count_nonzero((sample >= BODY_HU_RANGE[0]) & (sample <= BODY_HU_RANGE[1])) / sample.size
+            if inside < MIN_BODY_HU_FRACTION:
+                problems.append(f"only {100 * inside:.0f}% of the voxels lie in [{BODY_HU_RANGE[0]:g}, "
+                                f"{BODY_HU_RANGE[1]:g}] HU (air to bone); are the values scaled?")
+    return problems
+
+
+def check_ct_volume(array: Any, spacing_mm: Sequence[float] | None, path: str | os.PathLike,
+                    affine: Any = None) -> None:
     """Raise :class:`InputError` naming ``path`` unless ``array`` looks like a 3D CT in HU.
 
     Accepted: exactly 3 spatial axes (trailing singleton axes are tolerated), at least
@@ -35,8 +110,15 @@ def check_ct_volume(array: Any, spacing_mm: Sequence[float] | None, path: str | 
     range: some value <= ``CT_MIN_AT_MOST_HU`` (air/fat, present around and inside every abdomen)
     and some value >= ``CT_MAX_AT_LEAST_HU`` (enhanced organs, bone). The two-sided test rejects
     unscaled scanner values (min >= 0), MR, and images normalised to [0, 1] without rejecting CTs
-    whose padding value is -1024/-2048/-3024.
+    whose padding value is -1024/-2048/-3024. ``affine`` (when given) must be finite and
+    invertible (:func:`check_affine`).
+
+    Accepted with an :class:`ImplausibleCTWarning` naming the file: whatever
+    :func:`plausibility_problems` finds (10 mm or 0.1 mm voxels, a field of view too small for an
+    abdomen, values scaled x1000).
     """
+    if affine is not None:
+        check_affine(affine, path)
     arr = array.detach().cpu().numpy() if isinstance(array, torch.Tensor) else np.asarray(array)
     shape = tuple(int(s) for s in arr.shape)
     while len(shape) > 3 and shape[-1] == 1:
@@ -61,6 +143,10 @@ def check_ct_volume(array: Any, spacing_mm: Sequence[float] | None, path: str | 
         raise InputError(path, f"value range [{lo:g}, {hi:g}] does not look like CT in Hounsfield units "
                                f"(need min <= {CT_MIN_AT_MOST_HU:g} and max >= {CT_MAX_AT_LEAST_HU:g}); "
                                "is the rescale slope/intercept applied, and is this a CT?")
+    problems = plausibility_problems(shape, spacing_mm, arr.reshape(shape), lo, hi)
+    if problems:  # one line per file
+        warnings.warn(f"{path}: unusual for an abdominal CT: {'; '.join(problems)}", ImplausibleCTWarning,
+                      stacklevel=2)
 
 
 class ValidateCTd(MapTransform):
@@ -79,8 +165,10 @@ class ValidateCTd(MapTransform):
             arr = img
             if isinstance(img, torch.Tensor) and img.ndim == 4 and img.shape[0] == 1:
                 arr = img[0]
-            spacing = None
+            spacing = affine = None
             if isinstance(img, MetaTensor):
-                spacing = affine_spacing_mm(np.asarray(img.affine))
-            check_ct_volume(arr, spacing, path)
+                affine = np.asarray(img.affine)
+                check_affine(affine, path)  # before the spacing is derived from it
+                spacing = affine_spacing_mm(affine)
+            check_ct_volume(arr, spacing, path, affine=affine)
         return d
