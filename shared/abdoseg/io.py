@@ -3,9 +3,14 @@
 from __future__ import annotations
 
 import contextlib
+import hashlib
 import json
 import os
-import tempfile
+import re
+import socket
+import threading
+import time
+from collections.abc import Mapping, Sequence
 from pathlib import Path
 from typing import Any, Iterator
 
@@ -45,28 +50,180 @@ def voxel_spacing_mm(header: nib.Nifti1Header) -> tuple[float, float, float]:
     return tuple(float(z) for z in header.get_zooms()[:3])  # type: ignore[return-value]
 
 
+#: Marker in the name of a file that is still being written (see :func:`atomic_path`).
+PARTIAL_MARKER = ".partial"
+#: A partial file of another host (whose writer we cannot ask) is stale after this many seconds.
+STALE_FOREIGN_PARTIAL_S = 3600.0
+_HOST_TAG = hashlib.sha1(socket.gethostname().encode()).hexdigest()[:8]
+_PARTIAL_RE = re.compile(r"^\.(?P<target>.+)\.(?P<host>[0-9a-f]{8})-(?P<pid>\d+)-(?P<tid>\d+)\.partial(?:\..*)?$")
+_LEGACY_RANDOM = re.compile(r"\.[a-z0-9_]{8}(?=\.)")
+
+
+def _data_suffix(name: str) -> str:
+    lower = name.lower()
+    for ext in (".nii.gz", ".tar.gz"):
+        if lower.endswith(ext):
+            return name[-len(ext):]
+    return Path(name).suffix
+
+
+def is_hidden_or_partial(path: str | os.PathLike) -> bool:
+    """True for names that are never data: hidden (``.x``), still being written
+    (``*.partial*``, ``*.tmp``, ``*.part``) or editor backups (``x~``)."""
+    name = Path(path).name
+    lower = name.lower()
+    return (name.startswith(".") or name.endswith("~") or lower.endswith((".tmp", ".part", PARTIAL_MARKER))
+            or f"{PARTIAL_MARKER}." in lower)
+
+
+def visible_entries(folder: str | os.PathLike) -> list[Path]:
+    """Sorted entries of ``folder`` that may be data (see :func:`is_hidden_or_partial`)."""
+    return sorted(p for p in Path(folder).iterdir() if not is_hidden_or_partial(p))
+
+
+def partial_path(final_path: str | os.PathLike) -> Path:
+    """Where :func:`atomic_path` writes ``final_path`` before renaming it: a hidden name fixed by the
+    target, this host and this process/thread, ending in the target's suffix (nibabel picks the
+    compression from it): ``.CASE.nii.gz.<host>-<pid>-<tid>.partial.nii.gz``."""
+    final_path = Path(final_path)
+    name = final_path.name
+    tag = f"{_HOST_TAG}-{os.getpid()}-{threading.get_native_id()}"
+    return final_path.with_name(f".{name}.{tag}{PARTIAL_MARKER}{_data_suffix(name)}")
+
+
+def _pid_alive(pid: int) -> bool:
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except (PermissionError, OSError):
+        return True
+    return True
+
+
+def _is_stale_partial(path: Path, target: str | None = None) -> bool:
+    """``path`` is a temporary file of :func:`atomic_path` (this or an earlier version) whose writer
+    is gone: same host and its process is dead, another host and untouched for
+    ``STALE_FOREIGN_PARTIAL_S``, or the old random-name format. ``target``: only for that file name."""
+    m = _PARTIAL_RE.match(path.name)
+    if m:
+        if target is not None and m["target"] != target:
+            return False
+        if m["host"] == _HOST_TAG:
+            pid = int(m["pid"])
+            if pid == os.getpid():
+                return int(m["tid"]) != threading.get_native_id() and not any(
+                    t.native_id == int(m["tid"]) for t in threading.enumerate())
+            return not _pid_alive(pid)
+        try:
+            return time.time() - path.stat().st_mtime > STALE_FOREIGN_PARTIAL_S
+        except OSError:
+            return False
+    t = _legacy_target(path.name)
+    return t is not None and (target is None or t == target)
+
+
+def _legacy_target(name: str) -> str | None:
+    """Target file name of a temporary file written by earlier versions (``tempfile.mkstemp``):
+    ``.<target>.<8 random chars><suffixes of target>[.tmp]``; ``None`` for any other name."""
+    if not name.startswith("."):
+        return None
+    rest = name[: -len(".tmp")] if name.endswith(".tmp") else name
+    for m in _LEGACY_RANDOM.finditer(rest):
+        target, sfx = rest[1: m.start()], rest[m.end():]
+        if target and sfx and "".join(Path(target).suffixes) == sfx:
+            return target
+    return None
+
+
+def remove_stale_partials(folder: str | os.PathLike, target: str | None = None) -> list[Path]:
+    """Delete what killed writers left in ``folder`` (see :func:`_is_stale_partial`); only for the
+    file name ``target`` when given. Returns the removed paths; never raises for a vanished file."""
+    folder = Path(folder)
+    removed: list[Path] = []
+    try:
+        candidates = [p for p in folder.iterdir() if p.name.startswith(".")]
+    except OSError:
+        return removed
+    for p in candidates:
+        if _is_stale_partial(p, target) and not p.is_dir():
+            try:
+                p.unlink()
+                removed.append(p)
+            except FileNotFoundError:
+                pass
+            except OSError:
+                continue
+    return removed
+
+
 @contextlib.contextmanager
 def atomic_path(final_path: str | os.PathLike) -> Iterator[Path]:
     """Yield a temporary path next to ``final_path``; rename it into place only on success.
 
-    A killed or failing writer leaves no file at ``final_path`` (only, at worst, a ``*.tmp``
-    file which the next run overwrites).
+    The temporary name (:func:`partial_path`) is hidden and fixed by the target and the writing
+    process, so nothing ever lists it as data; a failing writer removes it, and whatever a killed
+    writer left behind for the same target is removed by the next write of that target
+    (:func:`remove_stale_partials`). Concurrent writers of one target use different names, and
+    the last rename wins with a complete file.
     """
     final_path = Path(final_path)
     final_path.parent.mkdir(parents=True, exist_ok=True)
-    suffix = "".join(final_path.suffixes)
-    fd, tmp = tempfile.mkstemp(prefix=f".{final_path.name}.", suffix=f"{suffix}.tmp", dir=final_path.parent)
-    os.close(fd)
-    tmp_path = Path(tmp)
-    # nibabel chooses compression from the file name; keep the real suffix last.
-    tmp_named = tmp_path.with_name(tmp_path.name[: -len(".tmp")])
+    remove_stale_partials(final_path.parent, final_path.name)
+    tmp = partial_path(final_path)
     try:
-        yield tmp_named
-        os.replace(tmp_named, final_path)
+        yield tmp
+        os.replace(tmp, final_path)
     finally:
-        for p in (tmp_path, tmp_named):
-            if p.exists():
-                p.unlink()
+        with contextlib.suppress(FileNotFoundError):
+            tmp.unlink()
+
+
+def check_items_exist(items: Sequence[Any], key: str | Sequence[str] = "image",
+                      source: str | os.PathLike | None = None) -> list[Any]:
+    """Raise :class:`InputError` naming the first listed file that does not exist (and the datalist
+    ``source`` that lists it), before any reader tries; returns ``items`` unchanged.
+
+    ``items``: datalist entries (dicts; ``key`` may name one key or several, a value may be one path
+    or a list of paths; entries without the key are skipped) or plain paths.
+    """
+    keys = [key] if isinstance(key, str) else list(key)
+    where = f" (listed in {source})" if source not in (None, "") else ""
+    for i, item in enumerate(items):
+        if isinstance(item, Mapping):
+            found = [(k, item[k]) for k in keys if k in item and item[k] not in (None, "")]
+        else:
+            found = [(None, item)]
+        for k, value in found:
+            for path in (value if isinstance(value, (list, tuple)) else [value]):
+                if not isinstance(path, (str, os.PathLike)):
+                    continue
+                if not Path(path).exists():
+                    what = f"item {i}" + (f" {k!r}" if k is not None else "")
+                    raise InputError(path, f"file not found ({what}{where})")
+    return list(items)
+
+
+def ensure_writable_dir(folder: str | os.PathLike) -> Path:
+    """Create ``folder`` (and parents) and check that a file can be written in it; raises
+    :class:`InputError` naming the folder otherwise (read-only, a file in the way, no permission)."""
+    folder = Path(folder)
+    try:
+        folder.mkdir(parents=True, exist_ok=True)
+    except FileExistsError as exc:
+        raise InputError(folder, "exists and is not a folder") from exc
+    except OSError as exc:
+        raise InputError(folder, f"cannot create the output folder ({exc.strerror or exc})") from exc
+    if not folder.is_dir():
+        raise InputError(folder, "exists and is not a folder")
+    probe = partial_path(folder / ".write_probe")
+    try:
+        fd = os.open(probe, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600)
+        os.close(fd)
+        os.unlink(probe)
+    except OSError as exc:
+        raise InputError(folder, f"output folder is not writable ({exc.strerror or exc})") from exc
+    return folder
 
 
 def save_nifti(array: np.ndarray, affine: np.ndarray, path: str | os.PathLike,
