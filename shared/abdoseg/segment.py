@@ -35,7 +35,8 @@ from typing import Any
 
 import numpy as np
 
-from abdoseg.io import InputError, case_id_from_image, load_nifti, save_json, save_nifti, voxel_spacing_mm
+from abdoseg.io import (InputError, case_id_from_image, ensure_writable_dir, is_hidden_or_partial, load_nifti,
+                        save_json, save_nifti, voxel_spacing_mm)
 
 logger = logging.getLogger(__name__)
 
@@ -51,7 +52,31 @@ def _is_nifti(path: Path) -> bool:
 
 
 def _visible(folder: Path) -> list[Path]:
-    return sorted(p for p in folder.iterdir() if not p.name.startswith("."))
+    """Entries of ``folder`` that may be data: no hidden or temporary (``.partial``/``.tmp``) files."""
+    return sorted(p for p in folder.iterdir() if not is_hidden_or_partial(p))
+
+
+def _resolve(path: Path) -> Path | None:
+    """``path.resolve()``, or ``None`` for a symbolic link loop (Python raises RuntimeError/OSError)."""
+    try:
+        return path.resolve()
+    except (RuntimeError, OSError):
+        return None
+
+
+def _link_problem(path: Path) -> str | None:
+    """Why ``path`` cannot be opened when it is a symbolic link loop or a dangling link, else ``None``."""
+    import errno
+
+    try:
+        os.stat(path)
+    except OSError as exc:
+        if exc.errno == errno.ELOOP:
+            return "symbolic link loop (the link points back to itself); remove or fix it"
+        if path.is_symlink():
+            return f"broken symbolic link (its target {os.readlink(path)!r} does not exist)"
+        return f"cannot be opened ({exc.strerror or exc})"
+    return None
 
 
 # ----------------------------------------------------------------------------------------------
@@ -72,30 +97,172 @@ def dicom_series_files(folder: str | os.PathLike) -> list[list[str]]:
     return sorted((s for s in series if s), key=len, reverse=True)
 
 
+#: Files in a DICOM series folder that are not slices and are left alone (our own outputs, notes).
+DICOM_FOLDER_IGNORED_SUFFIXES = (".nii", ".nii.gz", ".json", ".png", ".jpg", ".jpeg", ".txt", ".md", ".csv",
+                                 ".xml", ".pdf", ".html", ".log", ".zip")
+#: Slice positions may deviate this much from even spacing: max(absolute mm, fraction of the spacing).
+SLICE_POSITION_TOL_MM = 0.01
+SLICE_POSITION_TOL_FRACTION = 0.05
+
+
+def _dicom_header(path: Path) -> Any:
+    """The pydicom dataset of one file, fully read (a truncated file fails here); ``None`` for a
+    DICOM object without pixel data (DICOMDIR, reports). Raises :class:`InputError` naming the file."""
+    import pydicom
+    from pydicom.errors import InvalidDicomError
+
+    try:
+        try:
+            ds = pydicom.dcmread(str(path))
+        except InvalidDicomError:  # no 128-byte preamble: accept only what is clearly an image slice
+            ds = pydicom.dcmread(str(path), force=True)
+            if "PixelData" not in ds or "ImagePositionPatient" not in ds:
+                raise InputError(path, "not a DICOM file (unreadable slice?); remove it or fix the series") from None
+    except InputError:
+        raise
+    except Exception as exc:
+        raise InputError(path, f"unreadable DICOM file ({type(exc).__name__}: {str(exc).splitlines()[0] if str(exc) else ''}); "
+                               "the series cannot be read without it") from exc
+    if "PixelData" not in ds:
+        return None
+    try:
+        expected = int(ds.Rows) * int(ds.Columns) * int(ds.get("SamplesPerPixel", 1)) \
+            * int(ds.BitsAllocated) // 8 * int(ds.get("NumberOfFrames", 1) or 1)
+        encapsulated = ds.file_meta.TransferSyntaxUID.is_compressed
+    except Exception as exc:
+        raise InputError(path, f"DICOM slice without a valid image description ({type(exc).__name__}: {exc})") from exc
+    if not encapsulated and len(ds.PixelData) < expected:
+        raise InputError(path, f"truncated DICOM slice: {len(ds.PixelData)} of {expected} bytes of pixel data")
+    return ds
+
+
+def _floats(ds: Any, keyword: str, n: int, path: Path) -> np.ndarray:
+    value = ds.get(keyword)
+    try:
+        out = np.asarray([float(v) for v in value], dtype=np.float64) if value is not None else None
+    except (TypeError, ValueError):
+        out = None
+    if out is None or out.shape != (n,) or not np.all(np.isfinite(out)):
+        raise InputError(path, f"DICOM slice without a valid {keyword} ({value!r}); the slice position is unknown")
+    return out
+
+
+def check_dicom_series(folder: str | os.PathLike) -> list[str]:
+    """Check every file of the DICOM series folder ``folder`` with pydicom and return the files of
+    its largest series (SeriesInstanceUID) sorted along the slice normal, ready for ITK.
+
+    Errors (:class:`InputError` naming the series folder and the slice): a file that is not
+    readable DICOM or is truncated (other than ``DICOM_FOLDER_IGNORED_SUFFIXES``), a slice without
+    position/orientation, slices of different size, orientation or pixel spacing, two slices at one
+    position, a gap (missing slice) or uneven spacing, slices shifted in plane (gantry tilt). Several
+    series in the folder: the largest is returned, with a warning.
+    """
+    folder = Path(folder)
+    headers: dict[str, list[tuple[Path, Any]]] = {}
+    for path in _visible(folder):
+        if path.is_dir() or path.name.lower().endswith(DICOM_FOLDER_IGNORED_SUFFIXES):
+            continue
+        problem = _link_problem(path)
+        if problem:
+            raise InputError(path, f"{problem} (in DICOM series folder {folder})")
+        try:
+            ds = _dicom_header(path)
+        except InputError as exc:
+            raise InputError(exc.path, f"{exc.problem} (in DICOM series folder {folder})") from exc
+        if ds is not None:
+            headers.setdefault(str(ds.get("SeriesInstanceUID", "")), []).append((path, ds))
+    if not headers:
+        return []
+    groups = sorted(headers.values(), key=len, reverse=True)
+    if len(groups) > 1:
+        warnings.warn(f"{folder}: {len(groups)} DICOM series found; segmenting the largest ({len(groups[0])} files)",
+                      stacklevel=3)
+    slices = groups[0]
+    first_path, first = slices[0]
+
+    def err(problem: str) -> InputError:
+        return InputError(folder, f"DICOM series {first.get('SeriesInstanceUID', '?')}: {problem}")
+
+    if len(slices) == 1 or any(int(ds.get("NumberOfFrames", 1) or 1) > 1 for _, ds in slices):
+        return [str(p) for p, _ in slices]
+    iop0 = _floats(first, "ImageOrientationPatient", 6, first_path)
+    size0 = (int(first.Rows), int(first.Columns))
+    ps0 = _floats(first, "PixelSpacing", 2, first_path) if "PixelSpacing" in first else None
+    positions = []
+    for path, ds in slices:
+        iop = _floats(ds, "ImageOrientationPatient", 6, path)
+        if np.abs(iop - iop0).max() > 1e-3:
+            raise err(f"mixed orientations: slice {path.name} has ImageOrientationPatient "
+                      f"{np.round(iop, 4).tolist()}, slice {first_path.name} {np.round(iop0, 4).tolist()}")
+        size = (int(ds.Rows), int(ds.Columns))
+        if size != size0:
+            raise err(f"mixed slice sizes: slice {path.name} is {size[0]}x{size[1]}, slice {first_path.name} "
+                      f"{size0[0]}x{size0[1]}")
+        if ps0 is not None:
+            ps = _floats(ds, "PixelSpacing", 2, path)
+            if np.abs(ps - ps0).max() > 1e-3 * max(1.0, float(ps0.max())):
+                raise err(f"mixed pixel spacing: slice {path.name} has {ps.tolist()} mm, slice {first_path.name} "
+                          f"{ps0.tolist()} mm")
+        positions.append(_floats(ds, "ImagePositionPatient", 3, path))
+    normal = np.cross(iop0[:3], iop0[3:])
+    if np.linalg.norm(normal) < 0.5:
+        raise err(f"slice {first_path.name}: ImageOrientationPatient {iop0.tolist()} has parallel row and column axes")
+    normal /= np.linalg.norm(normal)
+    pos = np.asarray(positions)
+    depth = pos @ normal
+    order = np.argsort(depth, kind="stable")
+    names = [slices[i][0].name for i in order]
+    depth, pos = depth[order], pos[order]
+    steps = np.diff(depth)
+    dup = np.nonzero(steps < SLICE_POSITION_TOL_MM)[0]
+    if dup.size:
+        i = int(dup[0])
+        raise err(f"duplicate slice position: slices {names[i]} and {names[i + 1]} both lie at {depth[i]:.3f} mm "
+                  "along the slice normal")
+    spacing = float(np.median(steps))
+    tol = max(SLICE_POSITION_TOL_MM, SLICE_POSITION_TOL_FRACTION * spacing)
+    off = np.nonzero(np.abs(steps - spacing) > tol)[0]
+    if off.size:
+        i = int(off[0])
+        gap = float(steps[i])
+        missing = round(gap / spacing) - 1
+        why = (f"{missing} slice(s) missing or unreadable?" if missing >= 1 and abs(gap - (missing + 1) * spacing) <= tol
+               else "uneven slice spacing")
+        raise err(f"gap of {gap:.3f} mm between slices {names[i]} and {names[i + 1]} where the series spacing is "
+                  f"{spacing:.3f} mm ({why}); {len(off)} uneven step(s) in {len(names)} slices")
+    shift = np.diff(pos, axis=0) - steps[:, None] * normal[None, :]
+    shear = np.linalg.norm(shift, axis=1)
+    if shear.max() > tol:
+        i = int(np.argmax(shear))
+        raise err(f"slice {names[i + 1]} is shifted {shear[i]:.3f} mm in plane from slice {names[i]} "
+                  "(gantry tilt or mixed stacks); resample the series first")
+    return [str(slices[i][0]) for i in order]
+
+
 def read_dicom_series(folder: str | os.PathLike) -> tuple[np.ndarray, np.ndarray]:
     """Read the DICOM series in ``folder`` as ``(array (X, Y, Z), affine 4x4 voxel -> RAS mm)``,
     i.e. what nibabel would give for the same volume saved as NIfTI.
 
-    Values are the rescaled ones (HU for CT): int16 when they are all integers in range, else
-    float32. Several series in one folder: the one with the most files is read (warning). Raises
-    :class:`InputError` naming the folder when it holds no readable series.
+    Every file is checked first (:func:`check_dicom_series`): an unreadable or truncated slice, a
+    missing slice, uneven or duplicate positions, mixed orientations or sizes are errors that name
+    the series and the slice, never a volume with the wrong geometry. Values are the rescaled ones
+    (HU for CT): int16 when they are all integers in range, else float32. Several series in one
+    folder: the one with the most files is read (warning). Raises :class:`InputError` naming the
+    folder when it holds no readable series.
     """
     import itk
 
     folder = Path(folder)
     if not folder.is_dir():
         raise InputError(folder, "DICOM folder not found")
-    series = dicom_series_files(folder)
-    if not series:
+    files = check_dicom_series(folder)
+    if not files:
         what = "empty folder" if not _visible(folder) else "no readable DICOM series in this folder"
         raise InputError(folder, f"{what} (expected the .dcm files of one CT series)")
-    if len(series) > 1:
-        warnings.warn(f"{folder}: {len(series)} DICOM series found; segmenting the largest ({len(series[0])} files)",
-                      stacklevel=2)
     try:
         reader = itk.ImageSeriesReader[itk.Image[itk.F, 3]].New()
         reader.SetImageIO(itk.GDCMImageIO.New())
-        reader.SetFileNames(series[0])
+        reader.SetFileNames(files)  # checked and sorted along the slice normal
         reader.Update()
         img = reader.GetOutput()
     except Exception as exc:  # ITK raises RuntimeError with a long C++ trace
@@ -110,6 +277,9 @@ def read_dicom_series(folder: str | os.PathLike) -> tuple[np.ndarray, np.ndarray
     lps[:3, :3] = direction * spacing[None, :]
     lps[:3, 3] = origin
     affine = LPS_TO_RAS @ lps
+    from abdoseg.inference.ct_checks import check_affine
+
+    check_affine(affine, folder)
     if np.all(np.isfinite(array)) and np.all(array == np.round(array)) and array.size \
             and array.min() >= np.iinfo(np.int16).min and array.max() <= np.iinfo(np.int16).max:
         array = array.astype(np.int16)
@@ -119,20 +289,33 @@ def read_dicom_series(folder: str | os.PathLike) -> tuple[np.ndarray, np.ndarray
 # ----------------------------------------------------------------------------------------------
 # inputs and outputs
 # ----------------------------------------------------------------------------------------------
-def find_cases(input_path: str | os.PathLike) -> list[dict[str, str]]:
-    """Cases of ``input_path``: ``[{"case_id", "source", "kind": "nifti" | "dicom" | "unknown"}]``.
+def find_cases(input_path: str | os.PathLike, exclude: Any = ()) -> list[dict[str, str]]:
+    """Cases of ``input_path``: ``[{"case_id", "source", "kind": "nifti" | "dicom" | "unknown"}]``;
+    a case that cannot be opened (symbolic link loop, dangling link) also has a ``"problem"``.
 
-    Raises :class:`InputError` when the input does not exist, holds nothing to segment, or two
-    inputs would write the same ``<case>.nii.gz``.
+    Hidden and temporary files are never cases, and neither are the paths in ``exclude`` nor the
+    folders that hold them (the output of ``segment -i in -o in/masks``). Raises
+    :class:`InputError` when the input does not exist, holds nothing to segment, or two inputs
+    would write the same ``<case>.nii.gz``.
     """
     src = Path(input_path)
+    problem = _link_problem(src) if src.is_symlink() else None
+    if problem:
+        raise InputError(src, problem)
     if not src.exists():
         raise InputError(src, "input not found")
     if src.is_file():
         if not _is_nifti(src):
             raise InputError(src, "not a NIfTI file (.nii/.nii.gz); for DICOM give the folder of the series")
         return [{"case_id": case_id_from_image(src), "source": str(src), "kind": "nifti"}]
-    entries = _visible(src)
+    excluded = [r for r in (_resolve(Path(e)) for e in ([exclude] if isinstance(exclude, (str, os.PathLike))
+                                                        else exclude)) if r is not None]
+
+    def is_excluded(p: Path) -> bool:
+        r = _resolve(p)
+        return r is not None and any(r == e or r in e.parents for e in excluded)
+
+    entries = [p for p in _visible(src) if not is_excluded(p)]
     niftis = [p for p in entries if p.is_file() and _is_nifti(p)]
     if not niftis and dicom_series_files(src):
         return [{"case_id": src.resolve().name, "source": str(src), "kind": "dicom"}]
@@ -140,7 +323,10 @@ def find_cases(input_path: str | os.PathLike) -> list[dict[str, str]]:
         raise InputError(src, "empty folder: no NIfTI files (.nii/.nii.gz) and no DICOM series")
     cases = []
     for p in entries:
-        if p.is_dir():
+        problem = _link_problem(p) if p.is_symlink() else None
+        if problem:
+            cases.append({"case_id": p.name, "source": str(p), "kind": "unknown", "problem": problem})
+        elif p.is_dir():
             cases.append({"case_id": p.name, "source": str(p), "kind": "dicom"})
         elif _is_nifti(p):
             cases.append({"case_id": case_id_from_image(p), "source": str(p), "kind": "nifti"})
@@ -181,7 +367,7 @@ def output_layout(cases: list[dict[str, str]], input_path: str | os.PathLike,
     if src.is_dir() and out_dir.resolve() == src_dir and any(c["kind"] == "nifti" for c in cases):
         raise InputError(out_dir, "write the masks to another folder than the input folder")
     for c in cases:
-        if Path(c["source"]).resolve() == (out_dir / f"{c['case_id']}.nii.gz").resolve():
+        if _resolve(Path(c["source"])) == _resolve(out_dir / f"{c['case_id']}.nii.gz"):
             raise InputError(c["source"], "the mask would overwrite this input; choose another output")
     return out_dir, cases
 
@@ -284,6 +470,8 @@ class _CaseRunner:
         src = case["source"]
         if case["kind"] == "nifti":
             return Path(src)
+        if case.get("problem"):
+            raise InputError(src, case["problem"])
         if case["kind"] != "dicom":
             raise InputError(src, "not a NIfTI file (.nii/.nii.gz) or a DICOM series folder")
         if src not in self._nifti:
@@ -296,20 +484,33 @@ class _CaseRunner:
     def __call__(self, item: dict) -> tuple[np.ndarray, np.ndarray]:
         import nibabel as nib
 
+        from abdoseg.inference.ct_checks import check_affine
+
         case = item["case"]
         image = self.image_file(case)
         if case["kind"] == "nifti":
             try:  # header only: a clear one-line reason before MONAI tries all its readers
-                nib.load(str(image)).shape
+                header = nib.load(str(image))
+                header.shape
+                affine = header.affine
             except Exception as exc:
                 raise InputError(image, f"not a readable NIfTI image ({type(exc).__name__}: {exc})") from exc
+            check_affine(affine, image)  # a NaN or singular affine would end in the mask's header
+        caught: list = []
         try:
-            return self.segmenter({"image": str(image)})
+            with warnings.catch_warnings(record=True) as caught:
+                warnings.simplefilter("always")
+                result = self.segmenter({"image": str(image)})
         except InputError as exc:
             lines = exc.problem.strip().splitlines()
             problem = lines[0] + (" ...)" if len(lines) > 1 and lines[0].count("(") > lines[0].count(")") else "")
             # DICOM: name the user's folder, not the temporary NIfTI
             raise InputError(case["source"] if case["kind"] == "dicom" else exc.path, problem) from exc
+        finally:
+            for w in caught:  # re-issued, naming the user's DICOM folder
+                message = str(w.message).replace(str(image), case["source"])
+                warnings.warn_explicit(message, w.category, w.filename, w.lineno)
+        return result
 
 
 def write_extras(case_id: str, image_file: Path, mask_file: Path, out_dir: Path, statistics: bool,
@@ -358,10 +559,10 @@ def segment(input: str, output: str, bundle_dir: str = str(DEFAULT_BUNDLE), devi
 
     from abdoseg.batch import run_batch
 
-    cases = find_cases(input)
+    cases = find_cases(input, exclude=[output])  # the output may lie inside the input folder
     out_dir, cases = output_layout(cases, input, output)
     segmenter = load_cascade(bundle_dir, device)
-    out_dir.mkdir(parents=True, exist_ok=True)
+    ensure_writable_dir(out_dir)  # one clear error for a read-only folder, not one traceback per case
     with tempfile.TemporaryDirectory(prefix="abdoseg_segment_") as tmp:
         runner = _CaseRunner(segmenter, Path(tmp))
         items = [{"image": c["source"], "case_id": c["case_id"], "case": c} for c in cases]
