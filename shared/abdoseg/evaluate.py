@@ -2,7 +2,10 @@
 
 Cases are matched by file name: ground truth ``gt_dir/{case}.nii.gz`` is scored against
 ``pred_dir/{case}.nii.gz`` (or ``{case}.nii``). A missing prediction is scored as an empty
-prediction and listed in the summary. Shapes are checked (from the headers) before any work.
+prediction and listed in the summary; no prediction at all (an empty or wrong folder) is an
+error. Shapes and affines are checked (from the headers) before any work: a prediction on another
+voxel grid than its ground truth is an error naming both files, and so is a label value outside
+the FLARE23 ids 0..14. Hidden and temporary (``.partial``/``.tmp``) files are never read.
 Cases run in a process pool (``imap``: one case in memory per worker). Per-case values are
 rounded to 4 decimals and class means are means of those, rounded to 4, as in the official
 ``FLARE23_DSC_NSD_Eval.py``.
@@ -25,7 +28,7 @@ from typing import Any, Iterable, Sequence
 
 import numpy as np
 
-from abdoseg.io import InputError, atomic_path, load_nifti, save_json, voxel_spacing_mm
+from abdoseg.io import InputError, atomic_path, is_hidden_or_partial, load_nifti, save_json, voxel_spacing_mm
 from abdoseg.labels import FOREGROUND_IDS, LESION_ID, NSD_TOLERANCE_MM, ORGAN_IDS, class_name
 from abdoseg.metrics import _code_to_normals, evaluate_case
 
@@ -34,6 +37,8 @@ SUMMARY_JSON = "summary.json"
 SUMMARY_MD = "summary.md"
 CHART_PNG = "per_class.png"
 _EXTS = (".nii.gz", ".nii")
+#: A prediction's affine may differ from its ground truth's by this much (mm, entry-wise).
+AFFINE_TOL_MM = 0.01
 
 
 def _case_id(path: Path) -> str:
@@ -48,21 +53,56 @@ def _list_cases(folder: Path) -> dict[str, Path]:
     files: dict[str, Path] = {}
     for ext in _EXTS:  # "*.nii" does not match "*.nii.gz"; .nii.gz wins when both exist
         for p in sorted(folder.glob(f"*{ext}")):
-            if p.is_file():
+            if p.is_file() and not is_hidden_or_partial(p):  # never a half-written or hidden file
                 files.setdefault(_case_id(p), p)
     return dict(sorted(files.items()))
 
 
-def _header_shape(path: Path) -> tuple[int, ...]:
+def _header(path: Path) -> tuple[tuple[int, ...], np.ndarray]:
+    """``(shape, affine)`` from the header only."""
     import nibabel as nib
 
     try:
-        shape = tuple(int(s) for s in nib.load(str(path)).shape)
+        img = nib.load(str(path))
+        shape = tuple(int(s) for s in img.shape)
+        affine = np.asarray(img.affine, dtype=np.float64)
     except Exception as exc:  # nibabel raises many types for corrupt headers
         raise InputError(path, f"not a readable NIfTI image ({type(exc).__name__}: {exc})") from exc
     if len(shape) != 3:
         raise InputError(path, f"expected a 3-D label map, got shape {shape}")
-    return shape
+    if not np.all(np.isfinite(affine)):
+        raise InputError(path, "the affine (voxel -> world matrix) has NaN/infinite entries")
+    return shape, affine
+
+
+def _header_shape(path: Path) -> tuple[int, ...]:
+    return _header(path)[0]
+
+
+def _check_same_grid(pred_path: Path, gt_path: Path) -> None:
+    """Raise :class:`InputError` naming both files when the prediction is not on the ground truth's
+    voxel grid (shape, spacing, orientation or origin): its scores would be meaningless."""
+    from abdoseg.geometry import affine_spacing_mm
+
+    (p_shape, p_aff), (g_shape, g_aff) = _header(pred_path), _header(gt_path)
+    if p_shape != g_shape:
+        raise InputError(pred_path, f"shape {p_shape} differs from ground truth {gt_path} shape {g_shape}")
+    diff = float(np.max(np.abs(p_aff - g_aff)))
+    if diff > AFFINE_TOL_MM:
+        fmt = lambda v: "(" + ", ".join(f"{x:.4g}" for x in v) + ")"  # noqa: E731
+        raise InputError(pred_path, f"voxel grid differs from ground truth {gt_path} (affines differ by up to "
+                                    f"{diff:.4g} mm): spacing {fmt(affine_spacing_mm(p_aff))} vs "
+                                    f"{fmt(affine_spacing_mm(g_aff))} mm, origin {fmt(p_aff[:3, 3])} vs "
+                                    f"{fmt(g_aff[:3, 3])} mm; resample the prediction onto the ground truth")
+
+
+def _check_label_values(arr: np.ndarray, path: Any) -> None:
+    """Raise :class:`InputError` naming ``path`` unless every value is a FLARE23 id 0..14."""
+    from abdoseg.dataprep import label_class_counts
+
+    _, problem = label_class_counts(arr)
+    if problem:
+        raise InputError(path, problem.replace("label ", "label map ", 1) + " (FLARE23 ids are 0..14)")
 
 
 def _parse_classes(classes: Any, case_ids: Iterable[str]) -> dict[str, tuple[int, ...]]:
@@ -118,6 +158,7 @@ def _evaluate_one(task: tuple) -> tuple:
     t0, c0 = time.perf_counter(), time.process_time()
     try:
         gt, _, header = load_nifti(gt_path)
+        _check_label_values(gt, gt_path)
         spacing = voxel_spacing_mm(header)
         if pred_path is None:
             pred = np.zeros(gt.shape, dtype=np.uint8)
@@ -125,6 +166,7 @@ def _evaluate_one(task: tuple) -> tuple:
             pred, _, _ = load_nifti(pred_path)
             if pred.shape != gt.shape:
                 raise InputError(pred_path, f"shape {pred.shape} differs from ground truth {gt_path} shape {gt.shape}")
+            _check_label_values(pred, pred_path)
         results = evaluate_case(gt, pred, spacing, nsd_dsc_threshold=threshold, classes=classes)
     except InputError as exc:
         return ("error", exc.path, exc.problem)
@@ -246,8 +288,10 @@ def evaluate(pred_dir: str, gt_dir: str, out_dir: str, nsd_dsc_threshold: float 
         The summary dict (also written to ``out_dir/summary.json``).
 
     Raises:
-        InputError: a folder is missing or empty, a file is unreadable, or a prediction's shape
-            differs from its ground truth (the message names both files).
+        InputError: a folder is missing or empty, no prediction matches a ground-truth case, a
+            file is unreadable, a label value is not a FLARE23 id 0..14, or a prediction's voxel
+            grid (shape, spacing, orientation, origin) differs from its ground truth (the message
+            names both files).
     """
     t_start = time.perf_counter()
     pred_dir_p, gt_dir_p, out_dir_p = Path(pred_dir), Path(gt_dir), Path(out_dir)
@@ -259,15 +303,20 @@ def evaluate(pred_dir: str, gt_dir: str, out_dir: str, nsd_dsc_threshold: float 
     if not gts:
         raise InputError(gt_dir_p, "no *.nii.gz ground-truth files")
     preds = _list_cases(pred_dir_p)
+    if not preds:
+        raise InputError(pred_dir_p, "no *.nii.gz prediction files (wrong --pred_dir?)")
     case_classes = _parse_classes(classes, gts)
     missing = [c for c in gts if c not in preds]
     unmatched = [c for c in preds if c not in gts]
+    if len(missing) == len(gts):
+        raise InputError(pred_dir_p, f"none of its {len(preds)} prediction file(s) matches a ground-truth case of "
+                                     f"{gt_dir_p} (e.g. {next(iter(preds))} vs {next(iter(gts))}); predictions "
+                                     "must be named <case>.nii.gz like the ground truth")
     for case, gt_path in gts.items():  # cheap header checks before any work
-        gt_shape = _header_shape(gt_path)
         if case in preds:
-            pred_shape = _header_shape(preds[case])
-            if pred_shape != gt_shape:
-                raise InputError(preds[case], f"shape {pred_shape} differs from ground truth {gt_path} shape {gt_shape}")
+            _check_same_grid(preds[case], gt_path)
+        else:
+            _header_shape(gt_path)
     if missing:
         print(f"abdoseg evaluate: warning: {len(missing)} missing prediction(s) scored as empty: "
               + ", ".join(missing), file=sys.stderr)
