@@ -1,5 +1,13 @@
-"""Networks: :class:`PocketUNet` (constant-width MONAI DynUNet) and complexity helpers."""
+"""Networks: :class:`PocketUNet` (constant-width MONAI DynUNet), :class:`MSFFUNet` (seed 000's
+residual U-Net with multi-scale feature fusion) and complexity helpers."""
 
+from abdoseg.networks.msff_unet import (
+    SEED000_COARSE_CHANNELS,
+    SEED000_FINE_CHANNELS,
+    MSFFBlock,
+    MSFFUNet,
+    ProjectionResBlock,
+)
 from abdoseg.networks.pocket_unet import (
     DEFAULT_KERNEL_SIZE,
     DEFAULT_STRIDES,
@@ -12,6 +20,11 @@ from abdoseg.networks.pocket_unet import (
 
 __all__ = [
     "PocketUNet",
+    "MSFFUNet",
+    "MSFFBlock",
+    "ProjectionResBlock",
+    "SEED000_COARSE_CHANNELS",
+    "SEED000_FINE_CHANNELS",
     "doubling_unet",
     "count_parameters",
     "count_flops",
