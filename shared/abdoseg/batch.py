@@ -19,7 +19,7 @@ from typing import Callable, Sequence
 import numpy as np
 from tqdm.auto import tqdm
 
-from abdoseg.io import InputError, case_id_from_image, save_nifti
+from abdoseg.io import InputError, case_id_from_image, remove_stale_partials, save_nifti
 
 logger = logging.getLogger(__name__)
 
@@ -97,6 +97,8 @@ def run_batch(
     mine = shard(items, rank, world_size)
     output_dir = Path(output_dir)
     output_dir.mkdir(parents=True, exist_ok=True)
+    for p in remove_stale_partials(output_dir):  # what a killed earlier run was writing
+        logger.info("removed %s (left by an interrupted run)", p)
     report = BatchReport()
     bar = tqdm(mine, desc=f"{desc} [rank {rank}/{world_size}]" if world_size > 1 else desc,
                unit="case", disable=None, file=sys.stderr)
@@ -113,6 +115,11 @@ def run_batch(
         except InputError as exc:
             report.failed.append((case_id, str(item.get("image")), str(exc)))
             logger.error("%s", exc)
+        except OSError as exc:  # unreadable input, full disk, read-only output: the reason is enough
+            where = exc.filename if getattr(exc, "filename", None) else item.get("image")
+            reason = f"{where}: {exc.strerror or type(exc).__name__} ({out.name} not written)"
+            report.failed.append((case_id, str(item.get("image")), reason))
+            logger.error("%s", reason)
         except Exception as exc:  # keep the batch going; the reason is reported at the end
             reason = f"{item.get('image')}: {type(exc).__name__}: {exc}"
             report.failed.append((case_id, str(item.get("image")), reason))

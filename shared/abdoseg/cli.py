@@ -8,6 +8,8 @@ from __future__ import annotations
 
 import importlib
 import sys
+import warnings
+from pathlib import Path
 
 COMMANDS: dict[str, tuple[str, str]] = {
     # name: ("module:function", one-line help)
@@ -50,11 +52,27 @@ def main(argv: list[str] | None = None) -> None:
 
     from abdoseg.io import InputError
 
+    package_dir = str(Path(__file__).resolve().parent)
+    show_default = warnings.showwarning
+
+    def show(message, category, filename, lineno, file=None, line=None):  # our warnings: one line each
+        if str(filename).startswith(package_dir) or category.__module__.startswith("abdoseg"):
+            print(f"abdoseg {name}: warning: {message}", file=sys.stderr if file is None else file)
+        else:
+            show_default(message, category, filename, lineno, file, line)
+
+    warnings.showwarning = show
     try:
         fire.Fire(quiet, command=argv[1:], name=f"abdoseg {name}")
     except InputError as exc:
         print(f"abdoseg {name}: error: {exc}", file=sys.stderr)
         raise SystemExit(1) from exc
+    except OSError as exc:  # a read-only folder, a file where a folder should be, a full disk: no traceback
+        where = f"{exc.filename}: " if getattr(exc, "filename", None) else ""
+        print(f"abdoseg {name}: error: {where}{exc.strerror or exc}", file=sys.stderr)
+        raise SystemExit(1) from exc
+    finally:
+        warnings.showwarning = show_default
 
 
 if __name__ == "__main__":

@@ -35,7 +35,7 @@ from typing import Any, Iterable, Mapping, Sequence
 import nibabel as nib
 import numpy as np
 
-from abdoseg.io import InputError, atomic_path, case_id_from_image, load_nifti, save_json
+from abdoseg.io import InputError, atomic_path, case_id_from_image, is_hidden_or_partial, load_nifti, save_json
 from abdoseg.labels import LABELS, LESION_ID, NUM_CLASSES, ORGAN_IDS
 
 AFFINE_TOL_MM: float = 1e-3
@@ -203,7 +203,7 @@ def _nifti_files(folder: Path) -> dict[str, Path]:
     if not folder.is_dir():
         return out
     for p in sorted(folder.iterdir()):
-        if p.name.startswith(".") or not p.is_file() or not p.name.endswith(_NIFTI_EXTS):
+        if is_hidden_or_partial(p) or not p.is_file() or not p.name.endswith(_NIFTI_EXTS):
             continue
         out.setdefault(case_id_from_image(p), p)
     return out
@@ -519,7 +519,7 @@ def merge_structure_masks(mask_dir: str | os.PathLike,
         raise InputError(mask_dir, "mask folder not found")
     pairs = list(mapping.items()) if isinstance(mapping, Mapping) else list(mapping)
     files = sorted((p for p in mask_dir.iterdir() if p.is_file() and p.name.endswith(_NIFTI_EXTS)
-                    and not p.name.startswith(".")), key=lambda p: p.name)
+                    and not is_hidden_or_partial(p)), key=lambda p: p.name)
     plan: list[tuple[Path, int]] = []
     for pattern, cls in pairs:
         if not 1 <= int(cls) <= NUM_CLASSES - 1:

@@ -25,7 +25,7 @@ import nibabel as nib
 import numpy as np
 from scipy import ndimage
 
-from abdoseg.io import InputError, save_json, save_nifti
+from abdoseg.io import InputError, ensure_writable_dir, save_json, save_nifti
 from abdoseg.labels import LABELS, LESION_ID
 from abdoseg.phantom.anatomy import Anatomy, Grid, render, sample_anatomy
 from abdoseg.phantom.annotations import (partial_label, pseudo_label_a, pseudo_label_b,
@@ -48,6 +48,8 @@ PRESETS: dict[str, dict[str, Any]] = {
 # Header orientations drawn for cases (axis flips as real CT exports have them).
 AXCODES_P: dict[str, float] = {"LPS": 0.3, "RAS": 0.25, "LAS": 0.15, "RPS": 0.1, "LPI": 0.1, "RAI": 0.1}
 SPLITS = ("train_labeled", "unlabeled", "validation")
+#: ``generate(slices=...)`` bounds (a CT needs a few slices; more than a whole-body scan is a typo).
+SLICES_RANGE = (4, 2000)
 
 
 @dataclass
@@ -263,6 +265,17 @@ def _write_case(root: str, seed: int, index: int, split: str, preset: str, slice
     return meta
 
 
+def _int_arg(value: Any, name: str) -> int:
+    """``value`` as an int (fire passes strings for odd input), else :class:`InputError` naming the flag."""
+    try:
+        f = float(value)
+    except (TypeError, ValueError):
+        f = float("nan")
+    if isinstance(value, bool) or not np.isfinite(f) or f != int(f):
+        raise InputError(name, f"must be an integer, got {value!r}")
+    return int(f)
+
+
 def generate(out_dir: str, preset: str = "small", seed: int = 0, n_labeled: int | None = None,
              n_unlabeled: int | None = None, n_val: int | None = None, workers: int = 1,
              slices: int | None = None) -> str:
@@ -273,13 +286,19 @@ def generate(out_dir: str, preset: str = "small", seed: int = 0, n_labeled: int 
     case (benchmarks). Raises InputError when ``out_dir`` holds a phantom made with other settings.
     """
     cfg = _check_preset(preset)
-    counts = {"train_labeled": cfg["n_labeled"] if n_labeled is None else int(n_labeled),
-              "unlabeled": cfg["n_unlabeled"] if n_unlabeled is None else int(n_unlabeled),
-              "validation": cfg["n_val"] if n_val is None else int(n_val)}
+    counts = {"train_labeled": cfg["n_labeled"] if n_labeled is None else _int_arg(n_labeled, "--n_labeled"),
+              "unlabeled": cfg["n_unlabeled"] if n_unlabeled is None else _int_arg(n_unlabeled, "--n_unlabeled"),
+              "validation": cfg["n_val"] if n_val is None else _int_arg(n_val, "--n_val")}
     if min(counts.values()) < 0:
         raise InputError(out_dir, f"case counts must be >= 0, got {counts}")
-    root = Path(out_dir)
-    root.mkdir(parents=True, exist_ok=True)
+    seed, workers = _int_arg(seed, "--seed"), _int_arg(workers, "--workers")
+    if workers < 1:
+        raise InputError("--workers", f"must be >= 1, got {workers}")
+    if slices is not None:
+        slices = _int_arg(slices, "--slices")
+        if not SLICES_RANGE[0] <= slices <= SLICES_RANGE[1]:
+            raise InputError("--slices", f"must be between {SLICES_RANGE[0]} and {SLICES_RANGE[1]}, got {slices}")
+    root = ensure_writable_dir(out_dir)  # arguments checked first: a bad call leaves nothing behind
     gen = {"version": GENERATOR_VERSION, "preset": preset, "seed": int(seed), "slices": slices,
            "n_labeled": counts["train_labeled"], "n_unlabeled": counts["unlabeled"], "n_val": counts["validation"]}
     marker = root / ".phantom_generator.json"
