@@ -1,11 +1,20 @@
 """Marginal + exclusion loss (Shi et al. 2021) and the AnnotatedClassesd transform."""
 
+import math
+
 import pytest
 import torch
 from monai.data import list_data_collate
 from monai.losses import DeepSupervisionLoss, DiceCELoss
 
-from abdoseg.losses import MarginalExclusionLoss, marginal_log_probs, pack_target
+from abdoseg.losses import (
+    MarginalExclusionLoss,
+    SigmoidDiceBCELoss,
+    labels_to_multichannel,
+    marginal_log_probs,
+    pack_target,
+    sigmoid_logits_to_labels,
+)
 from abdoseg.transforms import AnnotatedClassesd, annotated_mask
 
 C = 5  # background + 4 classes keeps the tensors tiny
@@ -265,3 +274,102 @@ def test_supervised_trainer_with_packed_targets_and_pocket_unet_deep_supervision
     trainer.run()
     assert len(losses) == 3 and all(map(torch.isfinite, torch.tensor(losses)))
     assert losses[-1] < losses[0]
+
+
+# ------------------------------------------------------------------ seed 000: sigmoid BCE + Dice
+
+
+def test_labels_to_multichannel_drops_background():
+    label = torch.tensor([0, 1, 3, 2]).reshape(1, 1, 4, 1, 1)
+    y = labels_to_multichannel(label, num_classes=4)
+    assert y.shape == (1, 3, 4, 1, 1) and y.dtype == torch.float32
+    assert y[0, :, :, 0, 0].tolist() == [[0, 1, 0, 0], [0, 0, 0, 1], [0, 0, 1, 0]]
+    assert labels_to_multichannel(label, 4, include_background=True)[0, 0, :, 0, 0].tolist() == [1, 0, 0, 0]
+    with pytest.raises(ValueError, match="0..3"):
+        labels_to_multichannel(label + 1, num_classes=4)
+
+
+def test_sigmoid_loss_exact_numbers_on_zero_logits():
+    """Zero logits: p = 0.5 everywhere, BCE = ln 2; voxels (1, 0): class 1 Dice loss =
+    1 - (2*0.5 + s)/(1 + 1 + s), class 2 (absent) = 1 - s/(1 + s)."""
+    s = 1e-5
+    logits = torch.zeros(1, 3, 2, 1, 1)
+    label = torch.tensor([1, 0]).reshape(1, 1, 2, 1, 1)
+    want_dice = ((1 - (1 + s) / (2 + s)) + (1 - s / (1 + s))) / 2
+    loss = SigmoidDiceBCELoss(num_classes=3)
+    assert float(loss(logits, label)) == pytest.approx(math.log(2) + want_dice, abs=1e-6)
+    assert float(SigmoidDiceBCELoss(num_classes=3, lambda_dice=0)(logits, label)) == pytest.approx(math.log(2), abs=1e-7)
+    assert float(SigmoidDiceBCELoss(num_classes=3, lambda_bce=0)(logits, label)) == pytest.approx(want_dice, abs=1e-6)
+    # the same with foreground-only logits (C - 1 channels): the background channel is ignored
+    assert float(loss(logits[:, 1:], label)) == pytest.approx(float(loss(logits, label)), abs=0)
+
+
+def test_sigmoid_loss_matches_hand_computation_and_ignores_background_channel():
+    logits, label = _data(3)
+    p = torch.sigmoid(logits[:, 1:])
+    y = torch.stack([(label[:, 0] == c).float() for c in range(1, C)], dim=1)
+    bce = -(y * p.log() + (1 - y) * (1 - p).log()).mean()
+    inter = (p * y).flatten(2).sum(-1)
+    dice = (1 - (2 * inter + 1e-5) / (p.flatten(2).sum(-1) + y.flatten(2).sum(-1) + 1e-5)).mean()
+    loss = SigmoidDiceBCELoss(num_classes=C)
+    assert torch.allclose(loss(logits, label), bce + dice, atol=1e-5)
+    changed = logits.clone()
+    changed[:, 0] += 7.0  # background channel unused without include_background
+    assert torch.allclose(loss(changed, label), loss(logits, label))
+    with_bg = SigmoidDiceBCELoss(num_classes=C, include_background=True)
+    assert not torch.allclose(with_bg(changed, label), with_bg(logits, label))
+    # a multi-channel binary target gives the same number as the ids
+    assert torch.allclose(loss(logits, y), loss(logits, label))
+    with pytest.raises(ValueError, match="channels"):
+        loss(logits[:, :3], label)
+
+
+def test_sigmoid_loss_equals_monai_dicece_for_one_channel_but_not_for_several():
+    logits, label = _data(4)
+    binary = (label == 1).long()
+    z = logits[:, 1:2]
+    ref = DiceCELoss(sigmoid=True)(z, binary.float())  # MONAI: one channel -> BCE + sigmoid Dice
+    assert torch.allclose(SigmoidDiceBCELoss(num_classes=2)(z, binary), ref, atol=1e-6)
+    # several channels: MONAI's DiceCELoss(sigmoid=True) uses softmax CE, not per-class BCE
+    y = labels_to_multichannel(label, C)
+    monai_multi = DiceCELoss(sigmoid=True)(logits[:, 1:], y)
+    assert not torch.allclose(SigmoidDiceBCELoss(num_classes=C)(logits, label), monai_multi, atol=1e-3)
+
+
+def test_sigmoid_loss_deep_supervision_levels():
+    logits, label = _data(5, shape=(4, 4, 2))
+    low = torch.randn(2, C, 2, 2, 1)
+    loss = SigmoidDiceBCELoss(num_classes=C)  # MONAI "exp" weights: 1, 0.5
+    small = torch.nn.functional.interpolate(label.float(), size=(2, 2, 1), mode="nearest-exact")
+    want = loss(logits, label) + 0.5 * loss(low, small)
+    assert torch.allclose(loss([logits, low], label), want, atol=1e-6)
+    stack = torch.stack([logits, logits * 0.5], dim=1)  # DynUNet (B, L, C, *S)
+    assert torch.allclose(loss(stack, label), loss(logits, label) + 0.5 * loss(logits * 0.5, label), atol=1e-6)
+
+
+def test_sigmoid_logits_to_labels_threshold_and_argmax():
+    # voxels: class 2 strongest and > 0.5; nothing above 0.5; class 1 only
+    z = torch.tensor([[9.0, 9.0, 9.0], [0.5, -1.0, 2.0], [1.5, -0.1, -3.0]]).reshape(1, 3, 3, 1, 1)
+    out = sigmoid_logits_to_labels(z)
+    assert out.shape == (1, 1, 3, 1, 1) and out.flatten().tolist() == [2, 0, 1]
+    assert sigmoid_logits_to_labels(z, threshold=0.2).flatten().tolist() == [2, 2, 1]  # logit(0.2) = -1.386
+    assert sigmoid_logits_to_labels(z[0, 1:], has_background_channel=False, dim=0).flatten().tolist() == [2, 0, 1]
+
+
+def test_sigmoid_loss_trains_tiny_msff_unet():
+    from abdoseg.networks import MSFFUNet
+
+    torch.manual_seed(0)
+    net = MSFFUNet(out_channels=3, channels=(4, 8))
+    x = torch.randn(1, 1, 8, 8, 8)
+    label = (x > 0.5).long() + (x > 1.2).long()
+    loss_fn = SigmoidDiceBCELoss(num_classes=3)
+    opt = torch.optim.Adam(net.parameters(), lr=1e-2, betas=(0.9, 0.99), weight_decay=1e-5)  # seed 000's Adam
+    losses = []
+    for _ in range(8):
+        opt.zero_grad()
+        loss = loss_fn(net(x), label)
+        loss.backward()
+        opt.step()
+        losses.append(float(loss))
+    assert losses[-1] < 0.8 * losses[0]

@@ -45,10 +45,16 @@ label resized with ``nearest-exact`` and weights from :class:`monai.losses.DeepS
 (``weight_mode``). The ``annotated`` mask may also be packed into the target (see
 :func:`pack_target`) so the loss works with two-argument callers such as MONAI's
 ``SupervisedTrainer`` and ``DeepSupervisionLoss``.
+
+Also here (seed 000's loss option): :class:`SigmoidDiceBCELoss` (per-class sigmoid, BCE + Dice,
+on MONAI ``DiceLoss(sigmoid=True)`` and ``DeepSupervisionLoss``), :func:`labels_to_multichannel`
+(class ids -> one binary channel per foreground class) and :func:`sigmoid_logits_to_labels`
+(the matching decode: best foreground class above a probability threshold, else background).
 """
 
 from __future__ import annotations
 
+import math
 from typing import Sequence
 
 import torch
@@ -61,7 +67,16 @@ from torch import nn
 
 from .labels import NUM_CLASSES
 
-__all__ = ["MarginalExclusionLoss", "PackedTargetPrepareBatch", "pack_target", "unpack_target", "marginal_log_probs"]
+__all__ = [
+    "MarginalExclusionLoss",
+    "PackedTargetPrepareBatch",
+    "pack_target",
+    "unpack_target",
+    "marginal_log_probs",
+    "SigmoidDiceBCELoss",
+    "labels_to_multichannel",
+    "sigmoid_logits_to_labels",
+]
 
 
 def pack_target(label: torch.Tensor, annotated: torch.Tensor) -> torch.Tensor:
@@ -296,3 +311,175 @@ class MarginalExclusionLoss(nn.Module):
                 lab = F.interpolate(label.float(), size=lg.shape[2:], mode="nearest-exact")
             total = total + w * self._single(lg, lab, annotated)
         return total
+
+
+# ---------------------------------------------------------------------------------------------
+# Seed 000: sigmoid outputs, BCE + Dice
+# ---------------------------------------------------------------------------------------------
+def labels_to_multichannel(label: torch.Tensor, num_classes: int = NUM_CLASSES,
+                           include_background: bool = False) -> torch.Tensor:
+    """Integer class ids ``(B, 1, *S)`` -> binary float targets, one channel per class.
+
+    Returns ``(B, num_classes, *S)`` (``include_background``) or ``(B, num_classes - 1, *S)``
+    (channel k = class k + 1; background has no channel, a background voxel is all zeros).
+    Uses :func:`monai.networks.utils.one_hot`; ids outside ``0..num_classes-1`` raise ValueError.
+    """
+    if label.ndim < 3 or label.shape[1] != 1:
+        raise ValueError(f"label must have shape (B, 1, *spatial), got {tuple(label.shape)}")
+    if label.numel():
+        lo, hi = int(label.min()), int(label.max())
+        if lo < 0 or hi >= num_classes:
+            raise ValueError(f"label class ids must lie in 0..{num_classes - 1}, found {lo}..{hi}")
+    y = one_hot(label.long(), num_classes, dim=1, dtype=torch.float32)
+    return y if include_background else y[:, 1:]
+
+
+class SigmoidDiceBCELoss(nn.Module):
+    """Seed 000's loss: per-class sigmoid, ``L = lambda_bce * BCE + lambda_dice * Dice``.
+
+    Each output channel is an independent binary map (sigmoid), as in seed 000 ("a segmented
+    probability map utilizing a sigmoid function", ``L_total = L_BCE + L_Dice``).
+
+    * BCE: :func:`torch.nn.functional.binary_cross_entropy_with_logits` (mean over batch,
+      channels and voxels).
+    * Dice: :class:`monai.losses.DiceLoss` with ``sigmoid=True`` (mean over batch and channels;
+      ``batch=True`` pools the batch first, as MONAI).
+    * Deep supervision: :class:`monai.losses.DeepSupervisionLoss` (level weights, nearest-exact
+      resizing of the target).
+
+    Why not ``monai.losses.DiceCELoss(sigmoid=True)``: in MONAI 1.6 it uses BCE only for a
+    single-channel output; with several channels it applies *softmax* cross entropy, which is
+    not the paper's per-class BCE. For one foreground channel the two are equal (tested).
+
+    Args:
+        num_classes: C, class ids in the label including background (FLARE23: 15).
+        include_background: False (default): the loss covers the foreground classes 1..C-1 only;
+            the logits may have C channels (channel 0 is then ignored) or C-1 channels
+            (foreground only); decode with :func:`sigmoid_logits_to_labels`. True: C channels,
+            background is a class of its own (then the argmax of the logits, as used for softmax
+            nets, is also a valid decode).
+        lambda_dice, lambda_bce: term weights (>= 0).
+        smooth_nr, smooth_dr, batch: as :class:`monai.losses.DiceLoss`.
+        pos_weight: optional per-channel positive weight of the BCE (length = channels used).
+        weight_mode, weights: deep-supervision level weights, as
+            :class:`monai.losses.DeepSupervisionLoss`.
+
+    ``forward(logits, target)``:
+        logits: ``(B, K, *S)``; or a DynUNet training stack ``(B, L, K, *S)``; or a list/tuple of
+            ``(B, K, *S_l)`` tensors (first = full resolution). K = C or C-1 (see above).
+        target: integer ids ``(B, 1, *S)`` (converted by :func:`labels_to_multichannel`), or a
+            binary (or soft) target with one channel per class the loss uses (with a single
+            class, ``num_classes=2`` without background, the two forms coincide).
+        Returns a scalar tensor.
+    """
+
+    def __init__(
+        self,
+        num_classes: int = NUM_CLASSES,
+        include_background: bool = False,
+        lambda_dice: float = 1.0,
+        lambda_bce: float = 1.0,
+        smooth_nr: float = 1e-5,
+        smooth_dr: float = 1e-5,
+        batch: bool = False,
+        pos_weight: Sequence[float] | torch.Tensor | None = None,
+        weight_mode: str = "exp",
+        weights: Sequence[float] | None = None,
+    ) -> None:
+        super().__init__()
+        if lambda_dice < 0 or lambda_bce < 0:
+            raise ValueError("lambda_dice and lambda_bce must be >= 0")
+        if num_classes < 2:
+            raise ValueError(f"num_classes must be >= 2 (background + one class), got {num_classes}")
+        self.num_classes = int(num_classes)
+        self.include_background = bool(include_background)
+        self.lambda_dice = float(lambda_dice)
+        self.lambda_bce = float(lambda_bce)
+        self.dice = DiceLoss(include_background=True, to_onehot_y=False, sigmoid=True, reduction="mean",
+                             smooth_nr=smooth_nr, smooth_dr=smooth_dr, batch=batch)
+        self.pos_weight: torch.Tensor | None
+        if pos_weight is not None:
+            pw = torch.as_tensor(pos_weight, dtype=torch.float32).flatten()
+            if pw.numel() != self.n_channels:
+                raise ValueError(f"pos_weight needs {self.n_channels} values, got {pw.numel()}")
+            self.register_buffer("pos_weight", pw)
+        else:
+            self.pos_weight = None
+        self._ds = DeepSupervisionLoss(self._single, weight_mode=weight_mode,
+                                       weights=list(weights) if weights else None)
+
+    @property
+    def n_channels(self) -> int:
+        """Channels the loss is computed on: C with background, else C-1."""
+        return self.num_classes if self.include_background else self.num_classes - 1
+
+    def _select(self, logits: torch.Tensor) -> torch.Tensor:
+        k = logits.shape[1]
+        if k == self.n_channels:
+            return logits
+        if not self.include_background and k == self.num_classes:
+            return logits[:, 1:]
+        allowed = [self.n_channels] if self.include_background else [self.num_classes, self.num_classes - 1]
+        raise ValueError(f"logits have {k} channels; expected one of {allowed} "
+                         f"(num_classes={self.num_classes}, include_background={self.include_background})")
+
+    def _target(self, target: torch.Tensor, like: torch.Tensor) -> torch.Tensor:
+        if target.shape[1] == self.n_channels:  # already one channel per class (binary or soft)
+            return target.to(device=like.device, dtype=torch.float32)
+        if target.shape[1] == 1:  # class ids
+            return labels_to_multichannel(target, self.num_classes, self.include_background).to(like.device)
+        raise ValueError(f"target has {target.shape[1]} channels; expected 1 (class ids) or {self.n_channels}")
+
+    def _single(self, logits: torch.Tensor, target: torch.Tensor) -> torch.Tensor:
+        """Loss of one resolution level: logits ``(B, K, *S)``, target ``(B, 1 or K', *S)``."""
+        z = self._select(logits).float()
+        if target.ndim != z.ndim or target.shape[2:] != z.shape[2:]:
+            raise ValueError(f"target shape {tuple(target.shape)} does not match logits {tuple(z.shape)}")
+        y = self._target(target, z)
+        total = z.new_zeros(())
+        if self.lambda_bce:
+            pw = None
+            if self.pos_weight is not None:
+                pw = self.pos_weight.to(z.device).reshape(-1, *([1] * (z.ndim - 2)))
+            total = total + self.lambda_bce * F.binary_cross_entropy_with_logits(z, y, pos_weight=pw)
+        if self.lambda_dice:
+            total = total + self.lambda_dice * self.dice(z, y)
+        return total
+
+    def forward(self, logits: torch.Tensor | Sequence[torch.Tensor], target: torch.Tensor) -> torch.Tensor:
+        if isinstance(logits, torch.Tensor) and logits.ndim == target.ndim + 1:
+            logits = list(torch.unbind(logits, dim=1))  # DynUNet (B, L, K, *S) stack
+        if isinstance(logits, (list, tuple)):
+            if not logits:
+                raise ValueError("logits: empty list")
+            # MONAI resizes the target with nearest-exact: integer ids stay valid ids
+            return self._ds(list(logits), target if torch.is_floating_point(target) else target.float())
+        return self._single(logits, target)
+
+
+def sigmoid_logits_to_labels(logits: torch.Tensor, threshold: float = 0.5, has_background_channel: bool = True,
+                             dim: int = 1) -> torch.Tensor:
+    """Decode per-class sigmoid outputs into integer class ids (inverse of the target encoding of
+    :class:`SigmoidDiceBCELoss` with ``include_background=False``).
+
+    A voxel gets the foreground class with the highest logit when that class's probability
+    exceeds ``threshold``, else background (0). Works on logits (sigmoid is monotone: the test is
+    ``z > log(t / (1 - t))``), so no probabilities are materialised.
+
+    Args:
+        logits: channel axis ``dim``; e.g. ``(B, C, *S)`` (``dim=1``) or ``(C, *S)`` (``dim=0``).
+        threshold: probability threshold in (0, 1).
+        has_background_channel: True: channel 0 is background and is ignored (C channels for
+            classes 0..C-1); False: channel k is class k + 1 (C-1 foreground channels).
+        dim: the channel axis.
+    Returns:
+        int64 class ids with the channel axis kept (size 1), e.g. ``(B, 1, *S)``.
+    """
+    if not 0.0 < threshold < 1.0:
+        raise ValueError(f"threshold must lie in (0, 1), got {threshold}")
+    fg = logits.narrow(dim, 1, logits.shape[dim] - 1) if has_background_channel else logits
+    if fg.shape[dim] < 1:
+        raise ValueError("logits need at least one foreground channel")
+    best, idx = fg.max(dim=dim, keepdim=True)
+    cut = math.log(threshold / (1.0 - threshold))
+    return torch.where(best > cut, idx + 1, torch.zeros_like(idx))
