@@ -1,0 +1,594 @@
+"""Hostile but fair input (issue 13): every case here once gave wrong geometry, left files behind or
+ended in a traceback. Now each is an error (exit 1, one line naming the file and the reason, no
+partial output, inputs untouched) or, for implausible but usable input, a one-line warning.
+
+Small synthetic volumes (40 x 40 x 30 voxels of 6 mm); ``abdoseg segment`` runs with a stand-in
+segmenter (LoadImaged + EnsureChannelFirstd + ValidateCTd, the head of the real inference chain,
+then a threshold), so these tests do not depend on trained weights or on the cascade.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import shutil
+import signal
+import subprocess
+import sys
+import time
+import warnings
+from pathlib import Path
+
+import nibabel as nib
+import numpy as np
+import pytest
+
+from abdoseg.io import (InputError, atomic_path, check_items_exist, is_hidden_or_partial, partial_path,
+                        remove_stale_partials, save_nifti)
+
+SHAPE = (40, 40, 30)
+SPACING = (6.0, 6.0, 6.0)
+AFFINE = np.diag([-6.0, -6.0, 6.0, 1.0])  # LPS-like voxel axes
+AFFINE[:3, 3] = (120.0, 120.0, -90.0)
+
+
+# ----------------------------------------------------------------------------------------------
+# helpers
+# ----------------------------------------------------------------------------------------------
+def _ct(shape=SHAPE) -> np.ndarray:
+    """Air around a soft-tissue ellipsoid with a bright 'bone' core (int16 HU)."""
+    x, y, z = np.meshgrid(*[np.linspace(-1, 1, s) for s in shape], indexing="ij")
+    hu = np.full(shape, -1000, np.int16)
+    hu[x ** 2 + y ** 2 < 0.6] = 40
+    hu[x ** 2 + y ** 2 < 0.05] = 700
+    return hu + (np.arange(shape[2], dtype=np.int16)[None, None, :] % 3)  # slices differ
+
+
+class _StandInSegmenter:
+    """The head of the real inference chain (reader + input checks), then a threshold."""
+
+    calls: list[str] = []
+
+    def __call__(self, item: dict):
+        from monai.transforms import EnsureChannelFirstd, LoadImaged
+
+        from abdoseg.inference.ct_checks import ValidateCTd
+
+        d = LoadImaged("image", reader="NibabelReader", image_only=True)(dict(item))
+        d = ValidateCTd("image")(EnsureChannelFirstd("image")(d))
+        self.calls.append(item["image"])
+        arr = np.asarray(d["image"][0])
+        return (arr > 0).astype(np.uint8), nib.load(item["image"]).affine
+
+
+@pytest.fixture
+def stand_in(monkeypatch):
+    import abdoseg.segment
+
+    _StandInSegmenter.calls = []
+    monkeypatch.setattr(abdoseg.segment, "load_cascade", lambda *a, **k: _StandInSegmenter())
+    return _StandInSegmenter
+
+
+def _cli(args: list[str], capsys, caplog=None) -> tuple[int, str]:
+    """``abdoseg <args>`` in process: (exit status as the shell sees it, stderr + logged text)."""
+    from abdoseg.cli import main
+
+    code: object = 0
+    try:
+        main(args)
+    except SystemExit as exc:
+        code = exc.code
+    err = capsys.readouterr().err + (code if isinstance(code, str) else "")
+    if caplog is not None:
+        err += "\n" + caplog.text
+        caplog.clear()
+    status = 0 if code in (0, None) else (1 if isinstance(code, str) else int(code))
+    return status, err
+
+
+def _segment(inp, out, capsys, caplog=None, *extra):
+    return _cli(["segment", "-i", str(inp), "-o", str(out), "--device", "cpu", *extra], capsys, caplog)
+
+
+def _tree(folder: Path) -> dict[str, int]:
+    return {str(p.relative_to(folder)): p.stat().st_mtime_ns for p in sorted(folder.rglob("*"))}
+
+
+def _write_series(folder: Path, hu=None, affine=AFFINE) -> list[Path]:
+    from test_segment import _write_dicom_series
+
+    hu = _ct((40, 40, 12)) if hu is None else hu
+    _write_dicom_series(hu, affine, folder)
+    return sorted(folder.iterdir())
+
+
+# ----------------------------------------------------------------------------------------------
+# 1. DICOM series with a missing, unreadable, duplicate or displaced slice
+# ----------------------------------------------------------------------------------------------
+def test_intact_dicom_series_reads_with_exact_geometry(tmp_path):
+    from abdoseg.segment import check_dicom_series, read_dicom_series
+
+    hu = _ct((40, 40, 12))
+    files = _write_series(tmp_path / "s", hu)
+    arr, aff = read_dicom_series(tmp_path / "s")
+    assert np.array_equal(arr, hu) and np.allclose(aff, AFFINE, atol=1e-4)
+    # the checked order is along the slice normal (here +z in RAS = slice index)
+    assert [Path(f).name for f in check_dicom_series(tmp_path / "s")] == [f.name for f in files]
+
+
+def _expect_series_error(folder: Path, *fragments: str) -> str:
+    from abdoseg.segment import read_dicom_series
+
+    with pytest.raises(InputError) as err:
+        read_dicom_series(folder)
+    msg = str(err.value)
+    assert "\n" not in msg
+    for f in fragments:
+        assert f in msg, (f, msg)
+    return msg
+
+
+def test_missing_slice_is_an_error_not_an_averaged_spacing(tmp_path, stand_in, capsys, caplog):
+    series = tmp_path / "series"
+    files = _write_series(series)
+    files[5].unlink()  # slice 6 of 12 gone: the other 11 must not be read at an averaged spacing
+    _expect_series_error(series, str(series), files[4].name, files[6].name, "gap of 12.000 mm",
+                         "series spacing is 6.000 mm", "1 slice(s) missing")
+    before = _tree(series)
+    code, err = _segment(series, tmp_path / "out", capsys, caplog)
+    assert code == 1 and "gap of 12.000 mm" in err and "Traceback" not in err
+    assert not list((tmp_path / "out").glob("*.nii.gz")) and _tree(series) == before
+
+
+@pytest.mark.parametrize("damage", ["garbage", "truncated", "empty"])
+def test_unreadable_slice_is_named(tmp_path, damage):
+    series = tmp_path / "series"
+    files = _write_series(series)
+    bad = files[3]
+    data = bad.read_bytes()
+    bad.write_bytes({"garbage": b"not a dicom file " * 50, "truncated": data[: len(data) - 1500],
+                     "empty": b""}[damage])
+    msg = _expect_series_error(series, str(bad), f"in DICOM series folder {series}")
+    assert ("truncated" in msg) if damage == "truncated" else ("DICOM" in msg)
+
+
+def test_duplicate_uneven_and_mixed_slices_are_errors(tmp_path):
+    import pydicom
+
+    def fresh(name):
+        folder = tmp_path / name
+        return folder, _write_series(folder)
+
+    folder, files = fresh("duplicate")
+    shutil.copy(files[2], folder / "copy_of_slice.dcm")
+    _expect_series_error(folder, "duplicate slice position", "copy_of_slice.dcm", files[2].name)
+
+    folder, files = fresh("uneven")
+    ds = pydicom.dcmread(files[7])
+    ds.ImagePositionPatient = [float(v) for v in ds.ImagePositionPatient[:2]] + [float(ds.ImagePositionPatient[2]) + 1.5]
+    ds.save_as(files[7])
+    _expect_series_error(folder, "uneven slice spacing", files[7].name, "series spacing is 6.000 mm")
+
+    folder, files = fresh("orientation")
+    ds = pydicom.dcmread(files[4])
+    ds.ImageOrientationPatient = [1, 0, 0, 0, 0.98, 0.2]
+    ds.save_as(files[4])
+    _expect_series_error(folder, "mixed orientations", files[4].name)
+
+    folder, files = fresh("size")
+    ds = pydicom.dcmread(files[4])
+    ds.Rows = 20
+    ds.PixelData = np.asarray(ds.pixel_array)[:20].tobytes()
+    ds.save_as(files[4])
+    _expect_series_error(folder, "mixed slice sizes", files[4].name, "20x40")
+
+    folder, files = fresh("tilt")
+    for k, f in enumerate(files):  # each slice shifted 2 mm in plane per slice: a sheared stack
+        ds = pydicom.dcmread(f)
+        x, y, z = (float(v) for v in ds.ImagePositionPatient)
+        ds.ImagePositionPatient = [x, y + 2.0 * k, z]
+        ds.save_as(f)
+    _expect_series_error(folder, "shifted 2.000 mm in plane", "gantry tilt")
+
+    folder, files = fresh("noposition")
+    ds = pydicom.dcmread(files[1])
+    del ds.ImagePositionPatient
+    ds.save_as(files[1])
+    with pytest.raises(InputError, match="ImagePositionPatient") as err:
+        from abdoseg.segment import read_dicom_series
+
+        read_dicom_series(folder)
+    assert err.value.path == str(files[1])
+
+
+def test_non_slice_files_in_a_series_folder_are_left_alone(tmp_path):
+    """Our own outputs and notes next to the slices are not slices (and not errors)."""
+    from abdoseg.segment import read_dicom_series
+
+    hu = _ct((40, 40, 12))
+    series = tmp_path / "series"
+    _write_series(series, hu)
+    save_nifti(np.zeros((40, 40, 12), np.uint8), AFFINE, series / "series.nii.gz")
+    (series / "README.txt").write_text("exported by the PACS")
+    (series / ".DS_Store").write_bytes(b"\x00\x01")
+    arr, _ = read_dicom_series(series)
+    assert np.array_equal(arr, hu)
+
+
+# ----------------------------------------------------------------------------------------------
+# 2. temporary files of killed runs: never read as data, removed by the next run
+# ----------------------------------------------------------------------------------------------
+def _dead_pid() -> int:
+    proc = subprocess.Popen([sys.executable, "-c", "pass"])
+    proc.wait()
+    return proc.pid
+
+
+def test_atomic_write_names_and_stale_leftovers(tmp_path):
+    target = tmp_path / "CASE.nii.gz"
+    tmp = partial_path(target)
+    assert tmp.parent == tmp_path and tmp.name.startswith(".CASE.nii.gz.") and tmp.name.endswith(".partial.nii.gz")
+    assert partial_path(target) == tmp  # fixed per target and process: a rerun reuses the name
+    assert is_hidden_or_partial(tmp) and not is_hidden_or_partial(target)
+    # what earlier runs left: the old random names (0-byte placeholder, truncated gzip) and a
+    # partial file of a writer that is dead; a live writer's file (our parent) must survive
+    legacy = [tmp_path / ".CASE.nii.gz.k2j4_x9q.nii.gz.tmp", tmp_path / ".CASE.nii.gz.k2j4_x9q.nii.gz"]
+    legacy[0].write_bytes(b"")
+    legacy[1].write_bytes(b"\x1f\x8b\x08\x00truncated")
+    dead = tmp.with_name(tmp.name.replace(f"-{os.getpid()}-", f"-{_dead_pid()}-"))
+    live = tmp.with_name(tmp.name.replace(f"-{os.getpid()}-", f"-{os.getppid()}-"))
+    other = tmp_path / ".OTHER.nii.gz.k2j4_x9q.nii.gz"  # another target: left to its own writer
+    for p in (dead, live, other):
+        p.write_bytes(b"\x1f\x8b\x08\x00truncated")
+    user_hidden = tmp_path / ".notes.abcdefgh"
+    user_hidden.write_text("not ours")
+    save_nifti(np.zeros((4, 4, 4), np.uint8), np.eye(4), target)
+    assert sorted(p.name for p in tmp_path.iterdir()) == sorted([target.name, live.name, other.name,
+                                                                 user_hidden.name])
+    assert nib.load(str(target)).shape == (4, 4, 4)
+    # a folder-wide sweep (run_batch does one) also takes the other target's leftover
+    assert remove_stale_partials(tmp_path) == [other]
+    # a failing writer leaves nothing
+    with pytest.raises(RuntimeError):
+        with atomic_path(tmp_path / "x.json") as p:
+            p.write_text("{")
+            raise RuntimeError("killed")
+    assert not (tmp_path / "x.json").exists() and not p.exists()
+
+
+def test_killed_writer_leftover_is_ignored_then_removed(tmp_path, stand_in, capsys, caplog):
+    """A writer SIGKILLed mid-write leaves a hidden partial file; no command reads it as data, and
+    the next segment run into that folder removes it."""
+    out = tmp_path / "out"
+    out.mkdir()
+    code = ("import sys, time; from abdoseg.io import atomic_path\n"
+            "with atomic_path(sys.argv[1]) as tmp:\n"
+            "    open(tmp, 'wb').write(b'\\x1f\\x8b\\x08\\x00' + b'x' * 1000)\n"
+            "    print(tmp, flush=True); time.sleep(60)\n")
+    proc = subprocess.Popen([sys.executable, "-c", code, str(out / "A.nii.gz")], stdout=subprocess.PIPE, text=True)
+    leftover = Path(proc.stdout.readline().strip())
+    proc.send_signal(signal.SIGKILL)
+    proc.wait()
+    assert leftover.is_file() and leftover.parent == out and not (out / "A.nii.gz").exists()
+    # evaluate: the leftover in the prediction (and ground-truth) folder is not a case
+    from abdoseg.evaluate import evaluate
+
+    gt = tmp_path / "gt"
+    save_nifti(np.zeros(SHAPE, np.uint8) + (_ct() > 0), AFFINE, gt / "A.nii.gz")
+    shutil.copy(leftover, gt / leftover.name)
+    save_nifti(np.zeros(SHAPE, np.uint8) + (_ct() > 0), AFFINE, out / "B.nii.gz")
+    shutil.copy(out / "B.nii.gz", out / "A.nii.gz.tmp")
+    with pytest.raises(InputError, match="none of its 1 prediction"):
+        evaluate(str(out), str(gt), str(tmp_path / "ev0"), workers=1)
+    shutil.copy(out / "B.nii.gz", out / "A.nii.gz")
+    s = evaluate(str(out), str(gt), str(tmp_path / "ev"), workers=1, classes="1")
+    assert s["n_cases"] == 1 and s["unmatched_predictions"] == ["B"] and s["per_class"]["1"]["dsc"] == 1.0
+    (out / "A.nii.gz").unlink()
+    # segment and prepare do not list it either
+    from abdoseg.dataprep import _nifti_files
+    from abdoseg.segment import find_cases
+
+    assert set(_nifti_files(out)) == {"B"} and set(_nifti_files(gt)) == {"A"}
+    assert [c["case_id"] for c in find_cases(out)] == ["B"]
+    # the next run writing into the folder removes the leftover and writes the complete mask
+    inp = tmp_path / "in"
+    save_nifti(_ct(), AFFINE, inp / "A_0000.nii.gz")
+    code, err = _segment(inp, out, capsys, caplog)
+    assert code == 0, err
+    assert not leftover.exists()
+    assert sorted(p.name for p in out.iterdir()) == ["A.nii.gz", "A.nii.gz.tmp", "B.nii.gz"]
+    assert nib.load(str(out / "A.nii.gz")).shape == SHAPE
+
+
+# ----------------------------------------------------------------------------------------------
+# 3. output folder inside the input folder: resume works
+# ----------------------------------------------------------------------------------------------
+@pytest.mark.parametrize("sub", ["masks", "results/masks"])
+def test_output_inside_input_resumes(tmp_path, stand_in, capsys, caplog, sub):
+    nest = tmp_path / "nest"
+    save_nifti(_ct(), AFFINE, nest / "A_0000.nii.gz")
+    save_nifti(_ct()[::-1], AFFINE, nest / "B_0000.nii.gz")
+    out = nest / sub
+    code, err = _segment(nest, out, capsys, caplog)
+    assert code == 0, err
+    assert sorted(p.name for p in out.iterdir()) == ["A.nii.gz", "B.nii.gz"]
+    mtimes = _tree(out)
+    code, err = _segment(nest, out, capsys, caplog)
+    assert code == 0, err
+    assert "2 kept from before" in err and "no readable DICOM" not in err
+    assert _tree(out) == mtimes and len(stand_in.calls) == 2
+
+
+# ----------------------------------------------------------------------------------------------
+# 4. a symbolic link loop is one failed case, not the end of the folder
+# ----------------------------------------------------------------------------------------------
+def test_symlink_loop_fails_alone(tmp_path, stand_in, capsys, caplog):
+    inp = tmp_path / "in"
+    save_nifti(_ct(), AFFINE, inp / "good_0000.nii.gz")
+    (inp / "loop.nii.gz").symlink_to("loop.nii.gz")
+    (inp / "ring_a").symlink_to("ring_b")
+    (inp / "ring_b").symlink_to("ring_a")
+    (inp / "dangling.nii.gz").symlink_to("gone.nii.gz")
+    out = tmp_path / "out"
+    code, err = _segment(inp, out, capsys, caplog)
+    assert code == 1 and "Traceback" not in err and "RuntimeError" not in err
+    assert "4 problem(s) (1 of 5 case(s) segmented)" in err
+    for name in ("loop.nii.gz", "ring_a", "ring_b"):
+        assert f"{inp / name}: symbolic link loop" in err, (name, err)
+    assert f"{inp / 'dangling.nii.gz'}: broken symbolic link" in err
+    assert sorted(p.name for p in out.iterdir()) == ["good.nii.gz"]
+
+
+# ----------------------------------------------------------------------------------------------
+# 5. NaN or singular affine
+# ----------------------------------------------------------------------------------------------
+def _with_affine(path: Path, affine: np.ndarray) -> Path:
+    """A NIfTI whose sform is ``affine`` verbatim (qform off), as a broken exporter writes it."""
+    img = nib.Nifti1Image(_ct(), None)  # no affine of its own: nibabel keeps the header's sform on save
+    img.header.set_sform(affine, code=1)
+    img.header.set_qform(None, code=0)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    nib.save(img, str(path))
+    return path
+
+
+def test_nan_and_singular_affines_are_rejected(tmp_path, stand_in, capsys, caplog):
+    nan = AFFINE.copy()
+    nan[1, 3] = np.nan
+    singular = AFFINE.copy()
+    singular[:3, 1] = singular[:3, 0]  # two voxel axes along the same world direction
+    inp = tmp_path / "in"
+    _with_affine(inp / "nanaff.nii.gz", nan)
+    _with_affine(inp / "singular.nii.gz", singular)
+    save_nifti(_ct(), AFFINE, inp / "good.nii.gz")
+    assert np.isnan(nib.load(str(inp / "nanaff.nii.gz")).affine).any()  # the file really is broken
+    out = tmp_path / "out"
+    code, err = _segment(inp, out, capsys, caplog)
+    assert code == 1 and "Traceback" not in err
+    assert f"{inp / 'nanaff.nii.gz'}: the affine (voxel -> world matrix) has NaN/infinite entries at [1,3]" in err
+    assert f"{inp / 'singular.nii.gz'}: the affine (voxel -> world matrix) is singular" in err
+    assert sorted(p.name for p in out.iterdir()) == ["good.nii.gz"]
+    assert np.all(np.isfinite(nib.load(str(out / "good.nii.gz")).affine))
+
+
+def test_validate_ctd_checks_the_metatensor_affine():
+    import torch
+    from monai.data import MetaTensor
+
+    from abdoseg.inference.ct_checks import ValidateCTd
+
+    img = torch.as_tensor(_ct()[None].astype(np.float32))
+    ok = ValidateCTd("image")({"image": MetaTensor(img, affine=torch.as_tensor(AFFINE),
+                                                   meta={"filename_or_obj": "ok.nii.gz"})})
+    assert ok["image"].shape == (1, *SHAPE)
+    for bad, why in [(np.diag([6.0, 6.0, np.inf, 1.0]), "NaN/infinite entries at [2,2]"),
+                     (np.diag([6.0, 0.0, 6.0, 1.0]), "singular")]:
+        with pytest.raises(InputError, match=r"^ct\.nii\.gz: .*" + why.replace("[", r"\[").replace("]", r"\]")):
+            ValidateCTd("image")({"image": MetaTensor(img, affine=torch.as_tensor(bad),
+                                                      meta={"filename_or_obj": "ct.nii.gz"})})
+
+
+# ----------------------------------------------------------------------------------------------
+# 6. evaluate does not trust its inputs
+# ----------------------------------------------------------------------------------------------
+def _eval_case(root: Path, name="CASE_A", pred_affine=AFFINE, pred_values=None, gt_values=None):
+    gt = np.zeros(SHAPE, np.int16)
+    gt[10:30, 10:30, 5:25] = 1
+    gt[15:20, 15:20, 10:15] = 14
+    pred = gt.copy()
+    if pred_values is not None:
+        pred[0, 0, : len(pred_values)] = pred_values
+    if gt_values is not None:
+        gt[0, 0, : len(gt_values)] = gt_values
+    save_nifti(gt, AFFINE, root / "gt" / f"{name}.nii.gz")
+    save_nifti(pred, pred_affine, root / "pred" / f"{name}.nii.gz")
+    return root / "pred" / f"{name}.nii.gz", root / "gt" / f"{name}.nii.gz"
+
+
+def test_evaluate_rejects_unknown_label_values(tmp_path):
+    from abdoseg.evaluate import evaluate
+
+    pred, gt = _eval_case(tmp_path / "p", pred_values=[200, -5])
+    with pytest.raises(InputError) as err:
+        evaluate(str(pred.parent), str(gt.parent), str(tmp_path / "o1"), workers=1)
+    assert err.value.path == str(pred) and "outside 0..14" in str(err.value) and "-5, 200" in str(err.value)
+    pred, gt = _eval_case(tmp_path / "g", gt_values=[15])
+    with pytest.raises(InputError) as err:
+        evaluate(str(pred.parent), str(gt.parent), str(tmp_path / "o2"), workers=2)
+    assert err.value.path == str(gt) and "15" in str(err.value)
+    assert not (tmp_path / "o1").exists() and not (tmp_path / "o2").exists()
+    # a clean pair scores 1.0 (the check can pass)
+    pred, gt = _eval_case(tmp_path / "c")
+    s = evaluate(str(pred.parent), str(gt.parent), str(tmp_path / "o3"), workers=1, classes="1,14")
+    assert s["per_class"]["1"]["dsc"] == 1.0 and s["per_class"]["14"]["dsc"] == 1.0
+
+
+def test_evaluate_rejects_a_prediction_on_another_grid(tmp_path, capsys):
+    from abdoseg.evaluate import evaluate
+
+    twice = AFFINE.copy()
+    twice[:3, :3] *= 2  # 2x spacing: same array, identical scores, wrong anatomy
+    pred, gt = _eval_case(tmp_path, pred_affine=twice)
+    with pytest.raises(InputError) as err:
+        evaluate(str(pred.parent), str(gt.parent), str(tmp_path / "o"), workers=1)
+    msg = str(err.value)
+    assert msg.startswith(f"{pred}: voxel grid differs from ground truth {gt}") and "\n" not in msg
+    assert "spacing (12, 12, 12) vs (6, 6, 6) mm" in msg
+    shifted = AFFINE.copy()
+    shifted[2, 3] += 3.0  # half a slice
+    pred, gt = _eval_case(tmp_path / "s", pred_affine=shifted)
+    code, err = _cli(["evaluate", "--pred_dir", str(pred.parent), "--gt_dir", str(gt.parent), "--out_dir",
+                      str(tmp_path / "o2")], capsys)
+    assert code == 1 and "origin (120, 120, -87) vs (120, 120, -90) mm" in err and "Traceback" not in err
+    assert not (tmp_path / "o").exists() and not (tmp_path / "o2").exists()
+
+
+def test_evaluate_empty_or_unmatched_prediction_folder_is_an_error(tmp_path, capsys):
+    pred, gt = _eval_case(tmp_path)
+    pred.unlink()
+    code, err = _cli(["evaluate", "--pred_dir", str(pred.parent), "--gt_dir", str(gt.parent), "--out_dir",
+                      str(tmp_path / "o")], capsys)
+    assert code == 1 and f"{pred.parent}: no *.nii.gz prediction files" in err
+    save_nifti(np.zeros(SHAPE, np.uint8), AFFINE, pred.parent / "case_a_pred.nii.gz")
+    code, err = _cli(["evaluate", "--pred_dir", str(pred.parent), "--gt_dir", str(gt.parent), "--out_dir",
+                      str(tmp_path / "o")], capsys)
+    assert code == 1 and "none of its 1 prediction file(s) matches" in err and "case_a_pred vs CASE_A" in err
+    assert not (tmp_path / "o").exists()
+
+
+# ----------------------------------------------------------------------------------------------
+# 7. messages: read-only output, generate arguments, datalists, implausible input
+# ----------------------------------------------------------------------------------------------
+@pytest.fixture
+def readonly_dir(tmp_path, monkeypatch):
+    """A folder nobody may write into: chmod for a normal user; for root (who ignores modes) a
+    read-only tmpfs when mounting is allowed, else a write probe that fails like one."""
+    folder = tmp_path / "readonly"
+    folder.mkdir()
+    if os.geteuid() != 0:
+        folder.chmod(0o555)
+        yield folder
+        folder.chmod(0o755)
+        return
+    mounted = shutil.which("mount") and subprocess.run(
+        ["mount", "-t", "tmpfs", "-o", "ro,size=64k", "tmpfs", str(folder)], capture_output=True).returncode == 0
+    if not mounted:
+        import abdoseg.io
+
+        real_open = os.open
+
+        def fake_open(path, flags, *a, **k):
+            if Path(path).parent == folder and flags & os.O_CREAT:
+                raise OSError(30, "Read-only file system", str(path))
+            return real_open(path, flags, *a, **k)
+
+        monkeypatch.setattr(abdoseg.io.os, "open", fake_open)
+    yield folder
+    if mounted:
+        subprocess.run(["umount", str(folder)], check=False)
+
+
+def test_readonly_output_folder_is_one_error(tmp_path, readonly_dir, stand_in, capsys, caplog):
+    inp = tmp_path / "in"
+    save_nifti(_ct(), AFFINE, inp / "A_0000.nii.gz")
+    save_nifti(_ct(), AFFINE, inp / "B_0000.nii.gz")
+    before = _tree(inp)
+    code, err = _segment(inp, readonly_dir, capsys, caplog)
+    assert code == 1 and "Traceback" not in err
+    lines = [ln for ln in err.splitlines() if "error" in ln.lower()]
+    assert lines == [f"abdoseg segment: error: {readonly_dir}: output folder is not writable "
+                     "(Read-only file system)"] or lines == [
+        f"abdoseg segment: error: {readonly_dir}: output folder is not writable (Permission denied)"], err
+    assert stand_in.calls == [] and list(readonly_dir.iterdir()) == [] and _tree(inp) == before
+
+
+def test_generate_bad_arguments_leave_nothing(tmp_path, capsys):
+    a_file = tmp_path / "a_file"
+    a_file.write_text("x")
+    cases = [
+        (["--out_dir", str(a_file)], f"{a_file}: exists and is not a folder"),
+        (["--out_dir", str(a_file / "sub")], f"{a_file / 'sub'}: cannot create the output folder (Not a directory)"),
+        (["--out_dir", str(tmp_path / "ph"), "--slices", "-3"], "--slices: must be between 4 and 2000, got -3"),
+        (["--out_dir", str(tmp_path / "ph"), "--slices", "2.5"], "--slices: must be an integer, got 2.5"),
+        (["--out_dir", str(tmp_path / "ph"), "--workers", "0"], "--workers: must be >= 1, got 0"),
+    ]
+    for args, expected in cases:
+        code, err = _cli(["generate", *args], capsys)
+        assert code == 1 and err.strip() == f"abdoseg generate: error: {expected}", (args, err)
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["a_file"] and a_file.read_text() == "x"
+
+
+def test_check_items_exist_names_the_missing_file(tmp_path):
+    (tmp_path / "a.nii.gz").write_bytes(b"x")
+    items = [{"image": str(tmp_path / "a.nii.gz")}, {"image": str(tmp_path / "b.nii.gz"), "label": None}]
+    with pytest.raises(InputError) as err:
+        check_items_exist(items, "image", source=tmp_path / "datalist.json")
+    assert str(err.value) == f"{tmp_path / 'b.nii.gz'}: file not found (item 1 'image' (listed in " \
+                             f"{tmp_path / 'datalist.json'}))"
+    assert check_items_exist(items[:1], ["image", "label"]) == items[:1]
+    with pytest.raises(InputError, match="c.nii.gz: file not found"):
+        check_items_exist([{"image": [str(tmp_path / "a.nii.gz"), str(tmp_path / "c.nii.gz")]}])
+    with pytest.raises(InputError, match="d.nii.gz"):
+        check_items_exist([str(tmp_path / "d.nii.gz")])
+
+
+@pytest.mark.parametrize("spacing, scale, expected", [
+    ((6.0, 6.0, 6.0), 1, None),
+    ((10.0, 10.0, 10.0), 1, "voxel size 10 x 10 x 10 mm is above 8 mm"),
+    ((0.1, 0.1, 0.1), 1, "voxel size 0.1 x 0.1 x 0.1 mm is below 0.3 mm"),
+    ((2.0, 2.0, 2.0), 1, "field of view 80 x 80 x 60 mm cannot hold an abdomen"),
+    ((6.0, 6.0, 6.0), 1000, "values [-1e+06, 702000] lie beyond any Hounsfield scale"),
+    ((6.0, 6.0, 6.0), 10, "of the voxels lie in [-1100, 3100] HU"),
+])
+def test_implausible_input_warns_once_and_names_the_file(spacing, scale, expected):
+    from abdoseg.inference.ct_checks import ImplausibleCTWarning, check_ct_volume
+
+    arr = _ct().astype(np.float32) * scale
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        check_ct_volume(arr, spacing, "odd.nii.gz", affine=np.diag([*spacing, 1.0]))
+    ours = [w for w in caught if issubclass(w.category, ImplausibleCTWarning)]
+    if expected is None:
+        assert ours == []
+    else:
+        assert len(ours) == 1, [str(w.message) for w in ours]
+        msg = str(ours[0].message)
+        assert msg.startswith("odd.nii.gz: unusual for an abdominal CT: ") and expected in msg and "\n" not in msg
+
+
+def test_implausible_input_runs_with_a_one_line_warning(tmp_path, stand_in, capsys, caplog):
+    inp = tmp_path / "in"
+    big = np.diag([10.0, 10.0, 10.0, 1.0])
+    save_nifti(_ct(), big, inp / "coarse_0000.nii.gz")
+    save_nifti(_ct(), AFFINE, inp / "normal_0000.nii.gz")
+    hu = _ct((40, 40, 12))
+    from test_segment import _write_dicom_series
+
+    _write_dicom_series(hu, np.diag([0.1, 0.1, 6.0, 1.0]), inp / "tiny_dicom")
+    code, err = _segment(inp, tmp_path / "out", capsys, caplog)
+    assert code == 0, err
+    warn = [ln for ln in err.splitlines() if ln.startswith("abdoseg segment: warning:")]
+    assert len(warn) == 2, err
+    assert any(f"{inp / 'coarse_0000.nii.gz'}: unusual for an abdominal CT: voxel size 10 x 10 x 10 mm" in w
+               for w in warn), warn
+    # the DICOM case is named by its folder, not by the temporary NIfTI it was converted to
+    assert any(f"{inp / 'tiny_dicom'}: unusual for an abdominal CT: voxel size 0.1 x 0.1 x 6 mm" in w
+               for w in warn), warn
+    assert sorted(p.name for p in (tmp_path / "out").iterdir()) == ["coarse.nii.gz", "normal.nii.gz",
+                                                                   "tiny_dicom.nii.gz"]
+
+
+def test_prepare_skips_temporary_files(tmp_path):
+    from abdoseg.dataprep import prepare
+
+    root = tmp_path / "data"
+    lab = np.zeros(SHAPE, np.uint8)
+    lab[10:20, 10:20, 10:20] = 1
+    save_nifti(_ct(), AFFINE, root / "imagesTr" / "X_0000.nii.gz")
+    save_nifti(lab, AFFINE, root / "labelsTr" / "X.nii.gz")
+    (root / "imagesTr" / ".Y_0000.nii.gz.0a1b2c3d-1-1.partial.nii.gz").write_bytes(b"\x1f\x8b")
+    (root / "imagesTr" / "Z_0000.nii.gz.tmp").write_bytes(b"")
+    (root / "labelsTr" / ".X.nii.gz.k2j4_x9q.nii.gz").write_bytes(b"\x1f\x8b")
+    datalist = json.loads(Path(prepare(str(root), strict=True, workers=1, quiet=True, dataset_json=False)).read_text())
+    assert [Path(d["image"]).name for d in datalist["training"]] == ["X_0000.nii.gz"]
