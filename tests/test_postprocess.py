@@ -3,11 +3,12 @@
 from __future__ import annotations
 
 import numpy as np
+import pytest
 import torch
 from monai.data import MetaTensor
 
 from abdoseg.postprocess import (FlarePostprocessd, drop_lesions_far_from_organs, keep_largest_organ_components,
-                                 postprocess_labels, remove_small_lesions)
+                                 keep_organ_components_near_liver, postprocess_labels, remove_small_lesions)
 
 
 def _vol():
@@ -87,3 +88,74 @@ def test_keep_components_above_fraction_of_largest():
     assert (out[12:16, 0:5, 0:2] == 1).all() and out[18, 8, 3] == 0
     out = keep_largest_organ_components(lab, min_fraction_of_largest=0.51)
     assert (out[12:16] == 0).all() and (out[0:8, 0:5, 0:2] == 1).all()
+
+
+# ------------------------------------------------------------------ seed 002: component nearest the liver
+
+
+def _liver_and_kidney():
+    """Liver main block centred at (4.5, 4.5, 3.5) + a far liver island; right kidney (2) in two
+    pieces: a large one far from the liver and a smaller one next to it; a 1-voxel kidney speck
+    touching nothing but close to the liver; a lesion."""
+    lab = np.zeros((30, 12, 8), np.uint8)
+    lab[2:8, 2:8, 2:6] = 1        # liver main, 144 voxels
+    lab[27:29, 10:12, 6:8] = 1    # liver island, 8 voxels, far away
+    lab[20:25, 2:5, 2:5] = 2      # kidney piece A: 45 voxels, centroid x = 22
+    lab[10:12, 2:4, 2:4] = 2      # kidney piece B: 8 voxels, centroid x = 10.5 (nearer the liver)
+    lab[9, 9, 7] = 2              # kidney speck: 1 voxel
+    lab[3:5, 3:5, 3:4] = 14       # lesion inside the liver
+    return lab
+
+
+def test_near_liver_keeps_the_candidate_nearest_the_liver_centroid():
+    lab = _liver_and_kidney()
+    out = keep_organ_components_near_liver(lab)  # candidates: >= 10 % of 45 voxels -> A and B, not the speck
+    assert (out[10:12, 2:4, 2:4] == 2).all() and (out[20:25, 2:5, 2:5] == 0).all() and out[9, 9, 7] == 0
+    assert (out[2:8, 2:8, 2:6] == np.where(lab[2:8, 2:8, 2:6] == 14, 14, 1)).all()  # liver main kept
+    assert (out[27:29, 10:12, 6:8] == 0).all()  # liver island removed
+    assert (out == 14).sum() == (lab == 14).sum()  # lesion untouched
+    assert out.dtype == lab.dtype and lab[22, 3, 3] == 2  # input not modified
+    # the largest rule keeps piece A instead
+    largest = keep_largest_organ_components(lab)
+    assert (largest[20:25, 2:5, 2:5] == 2).all() and (largest[10:12, 2:4, 2:4] == 0).all()
+    # B (8 voxels) is only 17.8 % of A: with a 20 % candidate cut only A competes
+    strict = keep_organ_components_near_liver(lab, min_fraction_of_largest=0.2)
+    np.testing.assert_array_equal(strict, largest)
+    # fraction 0: the speck competes too, but B (6.4 voxels from the liver centroid) is nearer than it (7.3)
+    loose = keep_organ_components_near_liver(lab, min_fraction_of_largest=0.0)
+    assert (loose[10:12, 2:4, 2:4] == 2).all() and loose[9, 9, 7] == 0
+
+
+def test_near_liver_distances_are_in_mm():
+    """Two pieces of the spleen (3): one 6 voxels from the liver centroid along x, one 4 voxels
+    along z. Isotropic voxels: the z piece is nearer; with 3 mm slices it is 12 mm away vs 6 mm."""
+    lab = np.zeros((16, 8, 16), np.uint8)
+    lab[0:3, 0:3, 0:3] = 1        # liver, centroid (1, 1, 1)
+    lab[7, 1, 1] = 3              # x piece: 6 voxels from the liver centroid
+    lab[1, 1, 5] = 3              # z piece: 4 voxels
+    iso = keep_organ_components_near_liver(lab, (1.0, 1.0, 1.0), min_fraction_of_largest=0.0)
+    assert iso[1, 1, 5] == 3 and iso[7, 1, 1] == 0
+    aniso = keep_organ_components_near_liver(lab, (1.0, 1.0, 3.0), min_fraction_of_largest=0.0)
+    assert aniso[7, 1, 1] == 3 and aniso[1, 1, 5] == 0
+
+
+def test_near_liver_without_liver_falls_back_to_largest():
+    lab = _liver_and_kidney()
+    lab[lab == 1] = 0
+    np.testing.assert_array_equal(keep_organ_components_near_liver(lab), keep_largest_organ_components(lab))
+    with pytest.raises(ValueError, match="liver_id"):
+        keep_organ_components_near_liver(lab, organ_ids=(2, 3))
+
+
+def test_transform_near_liver_option_and_default_unchanged():
+    lab = _liver_and_kidney()
+    aff = torch.diag(torch.tensor([1.0, 1.0, 1.0, 1.0]))
+    data = {"pred": MetaTensor(torch.as_tensor(lab)[None], affine=aff)}
+    default = FlarePostprocessd("pred")(dict(data))["pred"][0].numpy()
+    np.testing.assert_array_equal(default, keep_largest_organ_components(lab))
+    near = FlarePostprocessd("pred", organ_component_rule="near_liver")(dict(data))["pred"][0].numpy()
+    np.testing.assert_array_equal(near, keep_organ_components_near_liver(lab))
+    assert not np.array_equal(near, default)
+    np.testing.assert_array_equal(postprocess_labels(lab, (1, 1, 1), organ_component_rule="near_liver"), near)
+    with pytest.raises(ValueError, match="organ_component_rule"):
+        FlarePostprocessd("pred", organ_component_rule="nearest")
