@@ -592,3 +592,28 @@ def test_prepare_skips_temporary_files(tmp_path):
     (root / "labelsTr" / ".X.nii.gz.k2j4_x9q.nii.gz").write_bytes(b"\x1f\x8b")
     datalist = json.loads(Path(prepare(str(root), strict=True, workers=1, quiet=True, dataset_json=False)).read_text())
     assert [Path(d["image"]).name for d in datalist["training"]] == ["X_0000.nii.gz"]
+
+
+def test_dicom_positions_rounded_by_the_scanner_are_accepted_gaps_still_found(tmp_path):
+    """Positions written with one decimal (0.625 mm slices: steps of 0.6 and 0.7 mm) are not
+    'uneven'; a missing slice in such a series still is an error."""
+    import pydicom
+
+    from abdoseg.segment import read_dicom_series
+
+    hu = _ct((40, 40, 12))
+    aff = np.diag([-0.8, -0.8, 0.625, 1.0])
+    aff[:3, 3] = (100.0, 100.0, -50.03)
+    for name in ("rounded", "rounded_gap"):
+        files = _write_series(tmp_path / name, hu, aff)
+        for f in files:
+            ds = pydicom.dcmread(f)
+            ds.ImagePositionPatient = [f"{float(v):.1f}" for v in ds.ImagePositionPatient]
+            ds.save_as(f)
+    arr, got = read_dicom_series(tmp_path / "rounded")
+    assert np.array_equal(arr, hu)
+    assert got[2, 2] == pytest.approx((-43.2 + 50.0) / 11, abs=1e-4)  # first to last / (n - 1)
+    assert abs(got[2, 2] - 0.625) < 0.01
+    files = sorted((tmp_path / "rounded_gap").iterdir())
+    files[6].unlink()
+    _expect_series_error(tmp_path / "rounded_gap", files[5].name, files[7].name, "1 slice(s) missing")

@@ -14,9 +14,14 @@ Inputs:
   sub-folders are read as DICOM series (one case each, named after the sub-folder); any other
   file is reported as a failure.
 - a folder that holds a DICOM series (and no NIfTI files) -> one case named after the folder.
-  The series is read with ITK (``ImageSeriesReader`` + ``GDCMSeriesFileNames``, rescale
-  slope/intercept applied), converted from ITK's LPS world to NIfTI's RAS (x and y negated), and
-  the mask is written as NIfTI with that affine, so it overlays the series exactly.
+  Every file is first checked with pydicom (:func:`check_dicom_series`: an unreadable or
+  truncated slice, a gap, uneven or duplicate positions, mixed orientations or sizes are errors
+  naming the series and the slice, never a volume with the wrong geometry); the checked slices
+  are read with ITK (``ImageSeriesReader``, rescale slope/intercept applied), converted from ITK's
+  LPS world to NIfTI's RAS (x and y negated), and the mask is written as NIfTI with that affine,
+  so it overlays the series exactly.
+- hidden and temporary files are never cases, nor is the output folder when it lies inside the
+  input folder; a symbolic link loop or dangling link is one failed case.
 
 Per case, optional: ``<case>_statistics.json`` (:func:`abdoseg.statistics.label_statistics`:
 organ volumes in mL, mean HU, lesion count and per-lesion volumes) and ``<case>_preview.png``
@@ -147,6 +152,14 @@ def _floats(ds: Any, keyword: str, n: int, path: Path) -> np.ndarray:
     return out
 
 
+def _written_precision_mm(value: Any) -> float:
+    """Rounding step of a decimal string as the file wrote it ("-120.5" -> 0.1, "-120" -> 1)."""
+    text = str(getattr(value, "original_string", None) or value).strip()
+    if not text or "e" in text.lower():
+        return 0.0
+    return 10.0 ** -(len(text.split(".", 1)[1]) if "." in text else 0)
+
+
 def check_dicom_series(folder: str | os.PathLike) -> list[str]:
     """Check every file of the DICOM series folder ``folder`` with pydicom and return the files of
     its largest series (SeriesInstanceUID) sorted along the slice normal, ready for ITK.
@@ -189,6 +202,7 @@ def check_dicom_series(folder: str | os.PathLike) -> list[str]:
     size0 = (int(first.Rows), int(first.Columns))
     ps0 = _floats(first, "PixelSpacing", 2, first_path) if "PixelSpacing" in first else None
     positions = []
+    precision = 0.0  # positions written with 1 decimal are up to 0.05 mm off: allow for it
     for path, ds in slices:
         iop = _floats(ds, "ImageOrientationPatient", 6, path)
         if np.abs(iop - iop0).max() > 1e-3:
@@ -204,6 +218,7 @@ def check_dicom_series(folder: str | os.PathLike) -> list[str]:
                 raise err(f"mixed pixel spacing: slice {path.name} has {ps.tolist()} mm, slice {first_path.name} "
                           f"{ps0.tolist()} mm")
         positions.append(_floats(ds, "ImagePositionPatient", 3, path))
+        precision = max(precision, *(_written_precision_mm(v) for v in ds.ImagePositionPatient))
     normal = np.cross(iop0[:3], iop0[3:])
     if np.linalg.norm(normal) < 0.5:
         raise err(f"slice {first_path.name}: ImageOrientationPatient {iop0.tolist()} has parallel row and column axes")
@@ -220,7 +235,7 @@ def check_dicom_series(folder: str | os.PathLike) -> list[str]:
         raise err(f"duplicate slice position: slices {names[i]} and {names[i + 1]} both lie at {depth[i]:.3f} mm "
                   "along the slice normal")
     spacing = float(np.median(steps))
-    tol = max(SLICE_POSITION_TOL_MM, SLICE_POSITION_TOL_FRACTION * spacing)
+    tol = max(SLICE_POSITION_TOL_MM, SLICE_POSITION_TOL_FRACTION * spacing, 1.01 * precision)
     off = np.nonzero(np.abs(steps - spacing) > tol)[0]
     if off.size:
         i = int(off[0])
@@ -261,6 +276,9 @@ def read_dicom_series(folder: str | os.PathLike) -> tuple[np.ndarray, np.ndarray
         raise InputError(folder, f"{what} (expected the .dcm files of one CT series)")
     try:
         reader = itk.ImageSeriesReader[itk.Image[itk.F, 3]].New()
+        # positions were checked above (within their written precision); ITK's own
+        # "non uniform sampling" note about rounded positions would only be noise
+        reader.SetGlobalWarningDisplay(False)
         reader.SetImageIO(itk.GDCMImageIO.New())
         reader.SetFileNames(files)  # checked and sorted along the slice normal
         reader.Update()
