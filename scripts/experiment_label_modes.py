@@ -10,15 +10,17 @@ all trained with the same final budget (same seed, train.json overrides, and the
   c  seed004     teacher (trained on ``training_all_organs``) -> pseudo labels -> fusion rule
                  ``seed004`` (partial label + teacher's missing organs) -> ``label_mode=full``
   d  seed003     same teacher + pseudo labels -> fusion rule ``seed003`` -> ``label_mode=full``
-  e  seed001     ``abdoseg.rounds`` with 2 rounds (rule seed003, uncertainty selection with
-                 ``keep_fraction`` / ``threshold`` in round 2) -> ``label_mode=full`` on round 2's
-                 datalist
+  e  seed001     ``abdoseg.rounds`` with 2 rounds and seed 001's own round rule ``seed001``
+                 (partial labels keep their annotated classes, every unannotated class, lesion
+                 included, comes from the previous round's prediction; unlabeled cases take the
+                 prediction), uncertainty selection (``keep_fraction`` / ``threshold``) once, in
+                 round 2, before the final training -> ``label_mode=full`` on round 2's datalist
 
 Shared work (done once): phantoms + datalist, coarse_roi training (or ``--coarse_checkpoint``),
 the teacher of round 1 and its pseudo labels (``<work_dir>/rounds/round_1``: arm d uses its
-seed003 datalist, arm c re-fuses its pseudo labels with rule seed004, arm e continues with
-round 2 in the same folder). Round 1 has no uncertainty score, so its selection keeps every
-fused case whatever ``keep_fraction`` is: round 1 is the same for d and e.
+seed003 datalist, arm c re-fuses its pseudo labels with rule seed004). Arm e runs its rounds in
+``<work_dir>/rounds_seed001``: its round 1 reuses that teacher and its pseudo labels (the same
+for every rule), fuses them with rule seed001, and round 2 trains a new teacher on the result.
 
 Resumable: every shared step ends with ``<work_dir>/steps/<name>.done`` (:class:`abdoseg.steps.MarkedSteps`); every arm runs in
 ``<work_dir>/arms/<arm>/`` (its own copy of the bundles, predictions, evaluation) and ends with
@@ -62,7 +64,7 @@ ARMS: dict[str, str] = {
     "b": "partial-label loss (MarginalExclusionLoss)",
     "c": "seed 004: teacher supplements missing organs",
     "d": "seed 003: fusion of partial + pseudo A/B + teacher",
-    "e": "seed 001: 2 rounds + uncertainty selection (seed003 fusion)",
+    "e": "seed 001: 2 rounds, unannotated classes from the prediction + uncertainty selection",
 }
 TEACHER_NAMES = ("model",)
 
@@ -251,15 +253,25 @@ def main(argv: list[str] | None = None) -> int:
                              [r1 / "pseudo" / TEACHER_NAMES[0]], None, None, data)
 
         steps.run("fuse_seed004", fuse004)
+    rounds001_dir = work / "rounds_seed001"
     if "e" in arms:
-        steps.run("teacher_round2", lambda: rounds(str(data), str(rounds_dir), n_rounds=2,
-                                                   keep_fraction=args.keep_fraction, threshold=args.threshold,
-                                                   **round_kw))
+        def seed001_rounds() -> None:
+            # round 1's teacher and pseudo labels do not depend on the rule: reuse them (rounds()
+            # skips training when checkpoints.json lists existing files, and finished pseudo labels)
+            src_r1, dst_r1 = rounds_dir / "round_1", rounds001_dir / "round_1"
+            if not (dst_r1 / DONE).is_file():
+                (dst_r1 / "models").mkdir(parents=True, exist_ok=True)
+                shutil.copy2(src_r1 / "models" / "checkpoints.json", dst_r1 / "models" / "checkpoints.json")
+                shutil.copytree(src_r1 / "pseudo", dst_r1 / "pseudo", dirs_exist_ok=True)
+            rounds(str(data), str(rounds001_dir), n_rounds=2, keep_fraction=args.keep_fraction,
+                   threshold=args.threshold, **{**round_kw, "rule": "seed001"})
+
+        steps.run("seed001_rounds", seed001_rounds)
 
     plans = {"a": (src, "training", "full"), "b": (src, "training", "partial"),
              "c": (work / "seed004_datalist.json", "training", "full"),
              "d": (rounds_dir / "round_1" / "datalist.json", "training", "full"),
-             "e": (rounds_dir / "round_2" / "datalist.json", "training", "full")}
+             "e": (rounds001_dir / "round_2" / "datalist.json", "training", "full")}
     rows = [run_arm(a, work, data, coarse_model, *plans[a], args) for a in arms]
     for r in rows:
         dl, key, _ = plans[r["arm"]]

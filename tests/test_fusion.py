@@ -1,4 +1,4 @@
-"""Label fusion rules (seed 003, seed 004) on small hand-made label arrays."""
+"""Label fusion rules (seed 001, seed 003, seed 004) on small hand-made label arrays."""
 
 import json
 
@@ -6,7 +6,9 @@ import numpy as np
 import pytest
 
 from abdoseg.fusion import (
+    RULES,
     apply_rule,
+    fill_from_prediction,
     fuse_labeled,
     fuse_organs,
     fuse_unlabeled,
@@ -182,3 +184,60 @@ def test_apply_rule_dispatch():
         apply_rule("seed003", pseudo_a=a, pseudo_b=b)
     with pytest.raises(ValueError, match="seed004"):
         apply_rule("seed004", partial=p)
+
+
+# ------------------------------------------------------------------ seed 001 round rule
+# One column per voxel: (partial, prediction) -> filled label for a case annotating liver (1)
+# and spleen (3) only (lesion 14 not annotated).
+SEED001_ANNOTATED = [1, 3]
+SEED001_CASES = [
+    (0, 0, 0),     # background everywhere
+    (1, 1, 1),     # annotated, prediction agrees
+    (1, 2, 1),     # annotated voxel never changes
+    (3, 14, 3),    # annotated voxel never changes, even for a predicted lesion
+    (0, 2, 2),     # unannotated organ filled
+    (0, 13, 13),   # unannotated organ filled
+    (0, 14, 14),   # unannotated lesion filled (unlike seed 004)
+    (0, 1, 0),     # prediction of an annotated class outside its mask: discarded
+    (0, 3, 0),     # same for the other annotated class
+]
+
+
+def test_fill_from_prediction_seed001_voxel_by_voxel():
+    p, t, expected = _columns(SEED001_CASES)
+    out = fill_from_prediction(p, t, SEED001_ANNOTATED)
+    np.testing.assert_array_equal(out, expected)
+    assert out.dtype == p.dtype and p[4] == 0  # input untouched
+    # with the lesion annotated (absent in this case): the predicted lesion is discarded
+    out14 = fill_from_prediction(p, t, SEED001_ANNOTATED + [14])
+    assert out14[6] == 0 and np.array_equal(np.delete(out14, 6), np.delete(expected, 6))
+    # seed 004 differs exactly on the lesion voxel
+    s4 = supplement_weak_label(p, t, SEED001_ANNOTATED)
+    assert np.flatnonzero(s4 != out).tolist() == [6]
+
+
+def test_fill_from_prediction_presence_fallback_unlabeled_and_errors():
+    p, t, expected = _columns(SEED001_CASES)
+    # annotated_classes None: the classes present in the partial label (1, 3) -> same as above
+    np.testing.assert_array_equal(fill_from_prediction(p, t), expected)
+    # unlabeled case: the prediction is the label
+    vol = np.arange(24).reshape(2, 3, 4) % 15
+    unl = fill_from_prediction(None, vol.astype(np.int16))
+    np.testing.assert_array_equal(unl, vol)
+    assert unl.dtype == np.int16
+    with pytest.raises(ValueError, match="not in annotated_classes"):
+        fill_from_prediction(p, t, [1])  # partial holds 3
+    with pytest.raises(ValueError, match="shape"):
+        fill_from_prediction(p, t[:-1], SEED001_ANNOTATED)
+    with pytest.raises(ValueError, match="0..14"):
+        fill_from_prediction(p, np.full_like(t, 15), SEED001_ANNOTATED)
+
+
+def test_apply_rule_seed001():
+    p, t, expected = _columns(SEED001_CASES)
+    assert "seed001" in RULES
+    np.testing.assert_array_equal(apply_rule("seed001", partial=p, prediction=t, annotated_classes=SEED001_ANNOTATED),
+                                  expected)
+    np.testing.assert_array_equal(apply_rule("seed001", prediction=t), t)
+    with pytest.raises(ValueError, match="seed001"):
+        apply_rule("seed001", partial=p)

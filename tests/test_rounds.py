@@ -132,3 +132,98 @@ def test_rounds_cli_registered_and_bad_input(tmp_path):
         rounds(str(tmp_path), str(tmp_path / "w"), trainer=standin_trainer, teacher=standin_teacher)
     with pytest.raises(ValueError, match="unknown rule"):
         rounds(str(tmp_path), str(tmp_path / "w"), rule="vote")
+
+
+def lesion_teacher(checkpoint: str):
+    """The stand-in teacher, plus a predicted lesion (14) at voxel (0, 0, 0)."""
+    seg = standin_teacher(checkpoint)
+
+    def segment(item):
+        arr, aff = seg(item)
+        arr[0, 0, 0] = 14
+        return arr, aff
+
+    return segment
+
+
+def test_rounds_seed001_fills_from_prediction_and_selects_only_before_the_final_training(tmp_path):
+    """Rule seed001 through the rounds dispatcher (stand-in trainer/teacher, no training):
+    round 1 on the 2 full cases (offset 0), rounds 2-3 on all 6 (offset 1); the uncertainty
+    selection is deferred in rounds 1-2 and applied in round 3 on the pseudo labels of 3 rounds:
+    about mean(0.92, 0) = 0.46 >= 0.4 -> the 4 partial/unlabeled cases are rejected there only."""
+    data = tmp_path / "data"
+    make_dataset(data)
+    work = tmp_path / "work"
+    CALLS.clear()
+    summary = rounds(str(data), str(work), n_rounds=3, rule="seed001", trainer=standin_trainer, teacher=lesion_teacher,
+                     threshold=0.4)
+    assert CALLS == [("round_1", "training_all_organs"), ("round_2", "training"), ("round_3", "training"),
+                     ("final", "training")]
+    assert [r["selection"] for r in summary["rounds"]] == ["deferred", "deferred", "applied"]
+
+    def report(k):
+        return {c["case_id"]: c for c in json.loads((work / f"round_{k}" / "report.json").read_text())["cases"]}
+
+    def pseudo(i, offset):  # the lesion teacher's prediction of case i
+        out = np.clip(_truth(i).astype(int) + offset, 0, 13)
+        out[0, 0, 0] = 14
+        return out
+
+    # seed 001 eq. 1 by hand: round 2 changes every voxel but the clipped 13s and the lesion
+    score2 = {f"P{i}": float((pseudo(i, 0) != pseudo(i, 1)).sum() / (pseudo(i, 1) > 0).sum()) for i in range(6)}
+    assert all(29 / 32 <= v <= 30 / 32 for v in score2.values())
+    r2, r3 = report(2), report(3)
+    assert {c["rule"] for c in r2.values()} == {"seed001_labeled", "seed001_unlabeled"}
+    # round 2: scores reported, nothing rejected although every score is >= 0.4
+    assert {cid: c["uncertainty"] for cid, c in r2.items()} == pytest.approx(score2)
+    assert all(c["selected"] for c in r2.values())
+    assert len(json.loads((work / "round_2" / "datalist.json").read_text())["training"]) == 6
+    # round 3: mean over the pairs (1, 2) and (2, 3) = score2 / 2 (> 0.4) -> rejected unless fully labeled
+    assert {cid: c["uncertainty"] for cid, c in r3.items()} == pytest.approx({k: v / 2 for k, v in score2.items()})
+    assert {cid for cid, c in r3.items() if c["selected"]} == {"P0", "P1"}
+    final_dl = json.loads((work / "round_3" / "datalist.json").read_text())  # what the final training used
+    assert sorted(Path(i["label"]).name for i in final_dl["training"]) == ["P0.nii.gz", "P1.nii.gz"]
+
+    # round 2's labels: partial case P2 (liver annotated) keeps its liver, every other class
+    # (lesion included) comes from round 2's prediction, predicted liver outside it is dropped
+    truth = _truth(2)
+    pred = pseudo(2, 1)
+    want = np.where(truth == 1, 1, np.where(pred == 1, 0, pred))
+    fused, _, _ = load_nifti(work / "round_2" / "fused" / "P2.nii.gz")
+    np.testing.assert_array_equal(fused, want)
+    assert fused[0, 0, 0] == 14
+    fused_u, _, _ = load_nifti(work / "round_2" / "fused" / "P4.nii.gz")  # unlabeled: the prediction
+    np.testing.assert_array_equal(fused_u, pseudo(4, 1))
+
+
+def test_rounds_select_every_round_switch(tmp_path):
+    """seed003 keeps its per-round selection by default; select_every_round=False defers it."""
+    data = tmp_path / "data"
+    make_dataset(data)
+    kw = dict(n_rounds=2, trainer=standin_trainer, teacher=standin_teacher, threshold=0.5, final_train=False)
+    s_default = rounds(str(data), str(tmp_path / "a"), rule="seed003", **kw)
+    assert [r["selection"] for r in s_default["rounds"]] == ["applied", "applied"]
+    s_deferred = rounds(str(data), str(tmp_path / "b"), rule="seed001", select_every_round=True, **kw)
+    assert [r["selection"] for r in s_deferred["rounds"]] == ["applied", "applied"]
+    s_001 = rounds(str(data), str(tmp_path / "c"), rule="seed001", **kw)
+    assert [r["selection"] for r in s_001["rounds"]] == ["deferred", "applied"]
+
+
+def test_round_1_of_another_rule_is_reused_by_seed001(tmp_path):
+    """What scripts/experiment_label_modes.py arm e relies on: round 1's teacher (checkpoints.json)
+    and pseudo labels copied from a seed003 run are reused, only the fusion is redone."""
+    import shutil
+
+    data = tmp_path / "data"
+    make_dataset(data)
+    kw = dict(trainer=standin_trainer, teacher=standin_teacher, final_train=False)
+    rounds(str(data), str(tmp_path / "r003"), n_rounds=1, rule="seed003", **kw)
+    src, dst = tmp_path / "r003" / "round_1", tmp_path / "r001" / "round_1"
+    (dst / "models").mkdir(parents=True)
+    shutil.copy2(src / "models" / "checkpoints.json", dst / "models" / "checkpoints.json")
+    shutil.copytree(src / "pseudo", dst / "pseudo")
+    CALLS.clear()
+    rounds(str(data), str(tmp_path / "r001"), n_rounds=2, rule="seed001", **kw)
+    assert CALLS == [("round_2", "training")]  # round 1 not retrained
+    assert {c["rule"] for c in json.loads((dst / "report.json").read_text())["cases"]} == {"seed001_labeled",
+                                                                                           "seed001_unlabeled"}

@@ -23,6 +23,14 @@ voxels are kept and the teacher's prediction of it is discarded; otherwise the w
 background voxels predicted as that class by the teacher get the class. The tumour is never
 pseudo-labeled.
 
+``seed001`` (Semi-supervised cascaded Pocket U-Net, seed 001, "Semi-supervised learning") --
+:func:`fill_from_prediction`: the round rule. A partially labeled case keeps its annotated
+voxels ("the labeled portions remain unaltered") and every unannotated class -- the lesion
+included -- is filled from the previous round's prediction ("the unlabeled portions within the
+partially labeled data are supplemented with the generated pseudo labels"); an unlabeled case
+takes the prediction entirely ("the unlabeled data are entirely assigned pseudo labels").
+Unlike seed 004 the lesion is pseudo-labeled when the case does not annotate it.
+
 Interpretations (the papers leave these open; chosen here and tested):
 
 * "Union" of A and B: a voxel where exactly one of A, B is an organ takes that organ; where
@@ -36,6 +44,9 @@ Interpretations (the papers leave these open; chosen here and tested):
   organ voxel where A and B agree on another organ (or both are 0) follows A/B. Pass
   ``keep_annotated=True`` to :func:`fuse_labeled` to make every annotated organ's mask exactly
   the partial label's (extension, not in the paper; default follows the paper).
+* seed 001: a voxel that the partial label leaves at 0 but the prediction marks as a class the
+  case *annotates* stays 0 (the annotation says it is not that class); only predictions of
+  unannotated classes fill background voxels; annotated voxels never change.
 * seed 004 decides "annotated" by the class *appearing* in the weak label. Here
   ``annotated_classes`` (the datalist's list) is used when given, which also keeps an
   annotated-but-absent organ (e.g. a removed gallbladder) from being filled in; ``None`` falls
@@ -56,6 +67,7 @@ __all__ = [
     "fuse_unlabeled",
     "majority_lesion",
     "supplement_weak_label",
+    "fill_from_prediction",
     "fusion_report",
     "apply_rule",
     "RULES",
@@ -234,6 +246,45 @@ def supplement_weak_label(
     return out
 
 
+def fill_from_prediction(
+    partial: np.ndarray | None,
+    prediction: np.ndarray,
+    annotated_classes: Iterable[int] | None = None,
+) -> np.ndarray:
+    """Seed 001 round rule: fill every unannotated class (lesion included) from the prediction.
+
+    Voxel rule: the partial label's non-zero voxels are kept; a partial-label background voxel
+    takes the prediction's class when that class is *not* annotated in the case (organs 1-13 and
+    the lesion 14 alike), and stays 0 otherwise (the prediction of an annotated class outside
+    its annotated mask is discarded). ``partial=None`` (an unlabeled case) returns a copy of the
+    prediction: nothing is annotated.
+
+    Args:
+        partial: partial label (FLARE ids, unannotated classes are 0), or None for an unlabeled
+            case.
+        prediction: the previous round's prediction (full label map 0..14), same shape.
+        annotated_classes: the case's annotated class ids (datalist ``annotated_classes``);
+            ``None`` = classes present in ``partial``. ``partial`` may not hold a class outside
+            this list (ValueError).
+    Returns:
+        the filled label, dtype of ``partial`` (of ``prediction`` when ``partial`` is None).
+    """
+    t = _as_labels("prediction", prediction)
+    if partial is None:
+        return np.array(prediction, copy=True)
+    p = _as_labels("partial", partial)
+    _same_shape(partial=p, prediction=t)
+    annotated = _annotated_set(p, annotated_classes)
+    fill_ids = [c for c in (*ORGAN_IDS, LESION_ID) if c not in annotated]
+    out = np.array(partial, copy=True)
+    if fill_ids:
+        lut = np.zeros(LESION_ID + 1, dtype=bool)
+        lut[fill_ids] = True
+        fill = (p == 0) & lut[t]
+        out[fill] = t[fill]
+    return out
+
+
 def fusion_report(before: np.ndarray, after: np.ndarray) -> dict[str, Any]:
     """Voxel changes made by a fusion rule, JSON-ready.
 
@@ -271,7 +322,16 @@ def _seed003(**arrays: Any) -> np.ndarray:
     raise ValueError("rule 'seed003' needs either 'partial' (labeled case) or 's1' (unlabeled case)")
 
 
+def _seed001(**arrays: Any) -> np.ndarray:
+    if "prediction" not in arrays:
+        raise ValueError("rule 'seed001' needs 'prediction' (the previous round's prediction) and, for a "
+                         "labeled case, 'partial'")
+    arrays.setdefault("partial", None)
+    return fill_from_prediction(**arrays)
+
+
 RULES = {
+    "seed001": _seed001,
     "seed003": _seed003,
     "seed003_labeled": fuse_labeled,
     "seed003_unlabeled": fuse_unlabeled,
@@ -284,7 +344,9 @@ def apply_rule(rule_name: str, **arrays: Any) -> np.ndarray:
 
     ``"seed003"``: :func:`fuse_labeled` when ``partial`` is given, else :func:`fuse_unlabeled`
     (needs ``s1``); ``"seed003_labeled"`` / ``"seed003_unlabeled"`` force one;
-    ``"seed004"``: :func:`supplement_weak_label` (``partial``, ``teacher``). Keyword arguments
+    ``"seed004"``: :func:`supplement_weak_label` (``partial``, ``teacher``);
+    ``"seed001"``: :func:`fill_from_prediction` (``prediction``, plus ``partial`` for a labeled
+    case; without ``partial`` the prediction is the label). Keyword arguments
     are passed to the rule (e.g. ``annotated_classes``, ``keep_annotated``, ``lesion_votes``).
     """
     try:

@@ -13,6 +13,10 @@ Two steps, each a function called by a config of the ``label_fusion`` bundle:
    * ``"seed004"``: labeled cases -> :func:`abdoseg.fusion.supplement_weak_label` (partial label,
      teacher = first checkpoint). Seed 004 does not use unlabeled cases: they are skipped
      unless ``seed004_unlabeled="teacher_organs"`` (the teacher's organs, no lesion).
+   * ``"seed001"`` (the round rule of seed 001): labeled cases ->
+     :func:`abdoseg.fusion.fill_from_prediction` (partial label, prediction = first teacher
+     checkpoint, annotated_classes: every unannotated class, lesion included, from the
+     prediction); unlabeled cases -> the prediction itself (organs and lesion).
 
    "Voxels changed per class" compare the fused label with the case's existing annotation:
    the partial label for labeled cases, nothing (all background) for unlabeled cases.
@@ -20,7 +24,8 @@ Two steps, each a function called by a config of the ``label_fusion`` bundle:
 2. :func:`select_and_write` (``configs/select.json``): uncertainty score per case between the
    teacher's pseudo labels of consecutive rounds (seed 001 eq. 1,
    :func:`abdoseg.uncertainty.uncertainty_score`), selection
-   (:func:`abdoseg.uncertainty.select_cases`), then the new datalist (interface 2: ``training``
+   (:func:`abdoseg.uncertainty.select_cases`; ``defer_selection=True`` reports the scores but
+   keeps every fused case, for the rounds before seed 001's single selection), then the new datalist (interface 2: ``training``
    items point at fused labels with ``annotated_classes`` = 1..14) and the report (JSON + CSV):
    per case the rule, voxels changed per class, uncertainty score, selected or rejected.
 
@@ -46,7 +51,7 @@ import numpy as np
 from tqdm.auto import tqdm
 
 from abdoseg.dataprep import AFFINE_TOL_MM, affines_match, group_of
-from abdoseg.fusion import fuse_labeled, fuse_unlabeled, fusion_report, supplement_weak_label
+from abdoseg.fusion import fill_from_prediction, fuse_labeled, fuse_unlabeled, fusion_report, supplement_weak_label
 from abdoseg.io import InputError, atomic_path, save_json, save_nifti
 from abdoseg.labels import FOREGROUND_IDS, LABELS, ORGAN_IDS
 from abdoseg.pseudo_label import DEFAULT_KEYS, datalist_items
@@ -54,7 +59,7 @@ from abdoseg.uncertainty import select_cases, uncertainty_score
 
 logger = logging.getLogger(__name__)
 
-RULE_SETS: tuple[str, ...] = ("seed003", "seed004")
+RULE_SETS: tuple[str, ...] = ("seed001", "seed003", "seed004")
 FUSE_REPORT_NAME = "fuse_report.json"
 CSV_CLASS_IDS: tuple[int, ...] = tuple(range(0, 15))
 
@@ -118,7 +123,7 @@ def fuse_case(item: Mapping[str, Any], rule: str, pseudo_dir: str | os.PathLike 
     Args:
         item: datalist item with absolute paths, ``case_id`` and ``split`` ("training" =
             labeled, else unlabeled); labeled items have ``label`` and ``annotated_classes``.
-        rule: ``"seed003"`` or ``"seed004"`` (see module docstring).
+        rule: ``"seed001"``, ``"seed003"`` or ``"seed004"`` (see module docstring).
         pseudo_dir: folder holding ``<name>/<case_id>.nii.gz`` per teacher checkpoint name.
         teacher_names: checkpoint names, first = S1 / the teacher.
         fused_path: output file.
@@ -151,6 +156,12 @@ def fuse_case(item: Mapping[str, Any], rule: str, pseudo_dir: str | os.PathLike 
                 row["reason"] = "rule seed003 on an unlabeled case needs teacher pseudo labels (S1)"
                 return row
             files.update({f"teacher:{n}": p for n, p in zip(teacher_names, teachers)})
+    elif rule == "seed001":
+        row["rule"] = "seed001_labeled" if labeled else "seed001_unlabeled"
+        if not teachers:
+            row["reason"] = "rule seed001 needs the previous round's prediction (teacher pseudo labels)"
+            return row
+        files[f"teacher:{teacher_names[0]}"] = teachers[0]
     else:
         if not labeled and seed004_unlabeled == "skip":
             row["rule"] = "seed004"
@@ -174,12 +185,16 @@ def fuse_case(item: Mapping[str, Any], rule: str, pseudo_dir: str | os.PathLike 
             annotated = item.get("annotated_classes")
             if rule == "seed003":
                 fused = fuse_labeled(before, arrays["pseudo_A"], arrays["pseudo_B"], annotated)
+            elif rule == "seed001":
+                fused = fill_from_prediction(before, t[0], annotated)
             else:
                 fused = supplement_weak_label(before, t[0], annotated)
         else:
             before = np.zeros(np.shape(next(iter(arrays.values()))), dtype=np.uint8)
             if rule == "seed003":
                 fused = fuse_unlabeled(t[0], arrays["pseudo_A"], arrays["pseudo_B"], lesion_votes=t)
+            elif rule == "seed001":
+                fused = fill_from_prediction(None, t[0])
             else:
                 fused = supplement_weak_label(before, t[0], annotated_classes=[])
     except ValueError as exc:  # label values the rules reject (ids outside 0..14, organ-only violations)
@@ -205,7 +220,7 @@ def fuse_datalist(datalist: str | os.PathLike, fused_dir: str | os.PathLike, rul
     Args:
         datalist: interface-2 datalist (paths relative to ``dataset_dir``, default its folder).
         fused_dir: output folder (``<case_id>.nii.gz`` + ``fuse_report.json``).
-        rule: ``"seed003"`` or ``"seed004"``.
+        rule: ``"seed001"``, ``"seed003"`` or ``"seed004"``.
         pseudo_dir: teacher pseudo labels ``<pseudo_dir>/<name>/<case_id>.nii.gz``.
         teacher_names: teacher checkpoint names, first = S1 / teacher (seed003 lesion votes use
             all of them).
@@ -276,13 +291,16 @@ def _fmt_score(s: float | None) -> str:
 def select_and_write(fused_dir: str | os.PathLike, datalist: str | os.PathLike, out_datalist: str | os.PathLike,
                      report_path: str | os.PathLike, history_dirs: Sequence[str | os.PathLike] = (),
                      threshold: float | None = None, keep_fraction: float | None = None,
-                     dataset_dir: str | os.PathLike | None = None) -> dict[str, Any]:
+                     dataset_dir: str | os.PathLike | None = None, defer_selection: bool = False) -> dict[str, Any]:
     """Score, select, and write the new datalist and the report (JSON + CSV next to it).
 
     Selection: labeled cases whose partial label annotates all 13 organs are always selected
     ("fully labeled"); cases without a score (fewer than two rounds) are selected ("no
     uncertainty score yet"); the others go through :func:`abdoseg.uncertainty.select_cases` with
     ``threshold`` / ``keep_fraction`` (both ``None``: all selected). Skipped cases are rejected.
+    ``defer_selection=True``: scores are computed and reported, but every fused case is selected
+    (seed 001 trains its intermediate rounds on all data and selects once, before the final
+    training).
 
     New datalist (paths relative to the dataset root): ``training`` = selected fused cases
     (``label`` = fused file, ``annotated_classes`` = 1..14, ``group`` from the classes present,
@@ -326,6 +344,8 @@ def select_and_write(fused_dir: str | os.PathLike, datalist: str | os.PathLike, 
             r["selected"], r["selection_reason"] = True, "fully labeled (13 organs annotated)"
         elif score is None:
             r["selected"], r["selection_reason"] = True, f"no uncertainty score yet ({note})"
+        elif defer_selection:
+            r["selected"], r["selection_reason"] = True, "selection deferred to the last round (score reported only)"
         else:
             r["selected"] = cid in selected_judged
             r["selection_reason"] = "uncertainty " + ("kept" if r["selected"] else "rejected") + \
@@ -343,7 +363,7 @@ def select_and_write(fused_dir: str | os.PathLike, datalist: str | os.PathLike, 
     save_json(new, out_datalist)
     report = {"rule": fuse_rep["rule"], "source_datalist": str(dl_path), "datalist": str(out_datalist),
               "fused_dir": str(fused_dir), "history_dirs": [str(d) for d in history_dirs],
-              "threshold": threshold, "keep_fraction": keep_fraction,
+              "threshold": threshold, "keep_fraction": keep_fraction, "defer_selection": bool(defer_selection),
               "counts": {"cases": len(rows), "fused": len(fused_ids),
                          "skipped": len(rows) - len(fused_ids),
                          "selected": sum(bool(r["selected"]) for r in rows),

@@ -1,5 +1,5 @@
-"""``abdoseg rounds``: semi-supervised training rounds (seed 001 iterative pseudo labels with the
-seed 003 / seed 004 fusion rules).
+"""``abdoseg rounds``: semi-supervised training rounds (seed 001 iterative pseudo labels with
+seed 001's own round rule or the seed 003 / seed 004 fusion rules).
 
 Round k (1..N), all outputs in ``<work_dir>/round_<k>/`` so that nothing is overwritten::
 
@@ -16,6 +16,16 @@ The uncertainty score of a case in round k compares the teacher's pseudo labels 
 checkpoint name) of rounds 1..k (seed 001 eq. 1); round 1 has none, so every fused case passes.
 After the last round the teacher is retrained once more on the last datalist
 (``<work_dir>/final/models``, also closed by ``DONE``).
+
+Rule ``seed001`` is seed 001's procedure: round 1 trains on the fully labeled cases; each round's
+prediction fills every unannotated class (lesion included) of the partial labels and labels the
+unlabeled cases entirely (:func:`abdoseg.fusion.fill_from_prediction`); rounds 2..N train on all
+of those cases (scores are reported but nothing is rejected, ``select_every_round=False``); the
+uncertainty selection (``threshold`` / ``keep_fraction``, scores over the pseudo labels of all N
+rounds) happens once, in round N, so the final training uses the selected cases with round N's
+labels. The seed 003 / 004 rules select in every round unless ``select_every_round=False``.
+Finished rounds are reused as written: raising ``n_rounds`` after a run does not redo the
+selection of the round that used to be the last.
 
 A restart skips finished rounds and resumes the unfinished one: training is skipped when its
 ``checkpoints.json`` exists, pseudo-labeling skips finished cases (:func:`abdoseg.batch.run_batch`),
@@ -163,7 +173,7 @@ def rounds(dataset_dir: str, work_dir: str, datalist: str | None = None, n_round
            checkpoint_names: Sequence[str] = ("model",), threshold: float | None = None,
            keep_fraction: float | None = None, seed004_unlabeled: str = "skip", final_train: bool = True,
            trainer: str | Callable | None = None, teacher: str | Callable | None = None,
-           device: str = "cpu") -> dict[str, Any]:
+           device: str = "cpu", select_every_round: bool | None = None) -> dict[str, Any]:
     """Run (or resume) N rounds of train -> pseudo-label -> fuse -> select, then retrain.
 
     Args:
@@ -171,7 +181,8 @@ def rounds(dataset_dir: str, work_dir: str, datalist: str | None = None, n_round
         work_dir: output root; ``round_<k>/`` per round, ``final/`` for the last retraining.
         datalist: source datalist (default ``<dataset_dir>/datalist.json``, see ``abdoseg prepare``).
         n_rounds: number of rounds.
-        rule: fusion rule set, ``"seed003"`` or ``"seed004"``.
+        rule: fusion rule set, ``"seed001"`` (fill unannotated classes from the prediction),
+            ``"seed003"`` or ``"seed004"``.
         fine_bundle: teacher bundle folder (default: the repository's ``bundles/fine_organ_tumor``).
         max_epochs: training epochs per round (CPU-tiny default 1).
         train_overrides: extra overrides for the fine bundle's train.json (e.g. patch_size).
@@ -185,6 +196,9 @@ def rounds(dataset_dir: str, work_dir: str, datalist: str | None = None, n_round
             (``datalist, train_key, dataset_dir, models_dir, **kw``) returning ``{name: path}``.
         teacher: ``"module:function"`` or callable ``factory(checkpoint) -> segment``.
         device: torch device for the default teacher.
+        select_every_round: apply the uncertainty selection in every round (True) or only in the
+            last one, before the final training (False); None = False for ``"seed001"`` (the
+            paper's order), True for the other rules.
     Returns:
         summary ``{"rounds": [per-round counts], "final": checkpoints or None}``.
     """
@@ -203,6 +217,8 @@ def rounds(dataset_dir: str, work_dir: str, datalist: str | None = None, n_round
     work.mkdir(parents=True, exist_ok=True)
     fine = Path(fine_bundle).resolve() if fine_bundle else DEFAULT_FINE_BUNDLE
     names = [str(n) for n in ([checkpoint_names] if isinstance(checkpoint_names, str) else checkpoint_names)]
+    if select_every_round is None:
+        select_every_round = rule != "seed001"
     # validation is skipped by default (val_interval > max_epochs): on a CPU one sliding-window
     # validation costs more than the tiny training; the final checkpoint is the teacher then
     t_overrides = {"max_epochs": int(max_epochs), "val_interval": int(max_epochs) + 1, **dict(train_overrides or {})}
@@ -240,8 +256,10 @@ def rounds(dataset_dir: str, work_dir: str, datalist: str | None = None, n_round
                       seed004_unlabeled)
         history = [work / f"round_{j}" / "pseudo" / names[0] for j in range(1, k + 1)]
         rep = select_and_write(rdir / "fused", src, rdir / "datalist.json", rdir / "report.json", history,
-                               threshold, keep_fraction, data)
+                               threshold, keep_fraction, data,
+                               defer_selection=not select_every_round and k < n_rounds)
         round_summary = {"round": k, "train_datalist": str(train_dl), "train_key": train_key, "checkpoints": ckpts,
+                         "selection": "applied" if select_every_round or k == n_rounds else "deferred",
                          "counts": rep["counts"], "seconds": round(time.perf_counter() - t0, 2)}
         _mark_done(rdir, round_summary)
         summary["rounds"].append(round_summary)
