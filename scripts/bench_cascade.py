@@ -138,7 +138,7 @@ def worker(args: argparse.Namespace) -> None:
     torch.set_num_threads(args.threads)
     from monai.bundle import ConfigParser
 
-    from abdoseg.cascade import load_state_dict_file
+    from abdoseg.checkpoints import load_state_dict_file
     from abdoseg.io import save_nifti
 
     parser = ConfigParser()

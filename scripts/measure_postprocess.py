@@ -59,7 +59,7 @@ def main(argv: list[str] | None = None) -> int:
     from monai.bundle import ConfigParser
     from monai.data import load_decathlon_datalist
 
-    from abdoseg.cascade import load_state_dict_file
+    from abdoseg.checkpoints import load_state_dict_file
     from abdoseg.io import load_nifti
 
     torch.set_num_threads(args.threads)

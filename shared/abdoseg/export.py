@@ -23,9 +23,9 @@ that the dynamic spatial axes work). Files are produced in a hidden temporary fo
 differences, shapes, opset, versions and the equivalent command lines.
 
 :class:`OnnxNetwork` is an ``nn.Module`` whose ``forward`` runs an ONNX Runtime session, so the
-unchanged :class:`abdoseg.cascade.CascadeInferer` (coarse ROI -> fine net) runs with ORT:
-:func:`onnx_cascade` builds the bundle's own ``inferer`` from ``inference.json`` with ORT networks,
-:func:`torch_cascade` the PyTorch one (what ``inference.json`` ``initialize`` does).
+unchanged inference config (coarse ROI crop -> fine sliding window -> scores to labels) runs with
+ORT: :func:`onnx_cascade` builds the bundle's own segmenter from ``inference.json`` with ORT
+networks, :func:`torch_cascade` the PyTorch one.
 """
 
 from __future__ import annotations
@@ -139,7 +139,7 @@ def bundle_networks(bundle_dir: str | os.PathLike) -> list[NetSpec]:
 
 
 def _eager_network(bundle: Path, spec: NetSpec) -> torch.nn.Module:
-    from abdoseg.cascade import load_state_dict_file
+    from abdoseg.checkpoints import load_state_dict_file
 
     net = _parser(bundle).get_parsed_content(spec.net_id, instantiate=True)
     net.load_state_dict(load_state_dict_file(spec.checkpoint))
@@ -346,7 +346,7 @@ class OnnxNetwork(torch.nn.Module):
     """An exported network run by ONNX Runtime behind the ``nn.Module`` call interface.
 
     ``forward(x)`` takes a float tensor (B, C, X, Y, Z) and returns the logits as a float32 tensor
-    on ``x``'s device. It has no parameters (so :class:`~abdoseg.cascade.CascadeInferer` infers the
+    on ``x``'s device. It has no parameters (so the coarse stage and the inferer take the
     CPU device) and exposes ``strides`` / ``divisor`` from the file's metadata (written by
     :func:`export`) so the cascade pads inputs exactly as for the torch network.
 
@@ -388,48 +388,35 @@ class OnnxNetwork(torch.nn.Module):
         return f"path={str(self.path)!r}"
 
 
-def _apply(parser: Any, overrides: Mapping[str, Any] | None) -> None:
-    for key, value in (overrides or {}).items():
-        parser[key] = value
-
-
 def torch_cascade(bundle_dir: str | os.PathLike, device: str = "cpu",
-                  overrides: Mapping[str, Any] | None = None) -> tuple[Any, torch.nn.Module]:
-    """``(inferer, network)`` of the bundle's ``inference.json`` with ``models/model.pt`` loaded, as
-    its ``initialize`` does; ``inferer(image, network)`` segments a (1, 1, X, Y, Z) HU MetaTensor.
-    ``overrides``: config id -> value (e.g. ``{"fine_spacing_mm": [4, 4, 4]}``)."""
-    bundle = Path(bundle_dir).resolve()
-    parser = _parser(bundle)
-    _apply(parser, overrides)
-    parser["device"] = f"$torch.device('{device}')"
-    specs = {s.net_id: s for s in bundle_networks(bundle)}
-    from abdoseg.cascade import load_state_dict_file
+                  overrides: Mapping[str, Any] | None = None) -> Any:
+    """The bundle's inference (:func:`abdoseg.inference.segmenter.segmenter_from_bundle`) with its
+    PyTorch weights: ``segmenter({"image": path}) -> (mask, affine)``. ``overrides``: config id ->
+    value (e.g. ``{"fine_spacing_mm": [4, 4, 4]}``)."""
+    from abdoseg.inference.segmenter import segmenter_from_bundle
 
-    network = parser.get_parsed_content("network")
-    network.load_state_dict(load_state_dict_file(specs["network_def"].checkpoint))
-    return parser.get_parsed_content("inferer"), network.eval()
+    return segmenter_from_bundle(bundle_dir, device=device, overrides=overrides)
 
 
 def onnx_cascade(bundle_dir: str | os.PathLike, onnx_dir: str | os.PathLike | None = None,
                  intra_op_threads: int | None = None,
-                 overrides: Mapping[str, Any] | None = None) -> tuple[Any, OnnxNetwork]:
-    """``(inferer, network)`` like :func:`torch_cascade`, the bundle's own ``inferer`` (the same
-    :class:`~abdoseg.cascade.CascadeInferer` code) with both networks replaced by
-    :class:`OnnxNetwork` sessions on ``<onnx_dir>/coarse_model.onnx`` and ``model.onnx``
-    (default ``onnx_dir``: ``<bundle_dir>/models``). Runs on CPU."""
+                 overrides: Mapping[str, Any] | None = None) -> Any:
+    """Like :func:`torch_cascade` - the same config, transforms and inferers - with both networks
+    replaced by :class:`OnnxNetwork` sessions on ``<onnx_dir>/coarse_model.onnx`` and
+    ``model.onnx`` (default ``onnx_dir``: ``<bundle_dir>/models``). Runs on CPU."""
+    from abdoseg.bundle_config import load_bundle_config
+    from abdoseg.inference.segmenter import segmenter_from_bundle
+
     bundle = Path(bundle_dir).resolve()
     folder = Path(onnx_dir).resolve() if onnx_dir else bundle / "models"
-    parser = _parser(bundle)
-    _apply(parser, overrides)
-    if "coarse_network_def" not in parser.get():
+    if "coarse_network_def" not in load_bundle_config(bundle).get():
         raise InputError(bundle / "configs" / "inference.json", "defines no coarse_network_def (not a cascade bundle)")
-    parser["device"] = "$torch.device('cpu')"
-    parser["coarse_network_def"] = {"_target_": "abdoseg.export.OnnxNetwork",
-                                    "path": str(folder / "coarse_model.onnx"),
-                                    "intra_op_threads": intra_op_threads}
-    parser["coarse_checkpoint"] = None
+    onnx_overrides = {"coarse_network_def": {"_target_": "abdoseg.export.OnnxNetwork",
+                                             "path": str(folder / "coarse_model.onnx"),
+                                             "intra_op_threads": intra_op_threads},
+                      "coarse_checkpoint": None, **dict(overrides or {})}
     network = OnnxNetwork(folder / "model.onnx", intra_op_threads=intra_op_threads)
-    return parser.get_parsed_content("inferer"), network
+    return segmenter_from_bundle(bundle, device="cpu", overrides=onnx_overrides, network=network)
 
 
 __all__ = ["export", "bundle_networks", "NetSpec", "OnnxNetwork", "onnx_cascade", "torch_cascade",

@@ -70,7 +70,7 @@ def _check_state_dict(path: Path) -> dict:
     """Load ``path`` as a plain state dict (``weights_only=True``) or raise InputError naming it."""
     import torch
 
-    from abdoseg.cascade import load_state_dict_file
+    from abdoseg.checkpoints import load_state_dict_file
 
     try:
         sd = load_state_dict_file(path, map_location="cpu")

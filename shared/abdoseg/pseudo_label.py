@@ -121,68 +121,21 @@ def bundle_teacher(checkpoint: str, inference_config: str | Sequence[str], bundl
     Args:
         checkpoint: plain state dict of the config's ``network_def``.
         inference_config: the teacher bundle's ``configs/inference.json`` (or a list to merge).
-        bundle_root: the teacher bundle folder (overrides the config's ``bundle_root``).
-        device: torch device for the network and the inputs (also set as the config's ``device``).
+        bundle_root: the teacher bundle folder (default: the folder above the first config's).
+        device: torch device for the networks (the config's ``device``).
         overrides: further config id -> value pairs.
     Returns:
-        ``segment(item) -> (mask (X, Y, Z) uint8, affine)``. A config with a ``segment`` id (the
-        fine_organ_tumor bundle: ``abdoseg.cascade.CascadeSegmenter``) is used as is, with
-        ``model_path`` set to ``checkpoint`` and ``load_weights`` evaluated. Otherwise:
-        ``preprocessing({"image": path})``,
-        ``inferer(image[None], network)``, ``postprocessing`` on the decollated dict; a
-        one-channel ``pred`` is squeezed, a multi-channel one is argmaxed. The mask must come
-        back in the image's voxel grid (checked; else :class:`InputError` naming the image).
+        ``segment(item) -> (mask (X, Y, Z) uint8, affine)``: the bundle's ``preprocessing`` ->
+        ``inferer(image, network)`` -> ``postprocessing`` (its writer dropped), as MONAI Label
+        composes them (:func:`abdoseg.inference.segmenter.segmenter_from_bundle`).
     """
-    import torch
-    from monai.bundle import ConfigParser
+    from abdoseg.inference.segmenter import segmenter_from_bundle
 
-    parser = ConfigParser()
-    parser.read_config(inference_config)
-    update: dict[str, Any] = {"device": device}
-    if bundle_root is not None:
-        update["bundle_root"] = str(bundle_root)
-    if "model_path" in parser:
-        update["model_path"] = str(checkpoint)
-    update.update(dict(overrides or {}))
-    parser.update(update)
-    if "segment" in parser:
-        # the bundle's own batch segmenter (fine_organ_tumor: CascadeSegmenter); weights via load_weights
-        if "load_weights" not in parser or "model_path" not in parser:
-            raise ValueError(f"{inference_config}: a config with 'segment' needs 'model_path' and 'load_weights'")
-        if not Path(checkpoint).is_file():
-            raise InputError(checkpoint, "checkpoint not found")
-        parser.get_parsed_content("load_weights")
-        return parser.get_parsed_content("segment")
-    net = parser.get_parsed_content("network") if "network" in parser else parser.get_parsed_content("network_def")
-    try:
-        state = torch.load(checkpoint, map_location="cpu", weights_only=True)
-    except Exception as exc:
-        raise InputError(checkpoint, f"not a loadable state dict ({type(exc).__name__}: {exc})") from exc
-    net.load_state_dict(state)
-    dev = torch.device(device)
-    net = net.to(dev).eval()
-    preprocessing = parser.get_parsed_content("preprocessing")
-    inferer = parser.get_parsed_content("inferer")
-    postprocessing = parser.get_parsed_content("postprocessing") if "postprocessing" in parser else None
-
-    def segment(item: dict) -> tuple[np.ndarray, np.ndarray]:
-        image_path = str(item["image"])
-        shape, affine = _image_geometry(image_path)
-        data = preprocessing({"image": image_path})
-        with torch.inference_mode():
-            pred = inferer(data["image"].unsqueeze(0).to(dev), net)
-        data["pred"] = pred[0]
-        if postprocessing is not None:
-            data = postprocessing(data)
-        mask = data["pred"]
-        mask = mask.detach().cpu().numpy() if isinstance(mask, torch.Tensor) else np.asarray(mask)
-        if mask.ndim == 4:
-            mask = mask[0] if mask.shape[0] == 1 else np.argmax(mask, axis=0)
-        if tuple(mask.shape) != shape:
-            raise InputError(image_path, f"teacher output shape {tuple(mask.shape)} differs from the image shape {shape}")
-        return np.rint(mask).astype(np.uint8), affine
-
-    return segment
+    configs = [inference_config] if isinstance(inference_config, (str, os.PathLike)) else list(inference_config)
+    root = Path(bundle_root) if bundle_root is not None else Path(configs[0]).resolve().parents[1]
+    configs = [str(Path(c).resolve()) for c in configs]
+    return segmenter_from_bundle(root, device=device, overrides=overrides, model_path=checkpoint,
+                                 config=configs if len(configs) > 1 else configs[0])
 
 
 def pseudo_label(items: Sequence[dict], teacher_factory: TeacherFactory,

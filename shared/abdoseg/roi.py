@@ -12,13 +12,14 @@ Pure functions (numpy + cc3d):
 
 Arrays are in NIfTI voxel order (X, Y, Z); spacings in mm in the same order.
 
-Coarse-network side (torch/MONAI, imported lazily):
+Coarse stage:
 
-* :func:`predict_coarse_roi` - the coarse bundle's inference path as a plain function: HU
-  volume + affine -> coarse mask on the 6 mm grid + ROI box in original voxel indices.
-* :class:`CoarseRoiBoxd` / :class:`SaveCoarseOutputsd` - the same as MONAI dictionary
-  transforms for ``bundles/coarse_roi/configs/inference.json`` (ROI JSON + coarse mask NIfTI
-  in the CT's geometry, written atomically).
+* :func:`coarse_box_to_original` - coarse-grid foreground mask -> ROI on the coarse grid and on
+  the CT's grid. The one ROI rule of the project: the coarse bundle's :class:`CoarseRoiBoxd` and
+  the cascade's :class:`abdoseg.inference.coarse_roi.CoarseRoiCropd` both call it.
+* :class:`CoarseRoiBoxd` / :class:`SaveCoarseOutputsd` - MONAI dictionary transforms for
+  ``bundles/coarse_roi/configs/inference.json`` (ROI JSON + coarse mask NIfTI in the CT's
+  geometry, written atomically).
 """
 
 from __future__ import annotations
@@ -32,8 +33,8 @@ from typing import Any
 import numpy as np
 
 __all__ = ["RoiBox", "EmptyRoiWarning", "roi_from_mask", "largest_component", "map_box_between_grids",
-           "scale_box", "margin_voxels", "spacing_from_affine", "CoarseRoiResult", "predict_coarse_roi",
-           "load_coarse_network", "CoarseRoiBoxd", "SaveCoarseOutputsd"]
+           "scale_box", "margin_voxels", "spacing_from_affine", "CoarseRoiResult", "coarse_box_to_original",
+           "CoarseRoiBoxd", "SaveCoarseOutputsd"]
 
 _EPS = 1e-6
 
@@ -290,7 +291,7 @@ def spacing_from_affine(affine: Any) -> tuple[float, ...]:
 
 @dataclass
 class CoarseRoiResult:
-    """Output of :func:`predict_coarse_roi`.
+    """The coarse stage's result (written by the coarse bundle as ``<case>_roi.json``).
 
     box: ROI in voxel indices of the input volume (X, Y, Z).
     coarse_box: the same ROI on the coarse grid.
@@ -312,41 +313,6 @@ class CoarseRoiResult:
         return out
 
 
-def load_coarse_network(model_path: str | None = None, device: Any = "cpu", **network_kwargs: Any):
-    """The coarse :class:`~abdoseg.networks.PocketUNet` (``COARSE_NETWORK_KWARGS`` updated with
-    ``network_kwargs``) in eval mode, with the plain state dict at ``model_path`` if given."""
-    import torch
-
-    from abdoseg.io import InputError
-    from abdoseg.networks import PocketUNet
-    from abdoseg.preprocessing import COARSE_NETWORK_KWARGS
-
-    net = PocketUNet(**{**COARSE_NETWORK_KWARGS, **network_kwargs})
-    if model_path is not None:
-        try:
-            state = torch.load(str(model_path), map_location="cpu", weights_only=True)
-        except FileNotFoundError as exc:
-            raise InputError(model_path, "checkpoint not found") from exc
-        if isinstance(state, dict) and "model" in state and isinstance(state["model"], dict):
-            state = state["model"]
-        state = {k[len("module."):] if k.startswith("module.") else k: v for k, v in state.items()}
-        try:
-            net.load_state_dict(state)
-        except RuntimeError as exc:
-            raise InputError(model_path, f"checkpoint does not fit the coarse network ({exc})") from exc
-    return net.to(device).eval()
-
-
-def _coarse_logits(network: Any, x: Any, roi_size: Sequence[int], sw_batch_size: int, overlap: float) -> Any:
-    """Logits (1, C, *x.shape[2:]) by MONAI sliding window (constant blend, zero padding)."""
-    import torch
-    from monai.inferers import sliding_window_inference
-
-    use_amp = x.device.type == "cuda"
-    with torch.no_grad(), torch.autocast(device_type=x.device.type, enabled=use_amp):
-        return sliding_window_inference(x, tuple(roi_size), sw_batch_size, network, overlap=overlap, mode="constant")
-
-
 def coarse_box_to_original(mask: Any, coarse_affine: Any, original_affine: Any, original_shape: Sequence[int],
                            margin_mm: float | Sequence[float], min_component_fraction: float | None = None,
                            ) -> tuple[RoiBox, RoiBox]:
@@ -355,63 +321,6 @@ def coarse_box_to_original(mask: Any, coarse_affine: Any, original_affine: Any, 
                                min_component_fraction=min_component_fraction)
     box = map_box_between_grids(coarse_box, coarse_affine, original_affine, original_shape)
     return box, coarse_box
-
-
-def predict_coarse_roi(
-    image: Any,
-    affine: Any,
-    network: Any,
-    margin_mm: float | Sequence[float] | None = None,
-    spacing_mm: Sequence[float] | None = None,
-    roi_size: Sequence[int] | None = None,
-    hu_window: Sequence[float] | None = None,
-    device: Any = None,
-    sw_batch_size: int = 1,
-    overlap: float = 0.25,
-    min_component_fraction: float | None = None,
-) -> CoarseRoiResult:
-    """The coarse bundle's inference path as a function.
-
-    Args:
-        image: (X, Y, Z) CT in HU (numpy or torch), voxel order of ``affine``.
-        affine: 4x4 voxel->world (mm) affine of ``image`` (nibabel convention, RAS world).
-        network: coarse net (e.g. :func:`load_coarse_network`), 2 output classes.
-        margin_mm: ROI margin (default :data:`abdoseg.preprocessing.ROI_MARGIN_MM`).
-        spacing_mm, roi_size, hu_window: default to the constants in
-            :mod:`abdoseg.preprocessing` (what the bundle trains with).
-        device: torch device (default: the network's).
-
-    Steps (as the bundle's inference.json): reorient to RAS, resample to ``spacing_mm``
-    (MONAI ``Spacing``, bilinear), HU window, sliding-window logits, argmax, largest component
-    box + margin on the coarse grid, mapped back to ``image``'s voxel indices.
-    No foreground -> whole volume + :class:`EmptyRoiWarning`.
-    """
-    import torch
-    from monai.data import MetaTensor
-    from monai.transforms import Orientation, Spacing
-
-    from abdoseg import preprocessing as pp
-
-    margin_mm = pp.ROI_MARGIN_MM if margin_mm is None else margin_mm
-    spacing_mm = pp.COARSE_SPACING_MM if spacing_mm is None else spacing_mm
-    roi_size = pp.COARSE_ROI_SIZE if roi_size is None else roi_size
-    hu_window = pp.HU_WINDOW if hu_window is None else hu_window
-    if device is None:
-        device = next(network.parameters()).device
-    arr = image.detach().cpu().float() if isinstance(image, torch.Tensor) else torch.as_tensor(np.asarray(image, dtype=np.float32))
-    if arr.ndim != 3:
-        raise ValueError(f"image must be 3D (X, Y, Z), got shape {tuple(arr.shape)}")
-    affine = np.asarray(affine, dtype=np.float64)
-    x = MetaTensor(arr[None], affine=torch.as_tensor(affine))
-    x = Orientation(axcodes=pp.AXCODES, labels=None)(x)
-    x = Spacing(pixdim=tuple(float(s) for s in spacing_mm), mode="bilinear")(x)
-    coarse_affine = np.asarray(x.affine, dtype=np.float64)
-    xin = pp.window_hu(x.as_tensor(), hu_window)[None].to(device)
-    logits = _coarse_logits(network, xin, roi_size, sw_batch_size, overlap)
-    mask = (logits[0].argmax(0) > 0).to(torch.uint8).cpu().numpy()
-    box, coarse_box = coarse_box_to_original(mask, coarse_affine, affine, tuple(arr.shape), margin_mm,
-                                             min_component_fraction)
-    return CoarseRoiResult(box=box, coarse_box=coarse_box, coarse_mask=mask, coarse_affine=coarse_affine)
 
 
 def _meta(x: Any) -> dict:

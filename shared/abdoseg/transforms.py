@@ -1,16 +1,22 @@
-"""MONAI dictionary transforms for partial-label training."""
+"""MONAI dictionary transforms of the training chains: partial-label masks and the ROI crop that
+mimics the inference ROI."""
 
 from __future__ import annotations
 
+import math
 from typing import Any, Hashable, Iterable, Mapping
 
+import numpy as np
 import torch
 from monai.config import KeysCollection
-from monai.transforms import MapTransform
+from monai.data import MetaTensor
+from monai.transforms import MapTransform, Randomizable
+
+from abdoseg.geometry import affine_spacing_mm
 
 from .labels import NUM_CLASSES
 
-__all__ = ["AnnotatedClassesd", "annotated_mask"]
+__all__ = ["AnnotatedClassesd", "annotated_mask", "RandForegroundRoiCropd"]
 
 
 def annotated_mask(annotated_classes: Iterable[int] | None, num_classes: int = NUM_CLASSES) -> torch.Tensor:
@@ -79,4 +85,64 @@ class AnnotatedClassesd(MapTransform):
         d[self.output_key] = annotated_mask(value, self.num_classes)
         if self.remove_source and key != self.output_key:
             del d[key]
+        return d
+
+
+class RandForegroundRoiCropd(Randomizable, MapTransform):
+    """Crop ``keys`` to the foreground bounding box of ``source_keys`` + a jittered margin in mm,
+    mimicking the inference ROI (coarse foreground box + ``margin_mm``) on the original grid.
+
+    Applied after ``Orientationd`` and before ``Spacingd``, on channel-first MetaTensors. The
+    foreground is the union of ``> 0`` over the source keys that are present (e.g. the label and a
+    full-organ pseudo label, so that a tumor-only partial label still gives the abdomen box).
+    Each side of each axis gets ``margin_mm + U(-jitter_mm, +jitter_mm)`` (never below 0), rounded
+    up to voxels; no foreground -> no crop. The crop updates the affine (MONAI ``SpatialCrop``).
+
+    Args:
+        keys: keys to crop (image, label, ...).
+        source_keys: keys whose foreground defines the box.
+        margin_mm: mean margin (mm), the inference ``margin_mm``.
+        jitter_mm: half-width of the uniform margin jitter (mm); 0 -> deterministic.
+    """
+
+    def __init__(self, keys: KeysCollection, source_keys: KeysCollection = "label", margin_mm: float = 20.0,
+                 jitter_mm: float = 10.0, allow_missing_keys: bool = False) -> None:
+        super().__init__(keys, allow_missing_keys)
+        self.source_keys = [source_keys] if isinstance(source_keys, str) else list(source_keys)
+        self.margin_mm = float(margin_mm)
+        self.jitter_mm = float(jitter_mm)
+        self._margins = np.full((3, 2), self.margin_mm)
+
+    def randomize(self, data: Any = None) -> None:
+        self._margins = self.margin_mm + self.R.uniform(-self.jitter_mm, self.jitter_mm, size=(3, 2))
+
+    def __call__(self, data: Mapping[Hashable, Any]) -> dict:
+        from monai.transforms import SpatialCrop
+
+        d = dict(data)
+        fg = None
+        ref = None
+        for k in self.source_keys:
+            if k in d:
+                arr = d[k]
+                arr = arr.detach().cpu().numpy() if isinstance(arr, torch.Tensor) else np.asarray(arr)
+                m = (arr[0] if arr.ndim == 4 else arr) > 0
+                fg = m if fg is None else (fg | m)
+                ref = d[k]
+        self.randomize()
+        margins = self._margins
+        if fg is None or not fg.any():
+            return d
+        spacing = affine_spacing_mm(np.asarray(ref.affine)) if isinstance(ref, MetaTensor) else (1.0, 1.0, 1.0)
+        start, stop = [], []
+        for axis in range(3):
+            other = tuple(a for a in range(3) if a != axis)
+            idx = np.flatnonzero(fg.any(axis=other))
+            lo = int(math.ceil(max(0.0, margins[axis, 0]) / spacing[axis]))
+            hi = int(math.ceil(max(0.0, margins[axis, 1]) / spacing[axis]))
+            start.append(max(0, int(idx[0]) - lo))
+            stop.append(min(fg.shape[axis], int(idx[-1]) + 1 + hi))
+        crop = SpatialCrop(roi_start=start, roi_end=stop)
+        for key in self.key_iterator(d):
+            d[key] = crop(d[key])
         return d

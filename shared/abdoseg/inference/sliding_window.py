@@ -1,0 +1,190 @@
+"""Sliding-window inferers of the fine stage, built on MONAI's ``SlidingWindowInferer``.
+
+:class:`FitSlidingWindowInferer` is MONAI's sliding window with one change: the window is never
+larger than it needs to be. MONAI pads an input smaller than ``roi_size`` up to ``roi_size``
+(a 90 x 80 x 40 ROI crop would run as 192 x 192 x 128: 11x the work); here each axis gets the
+smallest multiple of the network's divisor that needs no more windows than ``roi_size`` would
+(an ROI that fits runs as one pass over itself, padded to the divisor).
+
+:class:`EnsembleInferer` (seed 002's CFS) runs several fine networks and merges their softmax by
+ordered class rules.
+
+Shapes: inputs (B, 1, X, Y, Z); outputs (B, C, X, Y, Z) scores (logits, or probabilities for the
+ensemble).
+"""
+
+from __future__ import annotations
+
+import copy
+import math
+from collections.abc import Mapping, Sequence
+from contextlib import nullcontext
+from typing import Any
+
+import torch
+from monai.inferers import Inferer, SlidingWindowInferer
+
+from abdoseg.checkpoints import load_weights
+
+__all__ = ["network_divisor", "fit_window", "FitSlidingWindowInferer", "EnsembleInferer"]
+
+
+def network_divisor(network: Any, default: int = 16) -> tuple[int, int, int]:
+    """Product of the network's strides per axis (DynUNet ``strides``), else ``default``."""
+    strides = getattr(network, "strides", None)
+    if not strides:
+        return (default,) * 3  # type: ignore[return-value]
+    div = [1, 1, 1]
+    for s in strides:
+        s = [int(s)] * 3 if isinstance(s, int) else [int(v) for v in s]
+        div = [d * v for d, v in zip(div, s)]
+    return tuple(div)  # type: ignore[return-value]
+
+
+def _n_windows(size: int, window: int, overlap: float) -> int:
+    """Windows MONAI's sliding_window_inference places along an axis (same formula)."""
+    if size <= window:
+        return 1
+    interval = max(1, int(window * (1 - overlap)))
+    return int(math.ceil((size - window) / interval)) + 1
+
+
+def fit_window(size: int, roi: int, divisor: int, overlap: float) -> int:
+    """Smallest window (multiple of ``divisor``, at most ``roi`` rounded down to the divisor) that
+    tiles ``size`` with no more windows than ``roi`` would: 200 voxels with roi 192 -> 2 windows of
+    128, not 2 of 192; 90 voxels -> one window of 96."""
+    roi = max(divisor, (roi // divisor) * divisor)
+    target = _n_windows(size, roi, overlap)
+    for w in range(divisor, roi + 1, divisor):
+        if _n_windows(size, w, overlap) <= target:
+            return w
+    return roi
+
+
+def _first_output(out: Any) -> torch.Tensor:
+    if isinstance(out, (list, tuple)):
+        return out[0]
+    if isinstance(out, dict):
+        return next(iter(out.values()))
+    return out
+
+
+class FitSlidingWindowInferer(SlidingWindowInferer):
+    """MONAI ``SlidingWindowInferer`` whose window is fitted to each input (see module docstring).
+
+    Args:
+        roi_size: largest window (voxels); the fitted window never exceeds it.
+        sw_batch_size, overlap, mode: as ``SlidingWindowInferer`` (constant blending by default).
+        autocast_dtype: ``None`` (float32), ``"float16"`` (CUDA) or ``"bfloat16"`` (CPU with
+            AVX512-BF16/AMX, or CUDA): the network runs under ``torch.autocast`` of the input's
+            device; scores are returned as float32.
+        default_divisor: window multiple when the network has no ``strides``.
+    """
+
+    def __init__(self, roi_size: Sequence[int], sw_batch_size: int = 1, overlap: float = 0.25,
+                 mode: str = "constant", autocast_dtype: str | None = None, default_divisor: int = 16,
+                 **kwargs: Any) -> None:
+        super().__init__(roi_size=tuple(int(r) for r in roi_size), sw_batch_size=sw_batch_size, overlap=overlap,
+                         mode=mode, cache_roi_weight_map=False, **kwargs)
+        self.max_roi_size = tuple(int(r) for r in roi_size)
+        if autocast_dtype not in (None, "float16", "bfloat16"):
+            raise ValueError(f"autocast_dtype must be None, 'float16' or 'bfloat16', got {autocast_dtype!r}")
+        self.autocast_dtype = autocast_dtype
+        self.default_divisor = int(default_divisor)
+
+    def window_for(self, spatial_shape: Sequence[int], network: Any) -> tuple[int, ...]:
+        """The fitted window for an input of ``spatial_shape``."""
+        div = network_divisor(network, self.default_divisor)
+        window = [fit_window(int(s), r, d, float(self.overlap)) for s, r, d in zip(spatial_shape, self.max_roi_size, div)]
+        if all(w == d for w, d in zip(window, div)):  # 1x1x1 bottleneck: instance norm needs > 1 voxel
+            window[0] *= 2
+        return tuple(window)
+
+    def _autocast(self, device: torch.device):
+        if self.autocast_dtype is None:
+            return nullcontext()
+        return torch.autocast(device.type, dtype=getattr(torch, self.autocast_dtype))
+
+    def __call__(self, inputs: torch.Tensor, network: Any, *args: Any, **kwargs: Any) -> torch.Tensor:
+        """Scores (B, C, *inputs.shape[2:]) as float32."""
+        self.roi_size = self.window_for(inputs.shape[2:], network)
+        with self._autocast(inputs.device):
+            out = super().__call__(inputs, lambda t: _first_output(network(t, *args, **kwargs)))
+        return _first_output(out).float()
+
+
+class EnsembleInferer(Inferer):
+    """Several fine networks merged by ordered class rules (seed 002's CFS: organs from the organ
+    model, lesion from the averaged tumor models).
+
+    Args:
+        inferer: the window inferer every member runs through (a :class:`FitSlidingWindowInferer`).
+        members: ``{"network": module | None, "checkpoint": path | None}`` each; ``network: None``
+            is the network passed to ``__call__`` (the bundle's ``network_def`` with
+            ``models/model.pt``, what MONAI Label loads). A member module that is the call's
+            network or another member's (as a config's ``@network_def`` gives) is deep-copied
+            before its checkpoint is loaded, so no member ever overwrites another's weights.
+        rules: ordered ``{"members": [indices], "classes": [class ids]}``. Each rule averages the
+            softmax of its members; the first gives the base prediction (its classes, background
+            elsewhere); each later rule overwrites the voxels where its argmax is in its classes.
+
+    Returns probabilities (B, C, X, Y, Z).
+    """
+
+    def __init__(self, inferer: Inferer, members: Sequence[Mapping[str, Any]], rules: Sequence[Mapping[str, Any]]) -> None:
+        super().__init__()
+        if not members or not rules:
+            raise ValueError("EnsembleInferer needs at least one member and one rule")
+        self.inferer = inferer
+        self.members: list[dict[str, Any]] = []
+        seen: list[int] = []
+        for m in members:
+            net = m.get("network")
+            if net is not None and id(net) in seen:
+                net = copy.deepcopy(net)
+            if net is not None:
+                seen.append(id(net))
+            ckpt = m.get("checkpoint")
+            self.members.append({"network": net, "checkpoint": None if ckpt in (None, "") else str(ckpt), "loaded": False})
+        self.rules = []
+        for r in rules:
+            idx = [int(i) for i in r["members"]]
+            if not idx or any(i < 0 or i >= len(self.members) for i in idx):
+                raise ValueError(f"rule {dict(r)} refers to members outside 0..{len(self.members) - 1}")
+            self.rules.append({"members": idx, "classes": [int(c) for c in r["classes"]]})
+
+    def _member_net(self, i: int, network: Any, device: torch.device) -> Any:
+        m = self.members[i]
+        if m["network"] is None:
+            if network is None:
+                raise ValueError(f"ensemble member {i} uses the call's network, but none was given")
+            return network
+        if m["network"] is network:  # the config handed the bundle's own module to a member
+            m["network"] = copy.deepcopy(network)
+        if not m["loaded"]:
+            if m["checkpoint"] is not None:
+                load_weights(m["network"], m["checkpoint"], what=f"ensemble member {i}")
+            m["loaded"] = True
+        return m["network"].to(device).eval()
+
+    def __call__(self, inputs: torch.Tensor, network: Any, *args: Any, **kwargs: Any) -> torch.Tensor:
+        cache: dict[int, torch.Tensor] = {}
+
+        def probs(i: int) -> torch.Tensor:
+            if i not in cache:
+                cache[i] = torch.softmax(self.inferer(inputs, self._member_net(i, network, inputs.device)), 1)
+            return cache[i]
+
+        merged: torch.Tensor | None = None
+        for k, rule in enumerate(self.rules):
+            p = torch.stack([probs(i) for i in rule["members"]]).mean(0)
+            lab = p.argmax(1, keepdim=True)
+            inside = torch.isin(lab, torch.tensor(rule["classes"], device=lab.device))
+            if k == 0:
+                background = torch.zeros_like(p)
+                background[:, 0] = 1.0
+                merged = torch.where(inside | (lab == 0), p, background)
+            else:
+                merged = torch.where(inside, p, merged)
+        assert merged is not None
+        return merged
