@@ -1,0 +1,145 @@
+"""EpochCheckpointSaver on a tiny ignite Engine: chosen (and counted-back) epochs, plain inference
+state dicts (wrapper and deep-supervision heads dropped, strict load), rank 0 only, atomic writes."""
+
+from __future__ import annotations
+
+import logging
+
+import pytest
+import torch
+from ignite.engine import Engine
+
+import abdoseg.handlers as handlers
+from abdoseg.checkpoints import load_weights
+from abdoseg.handlers import EpochCheckpointSaver
+from abdoseg.networks import PocketUNet
+
+
+def _counting_engine(net: torch.nn.Module) -> Engine:
+    """Each iteration adds 1 to the first parameter: after epoch e (2 iterations each) it holds
+    its initial value + 2e, which tells which epoch a checkpoint comes from."""
+    first = next(net.parameters())
+
+    def step(engine, batch):
+        with torch.no_grad():
+            first.add_(1.0)
+
+    return Engine(step)
+
+
+def test_saves_chosen_and_counted_back_epochs(tmp_path):
+    net = torch.nn.Linear(2, 1)
+    with torch.no_grad():
+        net.weight.zero_()
+    engine = _counting_engine(net)
+    saver = EpochCheckpointSaver(tmp_path / "ckpt", epochs=[2, -1, 0], network=net)
+    saver.attach(engine)
+    saver.attach(engine)  # attaching twice registers once
+    engine.run([0, 1], max_epochs=5)
+    assert sorted(p.name for p in (tmp_path / "ckpt").iterdir()) == ["model_epoch2.pt", "model_epoch4.pt",
+                                                                      "model_epoch5.pt"]
+    assert saver.saved == {"model_epoch2.pt": 2, "model_epoch4.pt": 4, "model_epoch5.pt": 5}
+    for e in (2, 4, 5):
+        sd = torch.load(tmp_path / "ckpt" / f"model_epoch{e}.pt", weights_only=True)
+        assert set(sd) == {"weight", "bias"}
+        assert torch.equal(sd["weight"], torch.full((1, 2), 2.0 * e))
+
+
+def test_seed003_names_and_strict_inference_load(tmp_path):
+    """S3/S2/S1 = the last three epochs of a DataParallel-wrapped deep-supervision PocketUNet:
+    files hold no 'module.' prefix and no supervision heads, and load strictly for inference."""
+    kw = dict(out_channels=3, channels=4, kernel_size=[[3, 3, 3]] * 4, strides=[[1, 1, 1]] + [[2, 2, 2]] * 3)
+    net = PocketUNet(**kw, deep_supervision=True)
+    wrapped = torch.nn.DataParallel(net)  # CPU: a plain wrapper with .module, like DDP
+    assert any("deep_supervision_heads" in k for k in net.state_dict())
+    engine = _counting_engine(net)
+    EpochCheckpointSaver(tmp_path, epochs=[-2, -1, 0], network=wrapped,
+                         filenames=["S3.pt", "S2.pt", "S1.pt"]).attach(engine)
+    engine.run([0, 1], max_epochs=4)
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["S1.pt", "S2.pt", "S3.pt"]
+    first_key = next(iter(net.state_dict()))
+    for name, epoch in (("S3.pt", 2), ("S2.pt", 3), ("S1.pt", 4)):
+        sd = torch.load(tmp_path / name, weights_only=True)
+        assert not any(k.startswith("module.") or "deep_supervision_heads" in k for k in sd)
+        infer = load_weights(PocketUNet(**kw, deep_supervision=False), tmp_path / name)  # strict
+        torch.testing.assert_close(infer.state_dict()[first_key], sd[first_key])
+    s1 = torch.load(tmp_path / "S1.pt", weights_only=True)[first_key]
+    s3 = torch.load(tmp_path / "S3.pt", weights_only=True)[first_key]
+    torch.testing.assert_close(s1 - s3, torch.full_like(s1, 4.0))  # two epochs x 2 iterations apart
+
+
+def test_only_rank_0_writes(tmp_path, monkeypatch):
+    net = torch.nn.Linear(2, 1)
+    monkeypatch.setattr(handlers, "_rank", lambda: 1)
+    engine = _counting_engine(net)
+    saver = EpochCheckpointSaver(tmp_path / "ckpt", epochs=[1, 2], network=net)
+    saver.attach(engine)
+    engine.run([0], max_epochs=2)
+    assert not (tmp_path / "ckpt").exists() and saver.saved == {}
+
+
+def test_atomic_write_leaves_no_partial_file(tmp_path, monkeypatch):
+    net = torch.nn.Linear(2, 1)
+    engine = _counting_engine(net)
+    EpochCheckpointSaver(tmp_path, epochs=[1], network=net).attach(engine)
+    real_save = torch.save
+
+    def dying_save(obj, f, *a, **k):  # writes half a file, then the process "dies"
+        with open(f, "wb") as fh:
+            fh.write(b"PK\x03\x04 truncated")
+        raise OSError("disk full")
+
+    monkeypatch.setattr(torch, "save", dying_save)
+    with pytest.raises(OSError, match="disk full"):
+        engine.run([0], max_epochs=1)
+    assert list(tmp_path.iterdir()) == []  # neither the final name nor a temporary file
+    monkeypatch.setattr(torch, "save", real_save)
+    engine2 = _counting_engine(net)
+    EpochCheckpointSaver(tmp_path, epochs=[1], network=net).attach(engine2)
+    engine2.run([0], max_epochs=1)
+    assert [p.name for p in tmp_path.iterdir()] == ["model_epoch1.pt"]
+
+
+def test_unreachable_epochs_warn_and_bad_arguments(tmp_path, caplog):
+    net = torch.nn.Linear(2, 1)
+    engine = _counting_engine(net)
+    saver = EpochCheckpointSaver(tmp_path, epochs=[7, -3, 0], network=net)
+    saver.attach(engine)
+    with caplog.at_level(logging.WARNING, logger="abdoseg.handlers"):
+        engine.run([0], max_epochs=2)
+    assert saver.saved == {"model_epoch2.pt": 2}
+    warnings = [r.getMessage() for r in caplog.records if r.levelno == logging.WARNING]
+    assert len(warnings) == 1 and "model_epoch7.pt (epoch 7)" in warnings[0] and "epoch -1" in warnings[0]
+    with pytest.raises(ValueError, match="empty"):
+        EpochCheckpointSaver(tmp_path, epochs=[], network=net)
+    with pytest.raises(ValueError, match="2 filenames for 3 epochs"):
+        EpochCheckpointSaver(tmp_path, epochs=[1, 2, 3], network=net, filenames=["a.pt", "b.pt"])
+    with pytest.raises(ValueError, match="repeat"):
+        EpochCheckpointSaver(tmp_path, epochs=[1, 2], network=net, filenames=["a.pt", "a.pt"])
+    with pytest.raises(ValueError, match="epoch"):
+        EpochCheckpointSaver(tmp_path, epochs=[1], network=net, filename_template="model.pt")
+
+
+def test_from_a_bundle_config_in_monai_supervised_trainer(tmp_path):
+    """The ``_target_`` a preset uses, parsed by MONAI and run as a SupervisedTrainer train handler."""
+    from monai.bundle import ConfigParser
+
+    config = {
+        "network": {"_target_": "torch.nn.Conv3d", "in_channels": 1, "out_channels": 2, "kernel_size": 1},
+        "optimizer": {"_target_": "torch.optim.SGD", "params": "$@network.parameters()", "lr": 0.1},
+        "saver": {"_target_": "abdoseg.handlers.EpochCheckpointSaver", "save_dir": str(tmp_path), "network": "@network",
+                  "epochs": [-1, 0], "filenames": ["S2.pt", "S1.pt"]},
+        "trainer": {"_target_": "SupervisedTrainer", "device": "$torch.device('cpu')", "max_epochs": 3,
+                    "train_data_loader": "$[{'image': torch.ones(1, 1, 2, 2, 2), 'label': torch.ones(1, 1, 2, 2, 2).long()}]",
+                    "network": "@network", "optimizer": "@optimizer",
+                    "loss_function": "$monai.losses.DiceCELoss(to_onehot_y=True, softmax=True)",
+                    "train_handlers": ["@saver"]},
+    }
+    parser = ConfigParser(config)
+    trainer = parser.get_parsed_content("trainer")
+    trainer.run()
+    saver = parser.get_parsed_content("saver")
+    assert saver.saved == {"S2.pt": 2, "S1.pt": 3}
+    final = torch.load(tmp_path / "S1.pt", weights_only=True)
+    torch.testing.assert_close(final["weight"], parser.get_parsed_content("network").weight.detach())
+    assert not torch.equal(torch.load(tmp_path / "S2.pt", weights_only=True)["weight"], final["weight"])
