@@ -16,14 +16,16 @@ import numpy as np
 import pytest
 import torch
 
-from abdoseg import preprocessing as pp
-from abdoseg.roi import EmptyRoiWarning, RoiBox, load_coarse_network, predict_coarse_roi
+from abdoseg.checkpoints import load_weights
+from abdoseg.roi import EmptyRoiWarning, RoiBox
 
 REPO = Path(__file__).resolve().parents[1]
 BUNDLE = REPO / "bundles" / "coarse_roi"
 CONFIGS = BUNDLE / "configs"
 SCHEMA = Path("/work/shared/monai/meta_schema_20240725.json")
 # tiny-data overrides: the real defaults are 64^3 patches and 80x80x96 windows at 6 mm
+FINE_CONFIGS = REPO / "bundles" / "fine_organ_tumor" / "configs"
+HU_WINDOW = (-325.0, 325.0)
 TINY = {"patch_size": [32, 32, 32], "roi_size": [32, 32, 32], "num_samples": 1, "batch_size": 2,
         "max_epochs": 1, "val_interval": 1}
 
@@ -94,30 +96,56 @@ def _cli_overrides(d: dict) -> list[str]:
     return out
 
 
-def test_config_constants_match_package():
-    for name in ("train.json", "inference.json"):
-        cfg = json.loads((CONFIGS / name).read_text())
-        assert tuple(cfg["pixdim"]) == pp.COARSE_SPACING_MM
-        assert tuple(cfg["hu_window"]) == pp.HU_WINDOW
-        assert tuple(cfg["roi_size"]) == pp.COARSE_ROI_SIZE
-        net = {k: v for k, v in cfg["network_def"].items() if k != "_target_"}
-        assert net == pp.COARSE_NETWORK_KWARGS
-    train = json.loads((CONFIGS / "train.json").read_text())
-    assert tuple(train["patch_size"]) == pp.COARSE_PATCH_SIZE
-    assert json.loads((CONFIGS / "inference.json").read_text())["margin_mm"] == pp.ROI_MARGIN_MM
-
-
-def test_preprocessing_builder_matches_config(dataset):
+def _parser(config: Path, **overrides):
     from monai.bundle import ConfigParser
-    from monai.transforms import Compose
 
     parser = ConfigParser()
-    parser.read_config(str(CONFIGS / "inference.json"))
+    parser.read_config(str(config))
+    parser["bundle_root"] = str(config.parents[1])
+    for k, v in overrides.items():
+        parser[k] = v
+    return parser
+
+
+def coarse_network(model_path: Path | None = None) -> torch.nn.Module:
+    """The coarse bundle's network_def (with weights when given), as its inference builds it."""
+    net = _parser(CONFIGS / "inference.json").get_parsed_content("network_def")
+    return (load_weights(net, model_path) if model_path is not None else net).eval()
+
+
+def coarse_stage(network, **overrides):
+    """The fine bundle's coarse stage (CoarseRoiCropd from its inference.json) with ``network``."""
+    parser = _parser(FINE_CONFIGS / "inference.json", coarse_network_def=network, coarse_checkpoint=None,
+                     device="$torch.device('cpu')", **overrides)
+    return parser.get_parsed_content("preprocessing").transforms[:5]
+
+
+def test_config_constants_agree_across_configs():
+    train = json.loads((CONFIGS / "train.json").read_text())
+    infer = json.loads((CONFIGS / "inference.json").read_text())
+    for key in ("pixdim", "hu_window", "roi_size", "network_def"):
+        assert train[key] == infer[key], key
+
+
+def test_fine_bundle_coarse_stage_sees_what_the_coarse_bundle_sees(dataset):
+    """One coarse stage: the fine bundle's CoarseRoiCropd runs the coarse bundle's preprocessing
+    (same grid, same intensities) and its network/inferer settings."""
     item = {"image": str(dataset / "imagesVal" / "TINY_0004_0000.nii.gz")}
-    a = parser.get_parsed_content("preprocessing")(dict(item))["image"]
-    b = Compose(pp.coarse_transforms())(dict(item))["image"]
+    a = _parser(CONFIGS / "inference.json").get_parsed_content("preprocessing")(dict(item))["image"]
+    stage = coarse_stage(coarse_network())
+    d = dict(item)
+    for t in stage[:4]:  # load, channel first, checks, orientation
+        d = t(d)
+    b = stage[4].preprocessing({"image": d["image"]})["image"]
     torch.testing.assert_close(a.as_tensor(), b.as_tensor())
+    np.testing.assert_allclose(np.asarray(a.affine), np.asarray(b.affine))
     assert a.shape[1:] == (34, 30, 30)  # 200 x 180 x 180 mm at 6 mm
+    fine = json.loads((FINE_CONFIGS / "inference.json").read_text())
+    coarse = json.loads((CONFIGS / "inference.json").read_text())
+    assert fine["coarse_network_def"] == coarse["network_def"]
+    assert fine["coarse_spacing_mm"] == coarse["pixdim"] and fine["coarse_hu_window"] == coarse["hu_window"]
+    assert fine["coarse_roi_size"] == coarse["roi_size"] and fine["margin_mm"] == coarse["margin_mm"]
+    assert fine["coarse_inferer"]["_target_"] == coarse["inferer"]["_target_"]
 
 
 def test_metadata_and_network_io():
@@ -154,7 +182,7 @@ def trained_bundle(dataset, tmp_path_factory) -> Path:
 def test_training_writes_plain_state_dict(trained_bundle):
     state = torch.load(str(trained_bundle / "models" / "model.pt"), map_location="cpu", weights_only=True)
     assert isinstance(state, dict) and all(isinstance(v, torch.Tensor) for v in state.values())
-    load_coarse_network(trained_bundle / "models" / "model.pt")  # keys fit the network
+    coarse_network(trained_bundle / "models" / "model.pt")  # keys fit the network
 
 
 def test_evaluate_config(trained_bundle, dataset):
@@ -207,7 +235,7 @@ def test_ckpt_export_torchscript(trained_bundle, tmp_path):
     with warnings.catch_warnings():
         warnings.simplefilter("ignore")
         ts_net = torch.jit.load(str(ts))
-    net = load_coarse_network(trained_bundle / "models/model.pt")
+    net = coarse_network(trained_bundle / "models/model.pt")
     x = torch.rand(1, 1, 32, 32, 32)
     with torch.no_grad():
         torch.testing.assert_close(ts_net(x), net(x))
@@ -228,8 +256,7 @@ def test_torchrun_two_process_gloo(dataset, tmp_path):
 
 @pytest.mark.parametrize("kind", ["air_only", "two_slices"])
 def test_bad_input_gives_whole_volume_roi_and_warning(kind, tmp_path):
-    torch.manual_seed(0)
-    net = load_coarse_network()
+    net = coarse_network()
     # a net that can only say "background": its last bias makes class 0 win everywhere
     with torch.no_grad():
         for p in net.parameters():
@@ -237,14 +264,17 @@ def test_bad_input_gives_whole_volume_roi_and_warning(kind, tmp_path):
         net.output_block.conv.conv.bias.copy_(torch.tensor([1.0, -1.0]))
     if kind == "air_only":
         ct = np.full((30, 30, 20), -1000, np.int16)
+        ct[10:20, 10:20, 5:15] = 200  # passes the CT value-range check
     else:
         ct, _, _ = tiny_case(0)
-        ct = ct[:, :, 14:16]
-    affine = np.diag([5.0, 5.0, 6.0, 1.0])
-    with pytest.warns(EmptyRoiWarning):
-        res = predict_coarse_roi(ct, affine, net, roi_size=(32, 32, 32))
-    assert res.box.is_whole_volume and res.box.shape == ct.shape
-    assert res.coarse_mask.sum() == 0
+        ct = ct[:, :, 14:18]
+    path = _write(ct, np.diag([5.0, 5.0, 6.0, 1.0]), tmp_path / "BAD_0000.nii.gz")
+    d = {"image": path}
+    with pytest.warns(EmptyRoiWarning, match="BAD_0000"), warnings.catch_warnings():
+        warnings.filterwarnings("ignore", message=".*unusual.*")
+        for t in coarse_stage(net, coarse_roi_size=[32, 32, 32]):
+            d = t(d)
+    assert tuple(d["image"].shape[1:]) == ct.shape  # whole volume
 
 
 def test_bundle_inference_on_two_slice_ct_never_crashes(trained_bundle, tmp_path):
@@ -273,21 +303,21 @@ def test_bundle_inference_on_two_slice_ct_never_crashes(trained_bundle, tmp_path
         assert air["is_whole_volume"]
 
 
-def test_plain_function_agrees_with_mapping(dataset):
-    torch.manual_seed(0)
-    net = load_coarse_network()
-    img = nib.load(str(dataset / "imagesVal" / "TINY_0004_0000.nii.gz"))
-    ct = np.asarray(img.dataobj)
-    # a fake 'network' that marks the HU > 50 voxels as foreground gives a known box
-    class Threshold(torch.nn.Module):
+def test_coarse_stage_box_contains_the_organs(dataset):
+    img = str(dataset / "imagesVal" / "TINY_0004_0000.nii.gz")
+
+    class Threshold(torch.nn.Module):  # marks the HU > 50 voxels as foreground: a known box
         def forward(self, x):
-            fg = (x > (50 - pp.HU_WINDOW[0]) / (pp.HU_WINDOW[1] - pp.HU_WINDOW[0])).float()
+            fg = (x > (50 - HU_WINDOW[0]) / (HU_WINDOW[1] - HU_WINDOW[0])).float()
             return torch.cat([1 - fg, fg], 1)
 
-    res = predict_coarse_roi(ct, img.affine, Threshold(), roi_size=(32, 32, 32), margin_mm=0.0, device="cpu")
-    assert not res.box.is_whole_volume
-    # every original voxel of the (largest) bright organ lies in the box
+    stage = coarse_stage(Threshold(), margin_mm=0.0, coarse_roi_size=[32, 32, 32])
+    stage[4].roi_key = "roi"
+    d = {"image": img}
+    for t in stage:
+        d = t(d)
+    box = RoiBox.from_json(d["roi"])
+    assert not box.is_whole_volume and box.volume_fraction < 0.5
+    # every voxel of the (largest) bright organ lies in the box (both RAS: the tiny cases are RAS)
     lab = np.asarray(nib.load(str(dataset / "labelsVal" / "TINY_0004.nii.gz")).dataobj)
-    assert res.box.contains_fraction(lab == 1) == 1.0
-    assert res.box.volume_fraction < 0.5
-    del net
+    assert box.contains_fraction(lab == 1) == 1.0

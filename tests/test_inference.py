@@ -478,3 +478,26 @@ def test_training_roi_crop_matches_margin_in_mm():
         assert 10 + 2 * 4 <= o[0] <= 10 + 2 * 12 and 4 + 2 * 1 <= o[2] <= 4 + 2 * 3
         sizes.add(tuple(o))
     assert len(sizes) > 1
+
+
+def test_weights_of_another_architecture_fail_once_at_load_with_one_line(tmp_path):
+    """Coarse weights that do not fit coarse_network_def: one InputError naming the file, raised
+    when the chain is built (not once per CT, not hundreds of size-mismatch lines)."""
+    from abdoseg.networks import PocketUNet
+
+    other = PocketUNet(spatial_dims=3, in_channels=1, out_channels=2, channels=4, kernel_size=[[3, 3, 3]] * 3,
+                       strides=[[1, 1, 1]] + [[2, 2, 2]] * 2, deep_supervision=False)
+    bad = tmp_path / "coarse_model.pt"
+    torch.save(other.state_dict(), bad)
+    parser = ConfigParser()
+    parser.read_config(str(FINE / "configs" / "inference.json"))
+    parser.update({"bundle_root": str(FINE), "device": "$torch.device('cpu')", "coarse_checkpoint": str(bad)})
+    with pytest.raises(Exception) as ei:
+        parser.get_parsed_content("preprocessing")
+    err = ei.value
+    while not isinstance(err, InputError) and err.__cause__ is not None:
+        err = err.__cause__
+    assert isinstance(err, InputError), repr(ei.value)
+    msg = str(err)
+    assert str(bad) in msg and "coarse network" in msg and "another shape" in msg
+    assert "\n" not in msg and len(msg) < 500

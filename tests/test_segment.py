@@ -170,7 +170,10 @@ def test_weights_come_from_the_bundle(bundle):
     saved = torch.load(bundle / "models" / "model.pt", weights_only=True)
     got = seg.network.state_dict()
     assert set(saved) == set(got) and all(torch.equal(saved[k], got[k].cpu()) for k in saved)
-    assert Path(seg.inferer.coarse_checkpoint) == bundle / "models" / "coarse_model.pt"
+    from abdoseg.inference.coarse_roi import CoarseRoiCropd
+
+    coarse = [t for t in seg.preprocessing.transforms if isinstance(t, CoarseRoiCropd)][0]
+    assert Path(coarse.checkpoint) == bundle / "models" / "coarse_model.pt"
 
 
 def test_file_to_file_with_statistics_and_preview(bundle, phantoms, tmp_path, capsys):

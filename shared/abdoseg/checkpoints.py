@@ -70,8 +70,7 @@ def load_weights(network: torch.nn.Module, path: str | os.PathLike, what: str = 
     target = getattr(network, "module", network)
     summary = _mismatch_summary(target, sd)
     if summary:
-        raise InputError(path, f"weights do not fit the {what} ({summary}); is this the right checkpoint "
-                               "for this config?")
+        raise InputError(path, f"weights do not fit the {what}: {summary}")
     target.load_state_dict(sd, strict=True)
     return network
 

@@ -442,12 +442,11 @@ def missing_weights_message(bundle_dir: Path, missing: list[Path]) -> str:
 
 
 def load_cascade(bundle_dir: str | os.PathLike = DEFAULT_BUNDLE, device: str = "auto"):
-    """The bundle's cascade as a :class:`abdoseg.cascade.CascadeSegmenter` on ``device`` with its
-    trained weights. Raises :class:`InputError` when the bundle or its weights are missing."""
-    import torch
-
+    """The bundle's cascade (:func:`abdoseg.inference.segmenter.segmenter_from_bundle`) on
+    ``device`` with its trained weights. Raises :class:`InputError` when the bundle or its weights
+    are missing or do not fit."""
     from abdoseg.bundle_config import load_bundle_config
-    from abdoseg.cascade import CascadeSegmenter, load_state_dict_file
+    from abdoseg.inference.segmenter import segmenter_from_bundle
 
     bundle = Path(bundle_dir)
     config = bundle / "configs" / "inference.json"
@@ -455,24 +454,10 @@ def load_cascade(bundle_dir: str | os.PathLike = DEFAULT_BUNDLE, device: str = "
         raise InputError(bundle, "not a bundle folder (configs/inference.json missing); pass --bundle_dir "
                                  "<path to fine_organ_tumor>")
     dev = resolve_device(device)
-    parser = load_bundle_config(bundle)
-    parser["device"] = f"$torch.device({dev!r})"
-    missing = [f for f in bundle_weight_files(bundle, parser) if not f.is_file()]
+    missing = [f for f in bundle_weight_files(bundle, load_bundle_config(bundle)) if not f.is_file()]
     if missing:
         raise InputError(bundle, missing_weights_message(bundle, missing))
-    network = parser.get_parsed_content("network_def").to(torch.device(dev))
-    model_path = parser.get_parsed_content("model_path")
-    try:
-        network.load_state_dict(load_state_dict_file(model_path, map_location=dev))
-    except RuntimeError as exc:
-        raise InputError(model_path, f"does not fit the bundle's network_def ({str(exc).splitlines()[0]})") from exc
-    network.eval()
-    return CascadeSegmenter(
-        preprocessing=parser.get_parsed_content("preprocessing"),
-        inferer=parser.get_parsed_content("inferer"),
-        network=network,
-        postprocessing=parser.get_parsed_content("postprocessing") if "postprocessing" in parser else None,
-    )
+    return segmenter_from_bundle(bundle, device=dev)
 
 
 class _CaseRunner:

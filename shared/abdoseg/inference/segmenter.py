@@ -15,13 +15,27 @@ from typing import Any
 
 import numpy as np
 import torch
-from monai.data import MetaTensor
+from monai.data import Dataset, MetaTensor
 from monai.transforms import Compose, SaveImaged
 
 from abdoseg.checkpoints import load_weights
-from abdoseg.io import InputError, case_id_from_image, save_nifti
+from abdoseg.io import InputError, case_id_from_image, check_items_exist, save_nifti, visible_entries
 
-__all__ = ["BundleSegmenter", "segmenter_from_bundle", "list_images", "pending_items", "SaveMaskd", "output_path"]
+__all__ = ["CaseDataset", "skip_failed_cases", "raise_if_failed", "as_input_error", "BundleSegmenter", "segmenter_from_bundle", "list_images", "pending_items", "SaveMaskd", "output_path"]
+
+
+def as_input_error(exc: BaseException, path: str | os.PathLike) -> InputError:
+    """The :class:`InputError` inside MONAI's ``RuntimeError("applying transform ...")`` chain, or
+    a one-line InputError naming ``path`` for any other reader/transform failure."""
+    cause: BaseException = exc
+    while True:
+        if isinstance(cause, InputError):
+            return cause
+        if cause.__cause__ is None:
+            break
+        cause = cause.__cause__
+    text = str(cause).strip().splitlines()[0] if str(cause).strip() else ""
+    return InputError(path, f"could not be read as a CT image ({type(cause).__name__}: {text})")
 
 
 class BundleSegmenter:
@@ -46,16 +60,8 @@ class BundleSegmenter:
     def _preprocess(self, path: str) -> dict:
         try:
             return self.preprocessing({self.image_key: path})
-        except InputError:
-            raise
-        except Exception as exc:  # MONAI wraps transform errors in RuntimeError chains
-            cause: BaseException = exc
-            while cause.__cause__ is not None:
-                if isinstance(cause.__cause__, InputError):
-                    raise cause.__cause__ from None
-                cause = cause.__cause__
-            raise InputError(path, f"could not be read as a CT image ({type(cause).__name__}: "
-                                   f"{str(cause).strip().splitlines()[0] if str(cause).strip() else ''})") from exc
+        except Exception as exc:
+            raise as_input_error(exc, path) from None
 
     def __call__(self, item: Mapping[str, Any]) -> tuple[np.ndarray, np.ndarray]:
         path = str(item[self.image_key])
@@ -131,8 +137,8 @@ def output_path(image: str | os.PathLike, output_dir: str | os.PathLike, suffix:
 
 def list_images(input_dir: str | os.PathLike | None = None, datalist: str | os.PathLike | None = None,
                 data_list_key: str = "validation", base_dir: str | os.PathLike | None = None) -> list[dict]:
-    """Inference items ``[{"image": path}, ...]`` from a folder (every visible file, sorted; a
-    non-image file then fails with a clear error) or a datalist JSON (``data_list_key``, paths
+    """Inference items ``[{"image": path}, ...]`` from a folder (every file but hidden and partial
+    ones, sorted; a non-image file then fails with a clear error) or a datalist JSON (``data_list_key``, paths
     relative to ``base_dir`` or the datalist's folder)."""
     if (input_dir in (None, "")) == (datalist in (None, "")):
         raise ValueError("give exactly one of input_dir or datalist")
@@ -140,17 +146,14 @@ def list_images(input_dir: str | os.PathLike | None = None, datalist: str | os.P
         folder = Path(input_dir)
         if not folder.is_dir():
             raise InputError(folder, "input folder not found")
-        files = sorted(p for p in folder.iterdir() if p.is_file() and not p.name.startswith("."))
-        return [{"image": str(p)} for p in files]
+        return [{"image": str(p)} for p in visible_entries(folder) if p.is_file()]
     from monai.data import load_decathlon_datalist
 
     dl = Path(datalist)  # type: ignore[arg-type]
     if not dl.is_file():
         raise InputError(dl, "datalist not found")
     items = load_decathlon_datalist(str(dl), True, data_list_key, base_dir=str(base_dir or dl.parent))
-    for it in items:
-        if not Path(it["image"]).is_file():
-            raise InputError(it["image"], f"image listed in {dl} ({data_list_key!r}) not found")
+    check_items_exist(items, "image", source=dl)
     return [{"image": str(it["image"])} for it in items]
 
 
@@ -184,3 +187,40 @@ class SaveMaskd(SaveImaged):
             save_nifti(np.rint(mask).astype(np.uint8) if mask.dtype.kind == "f" else mask.astype(np.uint8, copy=False),
                        affine, output_path(source, self.output_dir))
         return d
+
+
+class CaseDataset(Dataset):
+    """MONAI ``Dataset`` for batch inference: a case whose preprocessing fails (unreadable file,
+    not a CT, ...) becomes ``{"failed_image": path, "error": one-line reason}`` instead of an
+    exception, so one bad file never stops a folder; :func:`skip_failed_cases` (the evaluator's
+    ``iteration_update``) records it and :func:`raise_if_failed` (``finalize``) lists it."""
+
+    def _transform(self, index: int) -> Any:
+        try:
+            return super()._transform(index)
+        except Exception as exc:
+            path = str(self.data[index].get("image", f"item {index}"))
+            return {"failed_image": path, "error": str(as_input_error(exc, path))}
+
+
+def skip_failed_cases(engine: Any, batchdata: Mapping[str, Any]) -> dict:
+    """``iteration_update`` of a ``SupervisedEvaluator`` over a :class:`CaseDataset`: failed cases
+    are logged and kept in ``engine.state.failed_cases``; the others run the evaluator's own
+    iteration (inferer + postprocessing)."""
+    import logging
+
+    if "error" in batchdata:
+        failed = getattr(engine.state, "failed_cases", [])
+        for reason in batchdata["error"]:
+            logging.getLogger(__name__).error("%s", reason)
+            failed.append(str(reason))
+        engine.state.failed_cases = failed
+        return {}
+    return engine._iteration(engine, batchdata)
+
+
+def raise_if_failed(engine: Any) -> None:
+    """Exit non-zero, naming every failed case, after the whole batch ran."""
+    failed = getattr(engine.state, "failed_cases", [])
+    if failed:
+        raise SystemExit(f"{len(failed)} case(s) failed:\n" + "\n".join(f"  {r}" for r in failed))
