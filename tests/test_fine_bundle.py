@@ -63,7 +63,7 @@ def _train(dataset: Path, out: Path, label_mode: str) -> Path:
         config_file=str(BUNDLE / "configs" / "train.json"), meta_file=str(BUNDLE / "configs" / "metadata.json"),
         logging_file=str(BUNDLE / "configs" / "logging.conf"), workflow_type="train",
         bundle_root=str(BUNDLE), ckpt_dir=str(out), dataset_dir=str(dataset), label_mode=label_mode,
-        max_epochs=1, val_interval=1, patch_size=[32, 32, 16], val_roi_size=[48, 48, 32],
+        max_epochs=1, val_interval=1, patch_size=[32, 32, 16],
         fine_spacing_mm=[2.0, 2.0, 3.0], num_samples=1, cache_rate=0.0, device="cpu",
         **{f"network_def#{k}": v for k, v in SMALL_NET.items()},
     )
@@ -114,7 +114,7 @@ def test_inference_workflow_writes_masks_on_input_grid(partial_models, tmp_path)
         logging_file=str(BUNDLE / "configs" / "logging.conf"), workflow_type="infer",
         bundle_root=str(BUNDLE), input_dir=str(inp), output_dir=str(out), device="cpu",
         model_path=str(models / "model.pt"), coarse_checkpoint=str(models / "coarse_model.pt"),
-        fine_spacing_mm=[2.0, 2.0, 3.0], roi_size=[48, 48, 32],
+        fine_spacing_mm=[2.0, 2.0, 3.0], patch_size=[32, 32, 16],
         **{f"network_def#{k}": v for k, v in SMALL_NET.items()},
     )
     wf.initialize()

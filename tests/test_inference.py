@@ -162,7 +162,7 @@ def test_sliding_window_matches_single_pass(tmp_path):
     single = _segment(tmp_path, hu, aff, fine=net, fine_spacing_mm=[1.0, 1.0, 2.5])
     assert len(net.calls) == 1
     net = ThresholdNet()
-    sw = _segment(tmp_path, hu, aff, fine=net, fine_spacing_mm=[1.0, 1.0, 2.5], roi_size=[16, 16, 8], sw_overlap=0.5)
+    sw = _segment(tmp_path, hu, aff, fine=net, fine_spacing_mm=[1.0, 1.0, 2.5], patch_size=[16, 16, 8], sw_overlap=0.5)
     assert len(net.calls) > 8 and all(c == (16, 16, 8) for c in net.calls)
     np.testing.assert_array_equal(single, sw)
 
@@ -323,7 +323,7 @@ def _train_parser() -> ConfigParser:
 def test_train_and_inference_share_one_fine_preprocessing_definition():
     train = json.loads((FINE / "configs" / "train.json").read_text())
     infer = json.loads((FINE / "configs" / "inference.json").read_text())
-    for key in ("fine_transforms", "fine_spacing_mm", "hu_window", "margin_mm", "num_classes"):
+    for key in ("fine_transforms", "fine_spacing_mm", "hu_window", "margin_mm", "num_classes", "patch_size"):
         assert train[key] == infer[key], key
     net_t = {k: v for k, v in train["network_def"].items() if k not in ("deep_supervision", "deep_supr_num")}
     net_i = {k: v for k, v in infer["network_def"].items() if k not in ("deep_supervision", "deep_supr_num")}
@@ -331,6 +331,8 @@ def test_train_and_inference_share_one_fine_preprocessing_definition():
     assert "@fine_transforms" in train["validate"]["preprocessing"]["transforms"]
     assert "@fine_transforms" in train["train"]["preprocessing"]["transforms"]
     assert "@fine_transforms" in infer["preprocessing"]["transforms"]
+    # the fine network runs on windows of its training patch (instance norm sees the same extent)
+    assert infer["inferer"]["roi_size"] == "@patch_size" and train["validate"]["inferer"]["roi_size"] == "@patch_size"
 
 
 @pytest.mark.parametrize("codes", ["LPS", "RAS"])
