@@ -143,3 +143,76 @@ def test_from_a_bundle_config_in_monai_supervised_trainer(tmp_path):
     final = torch.load(tmp_path / "S1.pt", weights_only=True)
     torch.testing.assert_close(final["weight"], parser.get_parsed_content("network").weight.detach())
     assert not torch.equal(torch.load(tmp_path / "S2.pt", weights_only=True)["weight"], final["weight"])
+
+
+def _train_config(tmp_path, max_epochs: int, val_interval: int) -> dict:
+    """A bundle-style config: SupervisedTrainer + ValidationHandler + key-metric CheckpointSaver
+    writing model.pt (as the bundles' validate#handlers do) + FinalModelSaver + TrainStatsWriter.
+    The key metric is a constant, so the first validation is the best one."""
+    batch = "$[{'image': torch.ones(1, 1, 2, 2, 2), 'label': torch.ones(1, 1, 2, 2, 2).long()}]"
+    return {
+        "network": {"_target_": "torch.nn.Conv3d", "in_channels": 1, "out_channels": 2, "kernel_size": 1},
+        "optimizer": {"_target_": "torch.optim.SGD", "params": "$@network.parameters()", "lr": 0.1},
+        "evaluator": {"_target_": "SupervisedEvaluator", "device": "$torch.device('cpu')", "val_data_loader": batch,
+                      "network": "@network",
+                      "key_val_metric": {"m": {"_target_": "ignite.metrics.Average",
+                                               "output_transform": "$lambda out: torch.tensor(1.0)"}},
+                      "val_handlers": [{"_target_": "CheckpointSaver", "save_dir": str(tmp_path),
+                                        "save_dict": {"model": "@network"}, "save_key_metric": True,
+                                        "key_metric_filename": "model.pt"}]},
+        "final": {"_target_": "abdoseg.handlers.FinalModelSaver", "save_dir": str(tmp_path), "network": "@network",
+                  "evaluator": "@evaluator"},
+        "stats": {"_target_": "abdoseg.handlers.TrainStatsWriter", "path": str(tmp_path / "train_stats.json"),
+                  "evaluator": "@evaluator"},
+        "trainer": {"_target_": "SupervisedTrainer", "device": "$torch.device('cpu')", "max_epochs": max_epochs,
+                    "train_data_loader": batch, "network": "@network", "optimizer": "@optimizer",
+                    "loss_function": "$monai.losses.DiceCELoss(to_onehot_y=True, softmax=True)",
+                    "train_handlers": [{"_target_": "ValidationHandler", "validator": "@evaluator", "epoch_level": True,
+                                        "interval": val_interval}, "@final", "@stats"]},
+    }
+
+
+def test_final_model_saver_without_validation_writes_the_last_weights(tmp_path):
+    """max_epochs < val_interval: no validation saves model.pt, so FinalModelSaver does; stats say so."""
+    import json
+
+    from monai.bundle import ConfigParser
+
+    parser = ConfigParser(_train_config(tmp_path, max_epochs=2, val_interval=5))
+    parser.get_parsed_content("trainer").run()
+    assert parser.get_parsed_content("final").saved == tmp_path / "model.pt"
+    sd = torch.load(tmp_path / "model.pt", weights_only=True)
+    torch.testing.assert_close(sd["weight"], parser.get_parsed_content("network").weight.detach())
+    stats = json.loads((tmp_path / "train_stats.json").read_text())
+    assert stats["status"] == "DONE" and stats["epoch"] == 2 and stats["total_epochs"] == 2
+    assert stats["iteration"] == 2 and len(stats["loss_per_epoch"]) == 2 and stats["loss"] == stats["loss_per_epoch"][-1]
+    assert stats["loss"] > 0 and stats["best_metric_epoch"] == -1 and "total_time" in stats
+    assert [p.name for p in tmp_path.iterdir() if p.name.startswith(".")] == []  # no temporary files left
+
+
+def test_final_model_saver_keeps_the_validated_model(tmp_path, monkeypatch):
+    """A validation ran: model.pt stays the best validated weights (epoch 1), not the last ones."""
+    import json
+
+    from monai.bundle import ConfigParser
+
+    parser = ConfigParser(_train_config(tmp_path, max_epochs=3, val_interval=1))
+    snapshots = []
+    trainer = parser.get_parsed_content("trainer")
+    from ignite.engine import Events
+
+    trainer.add_event_handler(Events.EPOCH_COMPLETED, lambda e: snapshots.append(
+        parser.get_parsed_content("network").weight.detach().clone()))
+    trainer.run()
+    assert parser.get_parsed_content("final").saved is None
+    sd = torch.load(tmp_path / "model.pt", weights_only=True)
+    torch.testing.assert_close(sd["weight"], snapshots[0])
+    assert not torch.equal(sd["weight"], snapshots[-1])
+    stats = json.loads((tmp_path / "train_stats.json").read_text())
+    assert stats["best_metric_epoch"] == 1 and stats["best_metric"] == 1.0 and stats["eval"]["key_metric_name"] == "m"
+    # rank > 0 writes neither file
+    monkeypatch.setattr(handlers, "_rank", lambda: 1)
+    other = tmp_path / "rank1"
+    parser = ConfigParser(_train_config(other, max_epochs=1, val_interval=5))
+    parser.get_parsed_content("trainer").run()
+    assert not other.exists() or not any(other.iterdir())

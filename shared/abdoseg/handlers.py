@@ -13,20 +13,32 @@ named epochs. In a bundle's ``train.json``::
 (``epochs`` <= 0 count back from ``max_epochs``, so the three last epochs stay the three last
 when a CPU run overrides ``max_epochs``). ``abdoseg rounds --checkpoint_names "['S1','S2','S3']"``
 then finds ``<ckpt_dir>/S1.pt`` etc.
+
+:class:`FinalModelSaver` makes every training run leave its weights in ``models/model.pt``: the
+validation's key-metric ``CheckpointSaver`` writes ``model.pt`` only when a validation ran, so a
+run shorter than ``val_interval`` (or one without validation data, as MONAI Label's training on a
+few labels often is) would otherwise leave the old weights in place. :class:`TrainStatsWriter`
+keeps a small JSON of the training's progress (epoch, loss, best metric, times) that MONAI Label
+shows as ``train_stats``.
 """
 
 from __future__ import annotations
 
+import json
 import logging
+import math
 import os
-from collections.abc import Sequence
+import time
+from collections.abc import Callable, Sequence
+from datetime import timedelta
 from pathlib import Path
+from typing import Any
 
 import torch
 
 from abdoseg.io import atomic_path
 
-__all__ = ["EpochCheckpointSaver"]
+__all__ = ["EpochCheckpointSaver", "FinalModelSaver", "TrainStatsWriter"]
 
 logger = logging.getLogger(__name__)
 
@@ -131,3 +143,175 @@ class EpochCheckpointSaver:
                 torch.save(state, tmp)
             self.saved[name] = epoch
             logger.info("EpochCheckpointSaver: epoch %d -> %s", epoch, path)
+
+
+def _validated_epoch(evaluator: Any) -> int:
+    """Trainer epoch of the evaluator's best key metric in this run, or -1 if it never validated
+    (MONAI's ``Workflow`` starts ``state.best_metric_epoch`` at -1; an empty validation loader
+    skips the run and leaves it there)."""
+    state = getattr(evaluator, "state", None)
+    return int(getattr(state, "best_metric_epoch", -1) or -1) if state is not None else -1
+
+
+class FinalModelSaver:
+    """At the end of training, save the network's inference weights as ``filename`` unless a
+    validation of this run already saved the key-metric checkpoint there.
+
+    The bundles' validation ``CheckpointSaver`` writes ``models/model.pt`` when the key metric
+    improves, so after a run with at least one validation ``model.pt`` is the best validated
+    model, as before. A run in which no validation ran (``max_epochs < val_interval``, or an empty
+    validation datalist, e.g. MONAI Label with one or two labeled images) would leave the previous
+    ``model.pt`` in place while reporting success; this handler then writes the last epoch's
+    weights there and logs why. The file is a plain state dict of
+    :func:`abdoseg.checkpoints.inference_state_dict` (deep-supervision heads dropped), written
+    atomically by rank 0 only.
+
+    Args:
+        save_dir: output folder (the bundle's ``ckpt_dir``).
+        network: the trained module (may be DDP-wrapped).
+        evaluator: the validation engine (``@validate#evaluator``); ``None`` = never validated,
+            always save.
+        filename: file name in ``save_dir`` (default ``model.pt``, what inference loads).
+
+    Attributes:
+        saved: the path written at the end of the last run, or ``None`` (validation saved).
+    """
+
+    def __init__(self, save_dir: str | os.PathLike, network: torch.nn.Module, evaluator: Any = None,
+                 filename: str = "model.pt") -> None:
+        self.save_dir = Path(save_dir)
+        self.network = network
+        self.evaluator = evaluator
+        self.filename = str(filename)
+        self.saved: Path | None = None
+
+    def attach(self, engine) -> None:  # ignite.engine.Engine
+        from ignite.engine import Events
+
+        if not engine.has_event_handler(self, Events.COMPLETED):
+            engine.add_event_handler(Events.COMPLETED, self)
+
+    def __call__(self, engine) -> None:
+        self.saved = None
+        if _rank() != 0:
+            return
+        path = self.save_dir / self.filename
+        best_epoch = _validated_epoch(self.evaluator)
+        if best_epoch >= 1:
+            logger.info("FinalModelSaver: %s is the validated best model (epoch %d); kept", path, best_epoch)
+            return
+        state = {k: v.detach().cpu() for k, v in _inference_state_dict(self.network).items()}
+        with atomic_path(path) as tmp:
+            torch.save(state, tmp)
+        self.saved = path
+        logger.info("FinalModelSaver: no validation ran in this training (max_epochs %d, or no validation data): "
+                    "%s = the weights after epoch %d", int(engine.state.max_epochs), path, int(engine.state.epoch))
+
+
+def _scalar(value: Any) -> Any:
+    """JSON-friendly metric value (tensors and numpy numbers to floats/lists, NaN to None)."""
+    if isinstance(value, torch.Tensor):
+        value = value.detach().cpu()
+        value = value.item() if value.numel() == 1 else value.tolist()
+    elif hasattr(value, "item") and callable(value.item) and getattr(value, "size", 2) == 1:
+        value = value.item()
+    if isinstance(value, float) and not math.isfinite(value):
+        return None
+    return value
+
+
+def _loss_from_output(output: Any) -> float | None:
+    if isinstance(output, list) and output:  # MONAI decollated output: one dict per sample
+        output = output[0]
+    if isinstance(output, dict):
+        output = output.get("loss")
+    if isinstance(output, torch.Tensor) and output.numel() == 1:
+        return float(output.detach().cpu().item())
+    if isinstance(output, (int, float)):
+        return float(output)
+    return None
+
+
+class TrainStatsWriter:
+    """Write the training's progress to a JSON file at the start, after every epoch and at the end.
+
+    The content follows MONAI Label's ``train_stats`` (``monailabel.tasks.train.handler``):
+    ``epoch``, ``total_epochs``, ``start_ts``, ``current_time`` (while running) or ``total_time``
+    (finished), ``best_metric``, ``best_metric_epoch``, ``train``/``eval`` metric dicts, plus
+    ``status`` (``RUNNING``/``DONE``), ``iteration``, ``loss`` (mean training loss of the last
+    epoch) and ``loss_per_epoch``. The MONAI Label app (``monailabel_app``) returns it from its
+    trainer's ``stats()``, which the viewer shows as ``train_stats``. Rank 0 only; atomic writes, so
+    a reader never sees half a file.
+
+    Args:
+        path: JSON file to (over)write.
+        evaluator: the validation engine (``@validate#evaluator``), for the best metric; optional.
+        loss_transform: ``engine.state.output -> float | None`` (default: the ``"loss"`` entry of
+            MONAI's trainer output).
+    """
+
+    def __init__(self, path: str | os.PathLike, evaluator: Any = None,
+                 loss_transform: Callable[[Any], float | None] | None = None) -> None:
+        self.path = Path(path)
+        self.evaluator = evaluator
+        self.loss_transform = loss_transform or _loss_from_output
+        self.start_ts = time.time()
+        self.loss_per_epoch: list[float | None] = []
+        self._losses: list[float] = []
+
+    def attach(self, engine) -> None:  # ignite.engine.Engine
+        from ignite.engine import Events
+
+        for event, fn in ((Events.STARTED, self.started), (Events.ITERATION_COMPLETED, self.iteration_completed),
+                          (Events.EPOCH_COMPLETED, self.epoch_completed), (Events.COMPLETED, self.completed)):
+            if not engine.has_event_handler(fn, event):
+                engine.add_event_handler(event, fn)
+
+    def started(self, engine) -> None:
+        self.start_ts = time.time()
+        self.loss_per_epoch = []
+        self._losses = []
+        self.write(engine, "RUNNING")
+
+    def iteration_completed(self, engine) -> None:
+        loss = self.loss_transform(engine.state.output)
+        if loss is not None and math.isfinite(loss):
+            self._losses.append(loss)
+
+    def epoch_completed(self, engine) -> None:
+        self.loss_per_epoch.append(sum(self._losses) / len(self._losses) if self._losses else None)
+        self._losses = []
+        self.write(engine, "RUNNING")
+
+    def completed(self, engine) -> None:
+        self.write(engine, "DONE")
+
+    def stats(self, engine, status: str) -> dict[str, Any]:
+        state = engine.state
+        elapsed = str(timedelta(seconds=int(time.time() - self.start_ts)))
+        out: dict[str, Any] = {
+            "status": status,
+            "epoch": int(state.epoch),
+            "total_epochs": int(state.max_epochs) if state.max_epochs is not None else None,
+            "iteration": int(state.iteration),
+            "start_ts": int(self.start_ts),
+            ("total_time" if status == "DONE" else "current_time"): elapsed,
+            "loss": self.loss_per_epoch[-1] if self.loss_per_epoch else None,
+            "loss_per_epoch": list(self.loss_per_epoch),
+            "train": {"metrics": {k: _scalar(v) for k, v in (state.metrics or {}).items()}},
+        }
+        ev = getattr(self.evaluator, "state", None)
+        if ev is not None:
+            out["best_metric"] = _scalar(getattr(ev, "best_metric", None))
+            out["best_metric_epoch"] = int(getattr(ev, "best_metric_epoch", -1) or -1)
+            out["eval"] = {"metrics": {k: _scalar(v) for k, v in (getattr(ev, "metrics", None) or {}).items()},
+                           "key_metric_name": getattr(ev, "key_metric_name", None),
+                           "best_metric": out["best_metric"], "best_metric_epoch": out["best_metric_epoch"]}
+        return out
+
+    def write(self, engine, status: str) -> None:
+        if _rank() != 0:
+            return
+        stats = self.stats(engine, status)
+        with atomic_path(self.path) as tmp:
+            Path(tmp).write_text(json.dumps(stats, indent=2))
