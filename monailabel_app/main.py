@@ -10,8 +10,10 @@
 # limitations under the License.
 
 # The "monaibundle" sample app of MONAI Label 0.8.5 (sample-apps/monaibundle/main.py), Apache License
-# 2.0, see LICENSE. Change (abdoseg): BundleInferTask comes from lib/infers/bundle.py, an unchanged
-# copy that does not import torchvision (see there); everything else is the sample app as shipped.
+# 2.0, see LICENSE. Changes (abdoseg): BundleInferTask comes from lib/infers/bundle.py, an unchanged
+# copy that does not import torchvision (see there); the infer and train tasks are the subclasses in
+# lib/abdoseg_tasks.py (only weight files that fit network_def offered, training stats, displayable
+# defaults); everything else is the sample app as shipped.
 
 import logging
 import os
@@ -32,6 +34,7 @@ from monailabel.tasks.scoring.epistemic_v2 import EpistemicScoring
 from monailabel.tasks.train.bundle import BundleTrainTask
 from monailabel.utils.others.generic import get_bundle_models, strtobool
 
+from lib.abdoseg_tasks import AbdosegBundleInferTask, AbdosegBundleTrainTask  # abdoseg
 from lib.infers.bundle import BundleInferTask  # abdoseg: local copy, see lib/infers/bundle.py
 
 logger = logging.getLogger(__name__)
@@ -78,7 +81,7 @@ class MyApp(MONAILabelApp):
                 logger.info("+++ Adding DeepEdit Inferer")
                 infers[n] = i
             else:
-                i = BundleInferTask(b, self.conf)
+                i = AbdosegBundleInferTask(b, self.conf)  # abdoseg
                 logger.info(f"+++ Adding Inferer:: {n} => {i}")
                 infers[n] = i
 
@@ -98,7 +101,7 @@ class MyApp(MONAILabelApp):
             return trainers
 
         for n, b in self.models.items():
-            t = BundleTrainTask(b, self.conf)
+            t = AbdosegBundleTrainTask(b, self.conf)  # abdoseg
             if not t or not t.is_valid():
                 continue
 
