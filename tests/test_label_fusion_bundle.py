@@ -217,3 +217,110 @@ def test_metadata_is_valid_against_schema():
     if schema is None:
         pytest.skip("MONAI schema copy not available")
     jsonschema.validate(meta, schema)
+
+
+# ----------------------------------------------------------------- the bundle's own teacher
+FINE = BUNDLE.parent / "fine_organ_tumor"
+
+
+def test_teacher_sections_equal_the_fine_bundle_inference(tmp_path):
+    """label_fusion's inference.json carries the fine cascade as its teacher: every teacher id
+    (networks, checkpoints, preprocessing, inferer, postprocessing, settings) equals the fine bundle's,
+    and every plain teacher setting is forwarded to the teacher's parser (teacher_settings)."""
+    from abdoseg.label_fusion_workflow import (TEACHER_RUN_IDS, sync_teacher_config, teacher_config_drift,
+                                               teacher_ids)
+
+    fine_cfg, own_cfg = FINE / "configs" / "inference.json", BUNDLE / "configs" / "inference.json"
+    drift = teacher_config_drift(fine_cfg, own_cfg)
+    assert drift == [], (f"label_fusion's teacher differs from fine_organ_tumor's inference.json in {drift}; run "
+                         "abdoseg.label_fusion_workflow.sync_teacher_config (see its docstring)")
+    fine = json.loads(fine_cfg.read_text())
+    own = json.loads(own_cfg.read_text())
+    assert {"network_def", "coarse_network_def", "preprocessing", "inferer", "postprocessing", "model_path",
+            "coarse_checkpoint"} <= set(teacher_ids(fine))
+    assert "fine_spacing_mm=@fine_spacing_mm" in own["teacher_settings"] and "run" in TEACHER_RUN_IDS
+    # the drift check and the sync work: a stale copy is found, and repaired without touching the run
+    stale = dict(own)
+    stale["network_def"] = {**own["network_def"], "channels": 8}
+    stale["old_setting"] = 1
+    stale["teacher_settings"] = "$dict()"
+    stale_path = tmp_path / "inference.json"
+    stale_path.write_text(json.dumps(stale))
+    assert teacher_config_drift(fine_cfg, stale_path) == ["network_def", "old_setting", "teacher_settings"]
+    assert sync_teacher_config(fine_cfg, stale_path) == ["network_def", "old_setting", "teacher_settings"]
+    assert json.loads(stale_path.read_text()) == own and teacher_config_drift(fine_cfg, stale_path) == []
+
+
+def _small_ct(path: Path, seed: int) -> None:
+    rng = np.random.default_rng(seed)
+    shape = (28, 24, 14)
+    x, y, z = np.meshgrid(*[np.arange(n) for n in shape], indexing="ij")
+    body = ((x - 14) / 12) ** 2 + ((y - 12) / 10) ** 2 <= 1
+    hu = np.where(body, 30.0, -1000.0)
+    hu[body & (((x - 9) / 4) ** 2 + ((y - 11) / 4) ** 2 + ((z - 7) / 3) ** 2 <= 1)] = 130
+    hu = (hu + rng.normal(0, 10, shape)).astype(np.int16)
+    save_nifti(hu, np.array([[-4.0, 0, 0, 60], [0, -4.0, 0, 50], [0, 0, 5.0, -30], [0, 0, 0, 1]]), path)
+
+
+def _bundle_with_teacher(dst: Path) -> Path:
+    """Copy of the bundle with freshly initialised teacher weights (plain state dicts)."""
+    import shutil
+
+    import torch
+    from monai.bundle import ConfigParser
+
+    b = dst / "label_fusion"
+    shutil.copytree(BUNDLE, b, ignore=shutil.ignore_patterns("*.pt", "eval", "pseudo", "fused", "__pycache__"))
+    parser = ConfigParser()
+    parser.read_config(str(b / "configs" / "inference.json"))
+    for net_id, name, seed in (("network_def", "model.pt", 0), ("coarse_network_def", "coarse_model.pt", 1)):
+        torch.manual_seed(seed)
+        torch.save(parser.get_parsed_content(net_id).state_dict(), b / "models" / name)
+    return b
+
+
+def test_inference_json_pseudo_labels_a_datalist_with_its_own_teacher(tmp_path):
+    """`monai.bundle run --config_file configs/inference.json` writes pseudo/model/<case>.nii.gz for
+    the training and unlabeled cases, equal to the bundle's teacher (segmenter_from_bundle); a
+    command-line teacher setting (fine_spacing_mm) reaches the teacher."""
+    from monai.bundle import run
+
+    from abdoseg.inference.segmenter import segmenter_from_bundle
+
+    b = _bundle_with_teacher(tmp_path)
+    data = tmp_path / "data"
+    _small_ct(data / "imagesTr" / "L1_0000.nii.gz", 0)
+    _small_ct(data / "unlabeledTr" / "U1_0000.nii.gz", 1)
+    dl = save_json({"training": [{"image": "imagesTr/L1_0000.nii.gz", "label": "imagesTr/L1_0000.nii.gz"}],
+                    "unlabeled": [{"image": "unlabeledTr/U1_0000.nii.gz"}]}, data / "datalist.json")
+    spacing = [4.0, 4.0, 5.0]
+    run(config_file=str(b / "configs/inference.json"), meta_file=str(b / "configs/metadata.json"),
+        logging_file=str(b / "configs/logging.conf"), bundle_root=str(b), dataset_dir=str(data), datalist=str(dl),
+        fine_spacing_mm=spacing)
+    out = b / "pseudo" / "model"
+    assert sorted(p.name for p in out.iterdir()) == ["L1.nii.gz", "U1.nii.gz"]
+    teacher = segmenter_from_bundle(b, device="cpu", overrides={"fine_spacing_mm": spacing})
+    default = segmenter_from_bundle(b, device="cpu")
+    image = str(data / "unlabeledTr" / "U1_0000.nii.gz")
+    want, affine = teacher({"image": image})
+    got = nib.load(str(out / "U1.nii.gz"))
+    assert np.array_equal(np.asarray(got.dataobj), want) and np.allclose(got.affine, affine)
+    assert got.get_data_dtype() == np.uint8
+    assert not np.array_equal(default({"image": image})[0], want)  # the override mattered
+    # fuse.json reads them under its default teacher name
+    assert json.loads((BUNDLE / "configs/fuse.json").read_text())["teacher_names"] == [out.name]
+
+
+def test_pack_carries_the_teacher(tmp_path):
+    import zipfile
+
+    from abdoseg.package import pack
+
+    b = _bundle_with_teacher(tmp_path / "src")
+    meta = json.loads((BUNDLE / "configs/metadata.json").read_text())
+    z = Path(pack(str(b), out_dir=str(tmp_path / "dist")))
+    assert z.name == f"label_fusion_v{meta['version']}.zip"
+    names = set(zipfile.ZipFile(z).namelist())
+    for rel in ("configs/inference.json", "configs/fuse.json", "configs/select.json", "configs/pseudo_label.json",
+                "configs/metadata.json", "models/model.pt", "models/coarse_model.pt", "LICENSE", "docs/README.md"):
+        assert f"label_fusion/{rel}" in names, rel
