@@ -177,3 +177,35 @@ def test_cli_exit_code_and_message(tmp_path):
                            "--out_dir", str(tmp_path / "dist")], capture_output=True, text=True)
     assert proc.returncode == 1
     assert "abdoseg pack: error:" in proc.stderr and "trained weights missing" in proc.stderr
+
+
+MODEL_ZOO_CI = REPO.parent / "shared" / "peers" / "model-zoo-ci"  # Project-MONAI/model-zoo ci/, see README
+BUNDLES = ("coarse_roi", "fine_organ_tumor", "label_fusion")
+
+
+def test_model_zoo_verify_bundle_min_mode_all_three_bundles(tmp_path):
+    """model-zoo's own acceptance check, `ci/verify_bundle.py -m min`, on every bundle of the
+    repository with freshly initialised weights (plain state dicts) in a temporary copy, offline:
+    the bundles under one parent with `model_info.json`, the metadata schema in `eval/schema.json`."""
+    if not (MODEL_ZOO_CI / "verify_bundle.py").is_file() or not SCHEMA.is_file():
+        pytest.skip(f"model-zoo ci/ ({MODEL_ZOO_CI}) or the metadata schema ({SCHEMA}) not available")
+    parent = tmp_path / "models"
+    parent.mkdir()
+    (parent / "model_info.json").write_text("{}")
+    for name in BUNDLES:
+        b = parent / name
+        shutil.copytree(REPO / "bundles" / name, b, ignore=shutil.ignore_patterns("*.pt", "eval", "__pycache__"))
+        (b / "eval").mkdir()
+        shutil.copy(SCHEMA, b / "eval" / "schema.json")
+        config = json.loads((b / "configs" / "inference.json").read_text())
+        for net_id, fname in (("network_def", "model.pt"), ("coarse_network_def", "coarse_model.pt")):
+            if net_id in config:
+                init_weights(b, net_id, b / "models" / fname)
+    env = {**os.environ, "PYTHONWARNINGS": "ignore"}
+    for name in BUNDLES:
+        proc = subprocess.run([sys.executable, "verify_bundle.py", "-b", name, "-p", str(parent), "-m", "min"],
+                              cwd=str(MODEL_ZOO_CI), capture_output=True, text=True, env=env, timeout=300)
+        assert proc.returncode == 0, f"{name}:\n{proc.stdout[-2000:]}\n{proc.stderr[-3000:]}"
+        for step in ("directory is verified correctly", "version and changelog are verified correctly",
+                     "metadata format is verified correctly"):
+            assert step in proc.stdout, f"{name}: {step!r} missing:\n{proc.stdout[-2000:]}"
