@@ -210,3 +210,41 @@ def test_cli_runs_monai_bundle_verbs(tmp_path):
     assert all(c["max_abs_diff"] <= ATOL for f in files.values() for c in f["checks"])
     bad = subprocess.run(exe + ["--bundle_dir", str(tmp_path / "missing")], capture_output=True, text=True)
     assert bad.returncode == 1 and "bundle folder not found" in bad.stderr
+
+
+def _documented_onnx_command() -> list[str]:
+    """The one command of the fine bundle README's "ONNX export" subsection (so the doc cannot drift)."""
+    import shlex
+
+    text = (BUNDLES["fine_organ_tumor"] / "docs" / "README.md").read_text(encoding="utf-8")
+    block = text.split("### ONNX export", 1)[1].split("```bash", 1)[1].split("```", 1)[0]
+    lines = [ln for ln in block.strip().splitlines() if ln.strip() and not ln.lstrip().startswith("#")]
+    assert len(lines) == 1, lines
+    return shlex.split(lines[0])
+
+
+@pytest.mark.slow
+def test_bundle_cli_onnx_export_as_documented(tmp_path):
+    """``python -m monai.bundle onnx_export`` exactly as the bundle README gives it: named input/output,
+    batch and X/Y/Z dynamic, same numbers as PyTorch on another batch size and shape."""
+    b = bundle_copy("fine_organ_tumor", tmp_path)
+    cmd = _documented_onnx_command()
+    assert cmd[:4] == ["python", "-m", "monai.bundle", "onnx_export"]
+    proc = subprocess.run([sys.executable, *cmd[1:]], cwd=b, capture_output=True, text=True, timeout=600)
+    assert proc.returncode == 0, (proc.stdout + proc.stderr)[-3000:]
+    model = onnx.load(str(b / "models" / "model.onnx"))
+    (inp,), (out,) = model.graph.input, model.graph.output
+    assert (inp.name, out.name) == ("image", "pred")
+    for value in (inp, out):
+        dims = value.type.tensor_type.shape.dim
+        assert [bool(dims[i].dim_param) for i in range(5)] == [True, False, True, True, True], dims
+    net = parsed_net(b, "network_def")
+    net.load_state_dict(torch.load(b / "models" / "model.pt", weights_only=True))
+    net.eval()
+    x = torch.rand(2, 1, 48, 32, 64, generator=torch.Generator().manual_seed(0))  # not the 1x32^3 trace shape
+    with torch.no_grad():
+        expected = net(x).numpy()
+    got = ort.InferenceSession(str(b / "models" / "model.onnx"), providers=["CPUExecutionProvider"]).run(
+        ["pred"], {"image": x.numpy()})[0]
+    assert got.shape == expected.shape == (2, 15, 48, 32, 64)
+    assert float(np.abs(got - expected).max()) <= ATOL

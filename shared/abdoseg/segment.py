@@ -23,6 +23,9 @@ Inputs:
 - hidden and temporary files are never cases, nor is the output folder when it lies inside the
   input folder; a symbolic link loop or dangling link is one failed case.
 
+DICOM series cases with ``--dicom_seg``: also ``<case>_seg.dcm``, a DICOM SEG referencing the
+series (:mod:`abdoseg.dicom_seg`; segment number = FLARE23 id). NIfTI stays the default output.
+
 Per case, optional: ``<case>_statistics.json`` (:func:`abdoseg.statistics.label_statistics`:
 organ volumes in mL, mean HU, lesion count and per-lesion volumes) and ``<case>_preview.png``
 (:func:`abdoseg.viz.overlay_png`).
@@ -538,8 +541,45 @@ def write_extras(case_id: str, image_file: Path, mask_file: Path, out_dir: Path,
     return written
 
 
+def _check_dicom_seg_request(cases: list[dict[str, str]], input_path: str, out_dir: Path) -> None:
+    """``--dicom_seg`` needs DICOM series among the inputs, and the SEG must not land in a series
+    folder (it would join that series on the next read)."""
+    dicom = [c for c in cases if c["kind"] == "dicom"]
+    if not dicom:
+        raise InputError(input_path, "--dicom_seg needs a DICOM series as input (a DICOM SEG references the "
+                                     "series' slices); NIfTI inputs get NIfTI masks only")
+    for c in dicom:
+        if _resolve(Path(c["source"])) == _resolve(out_dir):
+            raise InputError(out_dir, "write the DICOM SEG to another folder than the DICOM series folder "
+                                      "(it would be read as part of the series next time)")
+    if len(dicom) < len(cases):
+        print(f"--dicom_seg: {len(cases) - len(dicom)} NIfTI case(s) get NIfTI masks only (no DICOM slices to "
+              "reference)", file=sys.stderr)
+
+
+def _write_dicom_segs(cases: list[dict[str, str]], failed: set[str], done: list[str], out_dir: Path,
+                      force: bool) -> list[str]:
+    """``<case>_seg.dcm`` for every segmented DICOM case (new masks, or a missing SEG next to a kept
+    mask); returns the failures (one line each, naming the series)."""
+    from abdoseg.dicom_seg import series_seg
+
+    problems = []
+    for c in cases:
+        cid = c["case_id"]
+        target = out_dir / f"{cid}_seg.dcm"
+        if c["kind"] != "dicom" or cid in failed or not (force or cid in done or not target.exists()):
+            continue
+        try:
+            series_seg(out_dir / f"{cid}.nii.gz", c["source"], target)
+        except Exception as exc:
+            problems.append(str(exc) if isinstance(exc, InputError) else f"{c['source']}: DICOM SEG not written "
+                                                                         f"({type(exc).__name__}: {exc})")
+            logger.error("%s", problems[-1])
+    return problems
+
+
 def segment(input: str, output: str, bundle_dir: str = str(DEFAULT_BUNDLE), device: str = "auto",
-            statistics: bool = False, preview: bool = False, force: bool = False) -> None:
+            statistics: bool = False, preview: bool = False, force: bool = False, dicom_seg: bool = False) -> None:
     """Segment 13 abdominal organs + lesions in CT scans with the trained cascade.
 
     Example: abdoseg segment -i ct.nii.gz -o ct_mask.nii.gz --statistics --preview
@@ -557,6 +597,9 @@ def segment(input: str, output: str, bundle_dir: str = str(DEFAULT_BUNDLE), devi
             lesion count and per-lesion volumes in mL).
         preview: also write <case>_preview.png (axial/coronal/sagittal overlay).
         force: recompute masks (and statistics/previews) that already exist.
+        dicom_seg: for DICOM series inputs, also write <case>_seg.dcm: a DICOM SEG that
+            references the series' slices (segment number = FLARE23 id, FLARE23 labels). The
+            NIfTI mask is always written; NIfTI inputs get no SEG (no slices to reference).
     """
     from tqdm.auto import tqdm
 
@@ -564,6 +607,8 @@ def segment(input: str, output: str, bundle_dir: str = str(DEFAULT_BUNDLE), devi
 
     cases = find_cases(input, exclude=[output])  # the output may lie inside the input folder
     out_dir, cases = output_layout(cases, input, output)
+    if dicom_seg:
+        _check_dicom_seg_request(cases, input, out_dir)
     segmenter = load_cascade(bundle_dir, device)
     ensure_writable_dir(out_dir)  # one clear error for a read-only folder, not one traceback per case
     with tempfile.TemporaryDirectory(prefix="abdoseg_segment_") as tmp:
@@ -591,6 +636,8 @@ def segment(input: str, output: str, bundle_dir: str = str(DEFAULT_BUNDLE), devi
                 except Exception as exc:
                     extra_failures.append(f"{c['source']}: {exc}" if not isinstance(exc, InputError) else str(exc))
                     logger.error("%s", extra_failures[-1])
+        if dicom_seg:
+            extra_failures += _write_dicom_segs(cases, failed, report.done, out_dir, force)
     n_ok = len(report.done) + len(report.skipped)
     print(f"masks in {out_dir}: {len(report.done)} new, {len(report.skipped)} kept from before"
           f"{' (use --force to recompute)' if report.skipped else ''}", file=sys.stderr)

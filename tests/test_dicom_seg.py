@@ -1,0 +1,166 @@
+"""DICOM SEG output (abdoseg.dicom_seg, ``abdoseg segment --dicom_seg``): round trip through
+highdicom/pydicom on small synthetic DICOM series (segment numbers = FLARE23 ids, labels, the
+referenced series and slices, geometry against the NIfTI mask), bad input named clearly.
+
+The series are written by tests/test_segment.py's helper (ITK, one file per slice: slice k is
+``mask[:, :, k]`` with rows along y, SOPInstanceUID ``...<series>.<k+1>``), so the expected frame of
+every slice is known without the writer's own geometry code."""
+
+from __future__ import annotations
+
+import locale
+from pathlib import Path
+
+import nibabel as nib
+import numpy as np
+import pydicom
+import pytest
+
+from abdoseg.dicom_seg import import_highdicom, mask_to_dicom_seg, read_source_datasets, write_dicom_seg
+from abdoseg.io import InputError, save_nifti
+from abdoseg.labels import FOREGROUND_IDS, LABELS
+from abdoseg.segment import check_dicom_series
+from test_segment import SHAPE, SPACING_MM, _cli, _nonzero, _tiny_bundle, _write_dicom_series
+
+FOR_UID = "1.2.826.0.1.3680043.2.1.77"
+
+
+def _write_series(hu: np.ndarray, affine: np.ndarray, folder: Path, series: int = 1) -> None:
+    """test_segment's writer, leaving the process locale as it was (ITK's GDCM writer switches it to
+    "C", after which ``Path.read_text()`` of UTF-8 files fails in later tests of the same process)."""
+    saved = locale.setlocale(locale.LC_ALL)
+    try:
+        _write_dicom_series(hu, affine, folder, series=series)
+    finally:
+        locale.setlocale(locale.LC_ALL, saved)
+
+
+def _ct_series(hu: np.ndarray, affine: np.ndarray, folder: Path, series: int = 1) -> list[str]:
+    """A DICOM CT series (as real scanners write it: with a FrameOfReferenceUID); its sorted files."""
+    _write_series(hu, affine, folder, series=series)
+    for f in folder.glob("*.dcm"):
+        ds = pydicom.dcmread(str(f))
+        ds.FrameOfReferenceUID = FOR_UID
+        ds.save_as(str(f))
+    return check_dicom_series(folder)
+
+
+def _slice_index(sop_uid: str) -> int:
+    return int(str(sop_uid).rsplit(".", 1)[1]) - 1
+
+
+def _check_seg(seg_file: Path, mask: np.ndarray, source_files: list[str]) -> None:
+    """The SEG read back (pydicom + highdicom) is the FLARE23 mask on the source slices."""
+    hd = import_highdicom()
+    raw = pydicom.dcmread(str(seg_file))
+    src = [pydicom.dcmread(f, stop_before_pixels=True) for f in source_files]
+    assert raw.Modality == "SEG" and raw.SOPClassUID == "1.2.840.10008.5.1.4.1.1.66.4"
+    assert raw.SegmentationType == "BINARY"
+    assert raw.StudyInstanceUID == src[0].StudyInstanceUID and raw.FrameOfReferenceUID == FOR_UID
+    assert raw.ReferencedSeriesSequence[0].SeriesInstanceUID == src[0].SeriesInstanceUID
+    referenced = {i.ReferencedSOPInstanceUID for i in raw.ReferencedSeriesSequence[0].ReferencedInstanceSequence}
+    assert referenced == {d.SOPInstanceUID for d in src}
+    # segment number = FLARE23 id, label = FLARE23 name, all 14 described
+    assert [(int(s.SegmentNumber), s.SegmentLabel) for s in raw.SegmentSequence] == \
+        [(i, LABELS[i]) for i in FOREGROUND_IDS]
+    assert raw.SegmentSequence[0].SegmentedPropertyTypeCodeSequence[0].CodeValue == "10200004"  # liver
+    assert raw.SegmentSequence[1].SegmentedPropertyTypeModifierCodeSequence[0].CodeMeaning == "Right"
+    # every frame: position = its source slice's, pixels = that slice of the mask for its segment
+    by_uid = {d.SOPInstanceUID: d for d in src}
+    seen: dict[int, set[int]] = {}
+    frames = raw.pixel_array.reshape(-1, int(raw.Rows), int(raw.Columns))
+    for frame, item in zip(frames, raw.PerFrameFunctionalGroupsSequence):
+        uid = item.DerivationImageSequence[0].SourceImageSequence[0].ReferencedSOPInstanceUID
+        sid = int(item.SegmentIdentificationSequence[0].ReferencedSegmentNumber)
+        pos = [float(v) for v in item.PlanePositionSequence[0].ImagePositionPatient]
+        assert np.allclose(pos, [float(v) for v in by_uid[uid].ImagePositionPatient], atol=1e-3)
+        k = _slice_index(uid)
+        assert np.array_equal(frame.astype(bool), mask[:, :, k].T == sid), (sid, k)
+        seen.setdefault(sid, set()).add(k)
+    for sid in FOREGROUND_IDS:  # no frame left out: each (segment, slice) holding voxels has one
+        assert seen.get(sid, set()) == set(np.nonzero((mask == sid).any(axis=(0, 1)))[0].tolist()), sid
+    # highdicom's own reader: one label map per source slice
+    seg = hd.seg.segread(str(seg_file))
+    uids = [d.SOPInstanceUID for d in src]
+    labelmap = seg.get_pixels_by_source_instance(uids, combine_segments=True, relabel=False)
+    expected = np.stack([mask[:, :, _slice_index(u)].T for u in uids])
+    assert labelmap.shape == expected.shape and np.array_equal(labelmap, expected)
+    assert seg.get_segment_description(14).segment_label == "lesion"
+
+
+@pytest.mark.parametrize("axcodes", ["LPS", "RAS"])
+def test_mask_to_dicom_seg_round_trip(axcodes, tmp_path):
+    from abdoseg.phantom import make_case
+
+    hu, label, affine = make_case(3, shape=SHAPE, spacing_mm=SPACING_MM, axcodes=axcodes)
+    assert set(np.unique(label)) >= {1, 2, 13}  # a labelled phantom: left/right organs present
+    files = _ct_series(hu, affine, tmp_path / "ct")
+    datasets = read_source_datasets(files)
+    for ds in datasets:  # Type 2 attributes some exporters leave out: written empty in the SEG
+        del ds.PatientSex, ds.StudyID
+    seg = mask_to_dicom_seg(label, affine, datasets)
+    assert seg.PatientSex == "" and seg.StudyID == ""
+    assert "PatientSex" not in datasets[0]  # the caller's headers are not modified
+    out = write_dicom_seg(seg, tmp_path / "out" / "case_seg.dcm")
+    assert sorted(p.name for p in out.parent.iterdir()) == ["case_seg.dcm"]  # no temporary file left
+    _check_seg(out, label, files)
+
+
+def test_mask_to_dicom_seg_rejects_bad_input(tmp_path):
+    from abdoseg.phantom import make_case
+
+    hu, label, affine = make_case(1, shape=SHAPE, spacing_mm=SPACING_MM, axcodes="LPS")
+    datasets = read_source_datasets(_ct_series(hu, affine, tmp_path / "ct"))
+    shifted = affine.copy()
+    shifted[:3, 3] += affine[:3, 0] * 0.5  # half a voxel off: not the series' grid
+    with pytest.raises(InputError, match="grid does not match"):
+        mask_to_dicom_seg(label, shifted, datasets, where="case7")
+    with pytest.raises(InputError, match="outside the mask"):
+        mask_to_dicom_seg(label[:, :, 1:], affine, datasets)
+    with pytest.raises(InputError, match="outside the FLARE23 ids"):
+        mask_to_dicom_seg(np.where(label == 14, 15, label), affine, datasets)
+    with pytest.raises(InputError, match="no source DICOM slices"):
+        mask_to_dicom_seg(label, affine, [])
+    _write_series(hu, affine, tmp_path / "noframe")  # written without FrameOfReferenceUID
+    with pytest.raises(InputError, match="FrameOfReferenceUID"):
+        mask_to_dicom_seg(label, affine, read_source_datasets(check_dicom_series(tmp_path / "noframe")))
+
+
+def test_segment_cli_dicom_seg(tmp_path, capsys):
+    from abdoseg.phantom import make_case
+
+    bundle = _tiny_bundle(tmp_path / "bundle" / "fine_organ_tumor")
+    hu, _, affine = make_case(0, shape=SHAPE, spacing_mm=SPACING_MM, axcodes="LPS")
+    series = tmp_path / "patient_A"
+    files = _ct_series(hu, affine, series)
+    out = tmp_path / "out"
+    args = ["--bundle_dir", str(bundle), "--device", "cpu"]
+    code, msg = _cli(["segment", "-i", str(series), "-o", str(out), "--dicom_seg", *args], capsys)
+    assert not _nonzero(code), msg
+    assert sorted(p.name for p in out.iterdir()) == ["patient_A.nii.gz", "patient_A_seg.dcm"]
+    nii = nib.load(str(out / "patient_A.nii.gz"))
+    mask = np.asarray(nii.dataobj)
+    assert len(np.unique(mask)) > 2  # several classes (seeded tiny network): a round trip with content
+    assert np.allclose(nii.affine, affine, atol=1e-4)
+    _check_seg(out / "patient_A_seg.dcm", mask, files)
+    # NIfTI stays the default: no SEG without the flag
+    code, _ = _cli(["segment", "-i", str(series), "-o", str(tmp_path / "plain"), *args], capsys)
+    assert not _nonzero(code) and sorted(p.name for p in (tmp_path / "plain").iterdir()) == ["patient_A.nii.gz"]
+    # kept mask, SEG deleted -> the SEG alone is rewritten from the mask
+    (out / "patient_A_seg.dcm").unlink()
+    code, msg = _cli(["segment", "-i", str(series), "-o", str(out), "--dicom_seg", *args], capsys)
+    assert not _nonzero(code) and "1 kept" in msg and (out / "patient_A_seg.dcm").is_file()
+    # a slice gone from the series: the error names the series and the gap; no SEG written
+    (out / "patient_A_seg.dcm").unlink()
+    Path(files[10]).unlink()
+    code, msg = _cli(["segment", "-i", str(series), "-o", str(out), "--dicom_seg", *args], capsys)
+    assert _nonzero(code) and f"{series}:" in msg and "missing" in msg, msg
+    assert not (out / "patient_A_seg.dcm").exists()
+    # NIfTI input: a clear error before any work
+    save_nifti(hu, affine, tmp_path / "nifti" / "B.nii.gz")
+    code, msg = _cli(["segment", "-i", str(tmp_path / "nifti" / "B.nii.gz"), "-o", str(tmp_path / "o2"),
+                      "--dicom_seg", *args], capsys)
+    assert _nonzero(code) and "--dicom_seg needs a DICOM series" in msg and not (tmp_path / "o2").exists()
+    # the series folder itself as output: refused (the SEG would join the series)
+    code, msg = _cli(["segment", "-i", str(series), "-o", str(series), "--dicom_seg", *args], capsys)
+    assert _nonzero(code) and "another folder than the DICOM series folder" in msg
