@@ -77,7 +77,7 @@ def stages(args: argparse.Namespace) -> list[dict]:
         t = time.perf_counter()
         out = fn(*a)
         rows.setdefault(name, []).append(time.perf_counter() - t)
-        rss[name] = _rss_mb()
+        rss.setdefault(name, _rss_mb())  # first pass: peak so far, in pipeline order
         return out
 
     tmp = Path(tempfile.mkdtemp())

@@ -101,6 +101,7 @@ def bundle_parser(coarse=None, fine=None, **overrides) -> ConfigParser:
     parser["coarse_network_def"] = coarse if coarse is not None else CoarseNet()
     parser["coarse_checkpoint"] = None
     parser["network_def"] = fine if fine is not None else ThresholdNet()
+    parser["autocast_dtype"] = None  # float32: the stand-in nets threshold exact HU values
     for k, v in overrides.items():
         parser[k] = v
     return parser
@@ -141,7 +142,10 @@ def test_orientation_roundtrip_exact(codes, tmp_path):
 @pytest.mark.parametrize("codes", ["RAS", "LPS"])
 def test_resampled_fine_stage_overlays_input(codes, tmp_path):
     """Fine grid differs from the input grid: labels still land on the right voxels (the lesion is
-    the brightest class here, so that interpolated edges against air stay liver)."""
+    the brightest class here, so that interpolated edges against air stay liver). Thresholding a
+    resampled block moves its edges by up to a fine voxel depending on the sampling phase (and the
+    one-hot stand-in scores tie exactly at half-way samples), so the check is Dice > 0.85 and the
+    centre of mass within 1.5 input voxels; the exact grid is checked against MONAI below."""
     hu = np.full((56, 48, 24), -1000, np.int16)
     hu[8:40, 6:36, 3:20] = 100
     hu[12:24, 10:20, 6:13] = 300
@@ -150,9 +154,13 @@ def test_resampled_fine_stage_overlays_input(codes, tmp_path):
     exp[hu == 300] = 14
     out = _segment(tmp_path, hu, _affine((0.7, 0.9, 2.0), codes), fine_spacing_mm=[1.4, 1.5, 2.5], margin_mm=10.0,
                    fine=ThresholdNet(bands=((150.0, 1e9, 14), (40.0, 150.0, 1))))
+    from scipy.ndimage import center_of_mass
+
     for c in (1, 14):
         dice = 2 * np.logical_and(out == c, exp == c).sum() / ((out == c).sum() + (exp == c).sum())
-        assert dice > 0.9, (c, dice)
+        assert dice > 0.85, (c, dice)
+        shift = np.subtract(center_of_mass(out == c), center_of_mass(exp == c))
+        assert np.abs(shift).max() < 1.5, (c, shift)  # edge quantisation: <= 1 fine voxel = 2 input voxels, one side
 
 
 def test_sliding_window_matches_single_pass(tmp_path):

