@@ -44,10 +44,8 @@ logger = logging.getLogger(__name__)
 
 
 def _inference_state_dict(network: torch.nn.Module) -> dict[str, torch.Tensor]:
-    try:
-        from abdoseg.checkpoints import inference_state_dict
-    except ImportError:  # older layout: the helper lived in the cascade module
-        from abdoseg.cascade import inference_state_dict  # type: ignore[no-redef]
+    from abdoseg.checkpoints import inference_state_dict
+
     return inference_state_dict(network)
 
 

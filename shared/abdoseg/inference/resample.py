@@ -34,7 +34,7 @@ from monai.utils import TraceKeys
 __all__ = ["AxisMap", "torch_interpolate_axis_map", "spacing_axis_maps", "resample_scores_to_labels", "ScoresToLabelsd"]
 
 #: Budget (number of float32 elements) of the upsampled score planes cached at a time.
-SLAB_ELEMENTS: int = 48_000_000
+SLAB_ELEMENTS: int = 16_000_000
 
 #: (scale, offset): output index i samples the source at ``scale * i + offset`` (voxel units).
 AxisMap = tuple[float, float]
