@@ -159,7 +159,8 @@ def test_onnx_cascade_matches_torch_cascade(exported, tmp_path):
     img, _, affine = make_case(0, "small", shape=(64, 64, 16), spacing_mm=(6.0, 6.0, 8.0))
     path = tmp_path / "CASE_0000.nii.gz"
     save_nifti(img, affine, path)
-    overrides = {"fine_spacing_mm": [4.0, 4.0, 4.0]}  # small fine grid keeps the test fast
+    # small fine grid keeps the test fast; float32 on both sides (bfloat16 autocast is a separate setting)
+    overrides = {"fine_spacing_mm": [4.0, 4.0, 4.0], "autocast_dtype": None}
     t_seg = torch_cascade(bundle, overrides=overrides)
     o_seg = onnx_cascade(bundle, overrides=overrides)
     rec = Recorder(t_seg.network)
@@ -178,19 +179,21 @@ def test_onnx_cascade_matches_torch_cascade(exported, tmp_path):
     # Fresh random weights give nearly tied logits, so the ~1e-5 ORT/torch logit differences may flip
     # a few argmaxes; they must stay a tiny fraction of the volume ...
     assert n_diff <= 0.002 * t_mask.size, n_diff
-    # ... and on the fine grid every flip must sit where torch's top-2 margin is within the logit error.
-    assert len(rec.inputs) == 1
-    with torch.no_grad():
-        t_logits = rec.net(rec.inputs[0])
-        o_logits = o_seg.network(rec.inputs[0])
-    err = float((t_logits - o_logits).abs().max())
-    # ORT reduces InstanceNormalization's mean/variance over the whole volume with plain float32
-    # sums; torch's sums are ~100x closer to a float64 reference (~1e-3 vs ~1e-5 on large inputs).
-    assert err <= 1e-2, err
-    top2 = t_logits.topk(2, dim=1).values
-    margin = (top2[:, 0] - top2[:, 1])
-    flipped = t_logits.argmax(1) != o_logits.argmax(1)
-    assert bool((margin[flipped] <= 2 * err).all())
+    # ... and on the fine grid every flip must sit where torch's top-2 margin is within the logit error
+    # (the fine net runs on windows of its training patch: check every window it saw).
+    assert len(rec.inputs) >= 1
+    for x in rec.inputs:
+        with torch.no_grad():
+            t_logits = rec.net(x)
+            o_logits = o_seg.network(x)
+        err = float((t_logits - o_logits).abs().max())
+        # ORT reduces InstanceNormalization's mean/variance with plain float32 sums; torch's sums are
+        # ~100x closer to a float64 reference (~1e-3 vs ~1e-5 on large inputs).
+        assert err <= 1e-2, err
+        top2 = t_logits.topk(2, dim=1).values
+        margin = (top2[:, 0] - top2[:, 1])
+        flipped = t_logits.argmax(1) != o_logits.argmax(1)
+        assert bool((margin[flipped] <= 2 * err).all())
 
 
 @pytest.mark.slow

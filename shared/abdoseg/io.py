@@ -18,6 +18,41 @@ import nibabel as nib
 import numpy as np
 
 
+def _isal_gzip_open(filename: str, mode: str = "rb", compresslevel: int = 1, mtime: int = 0,
+                    keep_open: bool = False) -> Any:
+    """nibabel's ``.gz`` opener through ISA-L (``python-isal``): the same gzip format, inflate
+    about 2-3x faster than zlib (a 79 MB CT: 0.56 vs 1.67 s); writes use ISA-L level
+    ``min(compresslevel, 3)`` with ``mtime=0`` and no file name in the header, so the same array
+    gives the same bytes whatever the (temporary) file name."""
+    from isal import igzip
+
+    if "r" in mode:
+        return igzip.open(filename, mode)
+    raw = open(filename, mode)  # no file name in the gzip header (temporary names differ per run)
+    gz = igzip.IGzipFile(filename="", mode=mode, compresslevel=max(0, min(3, int(compresslevel))), fileobj=raw,
+                         mtime=0)
+    gz.myfileobj = raw  # closed with the gzip stream
+    return gz
+
+
+def use_fast_gzip() -> bool:
+    """Register :func:`_isal_gzip_open` as nibabel's ``.gz`` opener (nibabel's extension map, used
+    by ``nib.load`` / ``nib.save`` and so by MONAI's ``NibabelReader``); False when ``isal`` is
+    not installed (nibabel keeps zlib)."""
+    try:
+        import isal.igzip  # noqa: F401
+        from nibabel.openers import ImageOpener, Opener
+    except ImportError:
+        return False
+    entry = (_isal_gzip_open, ("mode", "compresslevel", "mtime", "keep_open"))
+    Opener.compress_ext_map[".gz"] = entry
+    ImageOpener.compress_ext_map[".gz"] = entry
+    return True
+
+
+FAST_GZIP: bool = use_fast_gzip()
+
+
 class InputError(ValueError):
     """A user input file is unusable; the message names the file and the problem."""
 
