@@ -1,21 +1,26 @@
 #!/usr/bin/env python
 """Benchmark the fine_organ_tumor cascade end to end (read NIfTI -> write mask) on phantom CTs of
-the seed papers' eight sizes (512 x 512 x 55 ... 554), against a single-stage pipeline (the same
-fine network, sliding window over the whole CT at the same fine spacing, no ROI).
+the seed papers' eight sizes (512 x 512 x 55 ... 554), against a single-stage pipeline: the same
+bundle with ``--overrides``-style ``{"single_stage": true}`` (same fine network and spacing,
+sliding window over the whole CT, no coarse network, no ROI).
 
-Every (case, pipeline) runs in a fresh Python process, as in the FLARE efficiency evaluation, and
-reports:
+Both pipelines are the bundle's own :func:`abdoseg.inference.segmenter.segmenter_from_bundle`
+(exactly what ``abdoseg segment`` runs). Every (case, pipeline) runs in a fresh Python process,
+as in the FLARE efficiency evaluation, and reports:
 
 * ``case_s``     wall time from reading the NIfTI to the written mask (model already loaded),
-* ``process_s``  wall time of the whole process (imports, model build/load, the case),
+* ``process_s``  wall time of the whole process (imports, config + weights, the case),
 * ``peak_rss_mb`` peak resident memory of the process (``resource.getrusage``),
+* ``roi`` (the box on the oriented CT's voxel grid) and ``fine_grid`` (what the fine inferer saw),
 * on CUDA: ``gpu_max_mb`` and ``gpu_auc_mb_s`` from (total - free) memory sampled every 0.1 s
   with pynvml (FLARE's Efficiency.py method), else torch's reserved memory sampled the same way.
 
-Weights: ``models/model.pt`` / ``models/coarse_model.pt`` of the bundle when present, else random
-fine weights (the run time of a network does not depend on its weights) and an *oracle* coarse
-stage: the real coarse network still runs (same cost), but the ROI comes from the phantom's
-ground-truth foreground, so the ROI size is realistic (``--oracle_roi`` forces it). The table
+Weights: the bundle's ``model_path`` / ``coarse_checkpoint`` when present, else seeded random fine
+weights (the run time of a network does not depend on its weights) and an *oracle* coarse stage:
+the coarse network (random weights) still runs on the coarse input (same cost), but the foreground
+it answers is the ground truth resampled (nearest, world coordinates) to that coarse grid
+(``CoarseRoiCropd.coarse_input``'s affine), so the ROI - box + ``margin_mm`` of the largest
+component, exactly as for the real network - is realistic (``--oracle_roi`` forces it). The table
 says which was used. After timing, the masks of each pipeline are scored against the truth
 (FLARE23 DSC/NSD, not timed; ``--no_eval`` skips it), so speed is reported at a known accuracy.
 
@@ -25,13 +30,13 @@ Usage::
     .venv/bin/python scripts/bench_cascade.py --slices 55,554 --threads 2     # a subset
     .venv/bin/python scripts/bench_cascade.py --bundle runs/demo/bundles/fine_organ_tumor --seed 7  # trained demo weights
     .venv/bin/python scripts/bench_cascade.py --real_ct ../shared/data/real_ct --oracle_roi          # real CTs
+    .venv/bin/python scripts/bench_cascade.py --overrides '{"autocast_dtype": null}'                 # any inference.json id
 """
 
 from __future__ import annotations
 
 import argparse
 import json
-import os
 import resource
 import statistics
 import subprocess
@@ -48,87 +53,61 @@ SEED_SLICES = (55, 100, 150, 215, 334, 448, 499, 554)
 # ------------------------------------------------------------------------------------------------
 # worker: one case, one pipeline, fresh process
 # ------------------------------------------------------------------------------------------------
-class _GpuSampler:
+class _GpuSampler(threading.Thread):
     """(total - free) GPU memory in MB every ``period_s`` (pynvml), else torch reserved memory."""
 
     def __init__(self, period_s: float = 0.1):
         import torch
 
-        self.period_s = period_s
-        self.samples: list[float] = []
-        self._stop = threading.Event()
-        self.source = "torch_reserved"
-        self._handle = None
+        super().__init__(daemon=True)
+        self.period_s, self.samples, self._stop_event = period_s, [], threading.Event()
         try:
             import pynvml  # type: ignore
 
             pynvml.nvmlInit()
-            idx = torch.cuda.current_device()
-            self._handle = pynvml.nvmlDeviceGetHandleByIndex(idx)
-            self._nvml = pynvml
+            handle = pynvml.nvmlDeviceGetHandleByIndex(torch.cuda.current_device())
             self.source = "pynvml"
+            self._read = lambda: (lambda i: (i.total - i.free) / 2**20)(pynvml.nvmlDeviceGetMemoryInfo(handle))
         except Exception:
-            self._handle = None
-        self._thread = threading.Thread(target=self._run, daemon=True)
+            self.source = "torch_reserved"
+            self._read = lambda: torch.cuda.memory_reserved() / 2**20
 
-    def _read(self) -> float:
-        if self._handle is not None:
-            info = self._nvml.nvmlDeviceGetMemoryInfo(self._handle)
-            return (info.total - info.free) / 2**20
-        import torch
-
-        return torch.cuda.memory_reserved() / 2**20
-
-    def _run(self) -> None:
-        while not self._stop.is_set():
+    def run(self) -> None:
+        while not self._stop_event.is_set():
             self.samples.append(self._read())
             time.sleep(self.period_s)
 
-    def __enter__(self):
-        self._thread.start()
-        return self
-
-    def __exit__(self, *exc):
-        self._stop.set()
-        self._thread.join()
+    def stop(self) -> None:
+        self._stop_event.set()
+        self.join()
 
 
-def _oracle_coarse(net, label_path: str, coarse_spacing_mm):
-    """A coarse stand-in that runs ``net`` (for its cost) but answers with the ground-truth
-    foreground resampled (nearest) to the coarse grid, in the inferer's RAS frame."""
+def _oracle_coarse_mask(coarse_roi, label_path: str):
+    """``CoarseRoiCropd.coarse_mask`` stand-in: runs the real coarse network on the coarse input
+    (for its cost), then answers with the ground-truth foreground sampled (nearest) at the world
+    positions of the coarse grid's voxel centres (the coarse input MetaTensor's affine)."""
     import numpy as np
-    import torch
-    import torch.nn.functional as F
 
-    from abdoseg.cascade import affine_spacing_mm, ras_orientation, resampled_shape, to_ras
     from abdoseg.io import load_nifti
 
-    lab, aff, _ = load_nifti(label_path)
-    ornt = ras_orientation(aff)
-    ras = to_ras(torch.as_tensor(np.asarray(lab) > 0), ornt)
-    sp = affine_spacing_mm(aff)
-    ras_sp = [0.0] * 3
-    for i in range(3):
-        ras_sp[int(ornt[i, 0])] = sp[i]
-    cshape = resampled_shape(ras.shape, ras_sp, coarse_spacing_mm)
-    fg = F.interpolate(ras[None, None].float(), size=cshape, mode="nearest")[0, 0]
+    label, label_affine, _ = load_nifti(label_path)
+    fg = np.asarray(label) > 0
+    del label
+    world_to_label = np.linalg.inv(np.asarray(label_affine, dtype=np.float64))
+    network_mask = type(coarse_roi).coarse_mask
 
-    class Oracle(torch.nn.Module):
-        def __init__(self):
-            super().__init__()
-            self.net = net
-            self.strides = getattr(net, "strides", None)
+    def coarse_mask(coarse):
+        network_mask(coarse_roi, coarse)  # the coarse network's cost; its answer is replaced
+        shape = coarse.shape[1:]
+        ijk = np.stack(np.meshgrid(*[np.arange(n) for n in shape], indexing="ij"), -1).reshape(-1, 3)
+        m = world_to_label @ np.asarray(coarse.affine.cpu(), dtype=np.float64)
+        idx = np.rint(ijk @ m[:3, :3].T + m[:3, 3]).astype(np.int64)
+        inside = np.all((idx >= 0) & (idx < fg.shape), axis=1)
+        out = np.zeros(len(idx), bool)
+        out[inside] = fg[tuple(idx[inside].T)]
+        return out.reshape(tuple(shape))
 
-        def forward(self, x):
-            out = self.net(x)
-            if any(s < c for s, c in zip(x.shape[2:], fg.shape)):
-                return out  # sliding-window patch: cannot place the oracle, keep the net's answer
-            logits = torch.zeros((x.shape[0], 2, *x.shape[2:]), dtype=out.dtype, device=x.device)
-            f = fg.to(x.device)
-            logits[:, 1, : f.shape[0], : f.shape[1], : f.shape[2]] = f * 10
-            return logits + 0 * out[:, :2]
-
-    return Oracle()
+    return coarse_mask
 
 
 def worker(args: argparse.Namespace) -> None:
@@ -136,59 +115,64 @@ def worker(args: argparse.Namespace) -> None:
     import torch
 
     torch.set_num_threads(args.threads)
-    from monai.bundle import ConfigParser
-
-    from abdoseg.checkpoints import load_state_dict_file
+    from abdoseg.bundle_config import load_bundle_config
+    from abdoseg.inference.coarse_roi import CoarseRoiCropd
+    from abdoseg.inference.segmenter import segmenter_from_bundle
     from abdoseg.io import save_nifti
 
-    parser = ConfigParser()
     bundle = Path(args.bundle)
-    parser.read_config(str(bundle / "configs" / "inference.json"))
     device = "cuda:0" if torch.cuda.is_available() and not args.cpu else "cpu"
-    parser.update({"bundle_root": str(bundle), "device": device, **json.loads(args.overrides)})
-    torch.manual_seed(0)
-    net = parser.get_parsed_content("network")
-    fine_ckpt = bundle / "models" / "model.pt"
-    fine_weights = fine_ckpt.is_file()
-    if fine_weights:
-        net.load_state_dict(load_state_dict_file(fine_ckpt, map_location=device))
-    net.eval()
-    inferer = parser.get_parsed_content("inferer")
+    overrides = json.loads(args.overrides)
     if args.pipeline == "single":
-        inferer.coarse_network = None
-        weights = "single-stage"
-    elif Path(inferer.coarse_checkpoint or "").is_file() and not args.oracle_roi:
-        weights = "coarse_model.pt"
+        overrides["single_stage"] = True
+    parser = load_bundle_config(bundle)
+    for k, v in overrides.items():
+        parser[k] = v
+    fine_weights = Path(parser.get_parsed_content("model_path")).is_file()
+    if args.pipeline == "single":
+        roi = "single-stage"
+    elif Path(parser.get_parsed_content("coarse_checkpoint") or "").is_file() and not args.oracle_roi:
+        roi = "coarse_model.pt"
     else:
-        inferer.coarse_network = _oracle_coarse(inferer.coarse_network, args.label, inferer.coarse_spacing_mm)
-        # the oracle can only answer a whole-volume pass (sliding-window patches carry no position)
-        inferer.coarse_roi_size = tuple(max(int(r), 160) for r in inferer.coarse_roi_size)
-        inferer.coarse_checkpoint = None
-        inferer._coarse_loaded = True
-        weights = "oracle ROI"
-    segment = parser.get_parsed_content("segment", instantiate=True)
-    segment.inferer = inferer
-    segment.network = net
+        roi = "oracle ROI"
+        overrides["coarse_checkpoint"] = None  # keep the (seeded random) coarse weights
+    torch.manual_seed(0)
+    network = None if fine_weights else parser.get_parsed_content("network_def")
+    segment = segmenter_from_bundle(bundle, device, overrides, network=network)
+    coarse = next(t for t in segment.preprocessing.transforms if isinstance(t, CoarseRoiCropd))
+    if roi == "oracle ROI":
+        coarse.coarse_mask = _oracle_coarse_mask(coarse, args.label)
+    seen: dict = {}  # the ROI box and the fine grid of this case, recorded on the way
+    roi_box, inferer = coarse.roi_box, segment.inferer
+
+    def fine_inferer(x, net):
+        seen["fine_grid"] = list(x.shape[2:])
+        return inferer(x, net)
+
+    coarse.roi_box = lambda img: seen.setdefault("box", roi_box(img))
+    segment.inferer = fine_inferer
 
     cuda = device.startswith("cuda")
     sampler = _GpuSampler() if cuda else None
     if sampler:
-        sampler.__enter__()
+        sampler.start()
     t0 = time.perf_counter()
     mask, affine = segment({"image": args.image})
-    save_nifti(mask.astype("uint8"), affine, args.output)
+    save_nifti(mask, affine, args.output)
     if cuda:
         torch.cuda.synchronize()
     case_s = time.perf_counter() - t0
     if sampler:
-        sampler.__exit__()
+        sampler.stop()
+    box = seen["box"]
     res = {
-        "case": Path(args.output).name, "pipeline": args.pipeline, "roi": weights, "device": device,
+        "case": Path(args.output).name, "pipeline": args.pipeline, "roi": roi, "device": device,
         "fine_weights": "model.pt" if fine_weights else "random",
         "shape": list(mask.shape), "case_s": round(case_s, 2),
         "process_s": round(time.perf_counter() - t_process, 2),
         "peak_rss_mb": round(resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024, 1),
-        "roi_ras_slices": inferer.last_roi["ras_slices"] if inferer.last_roi else None,
+        "roi_box": {"start": list(box.start), "stop": list(box.stop)},
+        "roi_volume_fraction": round(box.volume_fraction, 4), "fine_grid": seen["fine_grid"],
         "foreground_fraction": float((mask > 0).mean()),
     }
     if sampler:
@@ -246,7 +230,7 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--threads", type=int, default=2, help="torch CPU threads")
     ap.add_argument("--cpu", action="store_true", help="force CPU even if CUDA is available")
     ap.add_argument("--skip_single", action="store_true", help="only time the cascade")
-    ap.add_argument("--overrides", default="{}", help="JSON dict of inference.json overrides")
+    ap.add_argument("--overrides", default="{}", help="JSON dict of inference.json ids -> values (both pipelines)")
     ap.add_argument("--bundle", default=str(BUNDLE),
                     help="fine_organ_tumor bundle folder (its configs and models/*.pt), e.g. a trained demo copy")
     ap.add_argument("--real_ct", default=None,
@@ -280,11 +264,7 @@ def main(argv: list[str] | None = None) -> int:
             pred = out / f"pred_{pipe}" / lab_p.name  # <case>.nii.gz
             cmd = [sys.executable, __file__, "--worker", "--pipeline", pipe, "--image", str(img_p), "--label",
                    str(lab_p), "--output", str(pred), "--threads", str(args.threads), "--overrides", args.overrides,
-                   "--bundle", str(args.bundle)]
-            if args.cpu:
-                cmd.append("--cpu")
-            if args.oracle_roi:
-                cmd.append("--oracle_roi")
+                   "--bundle", str(args.bundle)] + ["--cpu"] * args.cpu + ["--oracle_roi"] * args.oracle_roi
             t = time.perf_counter()
             proc = subprocess.run(cmd, capture_output=True, text=True)
             wall = time.perf_counter() - t
@@ -297,10 +277,12 @@ def main(argv: list[str] | None = None) -> int:
             results.append(res)
             gpu = f"  gpu max {res['gpu_max_mb']} MB auc {res['gpu_auc_mb_s']} MB*s" if "gpu_max_mb" in res else ""
             print(f"{res['case']:<22} {pipe:<8} {str(tuple(res['shape'])):<18} case {res['case_s']:7.2f} s  "
-                  f"process {res['process_s']:7.2f} s  peak RSS {res['peak_rss_mb']:8.1f} MB  [{res['roi']}]{gpu}",
+                  f"process {res['process_s']:7.2f} s  peak RSS {res['peak_rss_mb']:8.1f} MB  "
+                  f"ROI {res['roi_volume_fraction']:.3f} fine {tuple(res['fine_grid'])}  [{res['roi']}]{gpu}",
                   flush=True)
 
-    summary: dict = {"device": results[0]["device"] if results else None, "threads": args.threads, "cases": results}
+    summary: dict = {"device": results[0]["device"] if results else None, "threads": args.threads,
+                     "overrides": json.loads(args.overrides), "cases": results}
     for pipe in pipelines:
         rs = [r for r in results if r["pipeline"] == pipe]
         if rs:
@@ -310,7 +292,7 @@ def main(argv: list[str] | None = None) -> int:
                 summary[pipe].update(median_gpu_max_mb=statistics.median(r["gpu_max_mb"] for r in rs),
                                      median_gpu_auc_mb_s=statistics.median(r["gpu_auc_mb_s"] for r in rs))
     if "cascade" in summary and "single" in summary:
-        pairs = {}
+        pairs: dict = {}
         for r in results:
             pairs.setdefault(r["case"], {})[r["pipeline"]] = r["case_s"]
         ratios = [p["single"] / p["cascade"] for p in pairs.values() if "single" in p and "cascade" in p]
