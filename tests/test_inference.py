@@ -511,3 +511,35 @@ def test_weights_of_another_architecture_fail_once_at_load_with_one_line(tmp_pat
     msg = str(err)
     assert str(bad) in msg and "coarse network" in msg and "another shape" in msg
     assert "\n" not in msg and len(msg) < 500
+
+
+def test_autocast_inferer_trains_in_bfloat16_with_float32_scores():
+    """The training inferer: forward under CPU bf16 autocast, float32 scores out, gradients reach
+    every float32 weight, and the loss differs from the float32 forward only by bf16 rounding."""
+    from monai.networks.nets import BasicUNet
+
+    from abdoseg.inference.sliding_window import AutocastInferer
+
+    torch.manual_seed(0)
+    net = BasicUNet(spatial_dims=3, in_channels=1, out_channels=3, features=(4, 4, 8, 8, 16, 4))
+    x = torch.rand(2, 1, 32, 32, 32)
+    ref = AutocastInferer(None)(x, net)
+    out = AutocastInferer("bfloat16")(x, net)
+    assert out.dtype == torch.float32 and out.shape == ref.shape
+    assert 0 < (out - ref).abs().max().item() < 0.1 * ref.abs().max().item()  # bf16 ran, and close
+    out.square().mean().backward()
+    assert all(p.grad is not None and p.grad.dtype == torch.float32 for p in net.parameters())
+    with pytest.raises(ValueError, match="autocast dtype"):
+        AutocastInferer("float64")
+
+
+def test_fine_training_config_uses_the_autocast_training_inferer():
+    parser = ConfigParser()
+    parser.read_config(str(FINE / "configs" / "train.json"))
+    parser["device"] = "$torch.device('cpu')"
+    from abdoseg.inference.sliding_window import AutocastInferer, cpu_has_fast_bf16
+
+    inferer = parser.get_parsed_content("train#inferer")
+    assert isinstance(inferer, AutocastInferer)
+    assert inferer.dtype == ("bfloat16" if cpu_has_fast_bf16() else None)
+    assert parser.get_parsed_content("validate#inferer").autocast_dtype == inferer.dtype

@@ -6,6 +6,9 @@ larger than it needs to be. MONAI pads an input smaller than ``roi_size`` up to 
 smallest multiple of the network's divisor that needs no more windows than ``roi_size`` would
 (an ROI that fits runs as one pass over itself, padded to the divisor).
 
+:class:`AutocastInferer` is the training counterpart: MONAI's ``SimpleInferer`` under
+``torch.autocast`` (bfloat16 on CPUs that compute it natively), float32 scores out.
+
 :class:`EnsembleInferer` (seed 002's CFS) runs several fine networks and merges their softmax by
 ordered class rules.
 
@@ -23,12 +26,12 @@ from contextlib import nullcontext
 from typing import Any
 
 import torch
-from monai.inferers import Inferer, SlidingWindowInferer
+from monai.inferers import Inferer, SimpleInferer, SlidingWindowInferer
 
 from abdoseg.checkpoints import load_weights
 
-__all__ = ["network_divisor", "fit_window", "cpu_has_fast_bf16", "default_autocast_dtype", "FitSlidingWindowInferer",
-           "EnsembleInferer"]
+__all__ = ["network_divisor", "fit_window", "cpu_has_fast_bf16", "default_autocast_dtype", "train_autocast_dtype",
+           "autocast", "AutocastInferer", "FitSlidingWindowInferer", "EnsembleInferer"]
 
 
 def cpu_has_fast_bf16() -> bool:
@@ -50,6 +53,26 @@ def default_autocast_dtype(device: Any) -> str | None:
     if kind == "cuda":
         return "float16"
     return "bfloat16" if kind == "cpu" and cpu_has_fast_bf16() else None
+
+
+def train_autocast_dtype(device: Any) -> str | None:
+    """The training autocast dtype of :class:`AutocastInferer` for ``device``: bfloat16 on a CPU that
+    computes it natively, else None. On CUDA MONAI's own ``amp`` (float16 + GradScaler) is used
+    instead. Fine Pocket U-Net, 2 x 64x64x32 patches, 2 cores: 0.90 -> 0.68 s per optimizer step
+    (``scripts/bench_training.py``)."""
+    kind = torch.device(device).type
+    return "bfloat16" if kind == "cpu" and cpu_has_fast_bf16() else None
+
+
+def _check_dtype(dtype: str | None) -> str | None:
+    if dtype not in (None, "float16", "bfloat16"):
+        raise ValueError(f"autocast dtype must be None, 'float16' or 'bfloat16', got {dtype!r}")
+    return dtype
+
+
+def autocast(device: torch.device, dtype: str | None):
+    """``torch.autocast`` of ``device``'s type to ``dtype``; a no-op context when ``dtype`` is None."""
+    return nullcontext() if dtype is None else torch.autocast(torch.device(device).type, dtype=getattr(torch, dtype))
 
 
 def network_divisor(network: Any, default: int = 16) -> tuple[int, int, int]:
@@ -92,6 +115,29 @@ def _first_output(out: Any) -> torch.Tensor:
     return out
 
 
+class AutocastInferer(SimpleInferer):
+    """MONAI ``SimpleInferer`` whose forward pass runs under ``torch.autocast`` of the input's device
+    (the training inferer: MONAI's trainer ``amp`` is CUDA only). Outputs are returned as float32,
+    so the loss is computed in full precision; the backward pass follows autocast's casts.
+
+    Args:
+        dtype: ``None`` (plain float32 forward), ``"bfloat16"`` or ``"float16"``.
+    """
+
+    def __init__(self, dtype: str | None = None) -> None:
+        super().__init__()
+        self.dtype = _check_dtype(dtype)
+
+    def __call__(self, inputs: torch.Tensor, network: Any, *args: Any, **kwargs: Any) -> Any:
+        with autocast(inputs.device, self.dtype):
+            out = network(inputs, *args, **kwargs)
+        if self.dtype is None:
+            return out
+        if isinstance(out, (list, tuple)):
+            return type(out)(o.float() for o in out)
+        return out.float()
+
+
 class FitSlidingWindowInferer(SlidingWindowInferer):
     """MONAI ``SlidingWindowInferer`` whose window is fitted to each input (see module docstring).
 
@@ -110,9 +156,7 @@ class FitSlidingWindowInferer(SlidingWindowInferer):
         super().__init__(roi_size=tuple(int(r) for r in roi_size), sw_batch_size=sw_batch_size, overlap=overlap,
                          mode=mode, cache_roi_weight_map=False, **kwargs)
         self.max_roi_size = tuple(int(r) for r in roi_size)
-        if autocast_dtype not in (None, "float16", "bfloat16"):
-            raise ValueError(f"autocast_dtype must be None, 'float16' or 'bfloat16', got {autocast_dtype!r}")
-        self.autocast_dtype = autocast_dtype
+        self.autocast_dtype = _check_dtype(autocast_dtype)
         self.default_divisor = int(default_divisor)
 
     def window_for(self, spatial_shape: Sequence[int], network: Any) -> tuple[int, ...]:
@@ -123,15 +167,10 @@ class FitSlidingWindowInferer(SlidingWindowInferer):
             window[0] *= 2
         return tuple(window)
 
-    def _autocast(self, device: torch.device):
-        if self.autocast_dtype is None:
-            return nullcontext()
-        return torch.autocast(device.type, dtype=getattr(torch, self.autocast_dtype))
-
     def __call__(self, inputs: torch.Tensor, network: Any, *args: Any, **kwargs: Any) -> torch.Tensor:
         """Scores (B, C, *inputs.shape[2:]) as float32."""
         self.roi_size = self.window_for(inputs.shape[2:], network)
-        with self._autocast(inputs.device):
+        with autocast(inputs.device, self.autocast_dtype):
             out = super().__call__(inputs, lambda t: _first_output(network(t, *args, **kwargs)))
         return _first_output(out).float()
 
