@@ -133,8 +133,8 @@ def demo(out_dir: str = "runs/demo", seed: int = 0, preset: str = "small", n_lab
         coarse_epochs, teacher_epochs, fine_epochs: training budgets (epochs over the small set).
         rule: label fusion rule set (``seed003`` or ``seed004``).
         fine_spacing_mm: fine-stage spacing written into the fine bundle copy's train and
-            inference configs; default: 4x4x6 mm for the ``small`` preset (its native resolution,
-            so the CPU budget is spent on learning, not on upsampling), the bundle's own otherwise.
+            inference configs; default: the bundle's own (4x4x6 mm: near the ``small`` preset's
+            native resolution, so the CPU budget is spent on learning, not on upsampling).
     """
     from abdoseg.dataprep import prepare
     from abdoseg.evaluate import evaluate
@@ -146,8 +146,6 @@ def demo(out_dir: str = "runs/demo", seed: int = 0, preset: str = "small", n_lab
     data = out / "data"
     bundles = _copy_bundles(out)
     fine = bundles["fine_organ_tumor"]
-    if fine_spacing_mm is None and preset == "small":
-        fine_spacing_mm = (4.0, 4.0, 6.0)
     if fine_spacing_mm is not None:
         configure_bundle(fine, {"fine_spacing_mm": [float(x) for x in fine_spacing_mm]})
     configure_bundle(fine, {"optimizer": SHORT_SCHEDULE_OPTIMIZER}, configs=("train.json",))
