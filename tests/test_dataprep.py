@@ -207,7 +207,7 @@ def test_prepare_groups_and_datalist(tmp_path):
     assert all(after[k] == v for k, v in before.items())  # inputs untouched
 
     dl = json.loads((root / "datalist.json").read_text())
-    assert set(dl) == {"training", "training_all_organs", "unlabeled", "validation"}
+    assert set(dl) == {"training", "training_all_organs", "training_with_lesion", "unlabeled", "validation"}
     expect_training = [
         {"image": f"imagesTr/{cid}_0000.nii.gz", "label": f"labelsTr/{cid}.nii.gz",
          "annotated_classes": classes, "group": group,
@@ -216,6 +216,9 @@ def test_prepare_groups_and_datalist(tmp_path):
     assert dl["training"] == expect_training
     assert [d["image"] for d in dl["training_all_organs"]] == ["imagesTr/C_all_0000.nii.gz",
                                                                "imagesTr/C_all_t_0000.nii.gz"]
+    # seed 002's tumor model trains on the cases whose label holds a lesion
+    assert dl["training_with_lesion"] == [d for d in expect_training if 14 in d["annotated_classes"]]
+    assert dl["training_with_lesion"]
     assert dl["unlabeled"] == [{"image": f"unlabeledTr/{c}_0000.nii.gz", "pseudo_A": f"pseudo_A/{c}.nii.gz",
                                 "pseudo_B": f"pseudo_B/{c}.nii.gz"} for c in GOOD_UNLABELED]
     assert dl["validation"] == [{"image": "imagesVal/V_1_0000.nii.gz", "label": "labelsVal/V_1.nii.gz"}]
@@ -304,7 +307,8 @@ def test_prepare_reports_every_bad_case_and_keeps_the_rest(tmp_path):
         assert len(got[cid]) == 1, got[cid]
         assert got[cid][0][0] == fname and reason in got[cid][0][1], (cid, got[cid])
     dl = json.loads((root / "datalist.json").read_text())
-    ids = [Path(d["image"]).name[:-len("_0000.nii.gz")] for k in dl if k != "training_all_organs" for d in dl[k]]
+    ids = [Path(d["image"]).name[:-len("_0000.nii.gz")] for k in dl if k not in ("training_all_organs", "training_with_lesion")
+           for d in dl[k]]
     assert sorted(ids) == sorted(list(GOOD_LABELED) + GOOD_UNLABELED + GOOD_VAL + ["C_tol"])
     md = (root / "datalist_summary.md").read_text()
     assert f"## Problems ({len(expected)}; these cases are left out)" in md

@@ -166,6 +166,9 @@ def test_selection_datalist_and_report(tmp_path):
     assert c1["pseudo_A"] == "pseudo_A/C1.nii.gz" and c1["group"] == "partial_organs+tumor"
     assert (data / c1["label"]).resolve() == (work / "fused" / "C1.nii.gz").resolve()
     assert [Path(i["label"]).name for i in new["training_all_organs"]] == ["F1.nii.gz"]
+    # seed 002's tumor model: the fused cases whose label holds a lesion
+    assert new["training_with_lesion"] == [i for i in new["training"] if i["group"].endswith("+tumor")]
+    assert [Path(i["label"]).name for i in new["training_with_lesion"]] == ["C1.nii.gz"]
     assert new["unlabeled"] == [{"image": "unlabeledTr/U1_0000.nii.gz", "pseudo_A": "pseudo_A/U1.nii.gz",
                                  "pseudo_B": "pseudo_B/U1.nii.gz"}]
     assert new["validation"] == [{"image": "imagesVal/V1_0000.nii.gz", "label": "labelsVal/V1.nii.gz"}]

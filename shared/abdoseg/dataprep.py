@@ -340,7 +340,7 @@ def prepare(data_dir: str, out: str | None = None, strict: bool = False, workers
 
     results = _run_checks(tasks, workers, strict)
 
-    datalist: dict[str, list[dict[str, Any]]] = {"training": [], "training_all_organs": [],
+    datalist: dict[str, list[dict[str, Any]]] = {"training": [], "training_all_organs": [], "training_with_lesion": [],
                                                  "unlabeled": [], "validation": []}
     cases: dict[str, dict[str, Any]] = {}
     for task, res in zip(tasks, results):
@@ -380,6 +380,8 @@ def prepare(data_dir: str, out: str | None = None, strict: bool = False, workers
                 datalist["training"].append(item)
                 if group.startswith("all_organs"):
                     datalist["training_all_organs"].append(item)
+                if LESION_ID in annotated:
+                    datalist["training_with_lesion"].append(item)
         cases[res.case_id] = info
 
     group_counts = {g: 0 for g in GROUPS}

@@ -67,7 +67,8 @@ class EpochCheckpointSaver:
 
     Args:
         save_dir: output folder (created when needed).
-        epochs: 1-based epoch numbers at whose end to save. A value ``e <= 0`` means
+        epochs: 1-based epoch numbers at whose end to save (empty: the handler saves nothing, so
+            a config can keep it in its handler list and a preset fill the list). A value ``e <= 0`` means
             ``max_epochs + e`` (0 = the last epoch, -1 = the one before), resolved against the
             engine's ``state.max_epochs`` when the epoch ends. Epochs outside
             ``1..max_epochs`` never come and are reported once as a warning.
@@ -88,8 +89,6 @@ class EpochCheckpointSaver:
                  filename_template: str = "model_epoch{epoch}.pt", filenames: Sequence[str] | None = None) -> None:
         self.save_dir = Path(save_dir)
         self.epochs = [int(e) for e in ([epochs] if isinstance(epochs, int) else epochs)]
-        if not self.epochs:
-            raise ValueError("EpochCheckpointSaver: epochs is empty")
         if filenames is not None:
             names = [str(f) for f in filenames]
             if len(names) != len(self.epochs):
@@ -313,3 +312,26 @@ class TrainStatsWriter:
         stats = self.stats(engine, status)
         with atomic_path(self.path) as tmp:
             Path(tmp).write_text(json.dumps(stats, indent=2))
+
+
+def from_engine_channels(keys: Sequence[str] = ("pred", "label"), channels: Sequence[int] | None = None) -> Callable:
+    """MONAI's ``from_engine(keys)`` restricted to chosen one-hot channels, for a key metric on some
+    classes only (seed 002 keeps the tumor model's checkpoint with the best *lesion* score:
+    ``channels=[0, 14]`` with ``MeanDice(include_background=False)`` is the lesion Dice).
+
+    ``channels=None``: every channel (plain ``from_engine``). Each item of the engine output
+    holds ``(C, *S)`` tensors; the selection keeps ``(len(channels), *S)``.
+    """
+    from monai.handlers import from_engine
+
+    base = from_engine(list(keys))
+    if channels is None:
+        return base
+    idx = [int(c) for c in channels]
+    if not idx:
+        raise ValueError("from_engine_channels: channels is empty")
+
+    def select(output: Any) -> tuple:
+        return tuple([x[idx] for x in items] for items in base(output))
+
+    return select

@@ -58,7 +58,7 @@ from tqdm.auto import tqdm
 from abdoseg.dataprep import AFFINE_TOL_MM, affines_match, group_of
 from abdoseg.fusion import fill_from_prediction, fuse_labeled, fuse_unlabeled, fusion_report, supplement_weak_label
 from abdoseg.io import InputError, atomic_path, save_json, save_nifti
-from abdoseg.labels import FOREGROUND_IDS, LABELS, ORGAN_IDS
+from abdoseg.labels import FOREGROUND_IDS, LABELS, LESION_ID, ORGAN_IDS
 from abdoseg.pseudo_label import DEFAULT_KEYS, datalist_items
 from abdoseg.uncertainty import select_cases, uncertainty_score
 
@@ -310,6 +310,7 @@ def select_and_write(fused_dir: str | os.PathLike, datalist: str | os.PathLike, 
     New datalist (paths relative to the dataset root): ``training`` = selected fused cases
     (``label`` = fused file, ``annotated_classes`` = 1..14, ``group`` from the classes present,
     pseudo_A/B kept), ``training_all_organs`` = those whose fused label holds all 13 organs,
+    ``training_with_lesion`` = those whose fused label holds a lesion (seed 002's tumor model),
     ``unlabeled`` = the source's unlabeled items not in ``training``, ``validation`` copied.
 
     Returns:
@@ -337,7 +338,8 @@ def select_and_write(fused_dir: str | os.PathLike, datalist: str | os.PathLike, 
     else:
         selected_judged = {cid for cid, s in to_judge.items() if math.isfinite(s)}
 
-    new: dict[str, list[dict[str, Any]]] = {"training": [], "training_all_organs": [], "unlabeled": [],
+    new: dict[str, list[dict[str, Any]]] = {"training": [], "training_all_organs": [], "training_with_lesion": [],
+                                            "unlabeled": [],
                                             "validation": list(source.get("validation", []))}
     for r in rows:
         cid = r["case_id"]
@@ -363,6 +365,8 @@ def select_and_write(fused_dir: str | os.PathLike, datalist: str | os.PathLike, 
             new["training"].append(item)
             if set(ORGAN_IDS) <= set(r["present_classes"]):
                 new["training_all_organs"].append(item)
+            if LESION_ID in r["present_classes"]:
+                new["training_with_lesion"].append(item)
         elif not r["labeled"] and src:
             new["unlabeled"].append(src)
     save_json(new, out_datalist)

@@ -1,5 +1,5 @@
-"""MONAI dictionary transforms of the training chains: partial-label masks and the ROI crop that
-mimics the inference ROI."""
+"""MONAI dictionary transforms of the training chains: partial-label masks, the ROI crop that
+mimics the inference ROI, and the fixed-size resampling of seed 000 / seed 004."""
 
 from __future__ import annotations
 
@@ -10,13 +10,13 @@ import numpy as np
 import torch
 from monai.config import KeysCollection
 from monai.data import MetaTensor
-from monai.transforms import MapTransform, Randomizable
+from monai.transforms import MapTransform, Randomizable, Spacingd
 
 from abdoseg.geometry import affine_spacing_mm
 
 from .labels import NUM_CLASSES
 
-__all__ = ["AnnotatedClassesd", "annotated_mask", "RandForegroundRoiCropd"]
+__all__ = ["AnnotatedClassesd", "annotated_mask", "RandForegroundRoiCropd", "SpacingToSized"]
 
 
 def annotated_mask(annotated_classes: Iterable[int] | None, num_classes: int = NUM_CLASSES) -> torch.Tensor:
@@ -146,3 +146,46 @@ class RandForegroundRoiCropd(Randomizable, MapTransform):
         for key in self.key_iterator(d):
             d[key] = crop(d[key])
         return d
+
+
+class SpacingToSized(Spacingd):
+    """Resample each case onto a grid of a fixed size (seed 000: the ROI at 160 x 160 x 160;
+    seed 004: 160^3 coarse, 192^3 fine), whatever its field of view.
+
+    A ``Spacingd`` whose ``pixdim`` is chosen per case: ``pixdim_k = (n_k - 1) * spacing_k /
+    (size_k - 1)``, so the first and last voxel centres of each axis stay where they were and the
+    output has exactly ``spatial_size`` voxels (an anisotropic spacing that depends on the case). Being MONAI's ``Spacing`` underneath, it is traced and inverted as one
+    (:class:`abdoseg.inference.resample.ScoresToLabelsd` maps the scores back through it).
+
+    Args:
+        keys: keys to resample together (the first one present sets the grid).
+        spatial_size: output voxels per axis (X, Y, Z).
+        mode, padding_mode, dtype, allow_missing_keys: as ``Spacingd``.
+
+    Shapes: ``(C, X, Y, Z)`` -> ``(C, *spatial_size)``.
+    """
+
+    def __init__(self, keys: KeysCollection, spatial_size: Iterable[int], mode: Any = "bilinear",
+                 padding_mode: Any = "border", dtype: Any = np.float64, allow_missing_keys: bool = False) -> None:
+        size = tuple(int(n) for n in spatial_size)
+        if len(size) != 3 or min(size) < 2:
+            raise ValueError(f"SpacingToSized: spatial_size must be 3 voxel counts >= 2, got {list(spatial_size)}")
+        super().__init__(keys, pixdim=(1.0, 1.0, 1.0), mode=mode, padding_mode=padding_mode, dtype=dtype,
+                         allow_missing_keys=allow_missing_keys)
+        self.spatial_size = size
+
+    def pixdim_for(self, affine: Any, spatial_shape: Iterable[int]) -> tuple[float, float, float]:
+        """The spacing (mm) that maps a field of view of ``spatial_shape`` voxels onto ``spatial_size``
+        (an axis of one voxel keeps its spacing; it becomes ``size`` copies)."""
+        spacing = affine_spacing_mm(np.asarray(affine, dtype=np.float64))
+        return tuple(float(max(n - 1, 1)) * float(sp) / (m - 1)
+                     for n, sp, m in zip(spatial_shape, spacing, self.spatial_size))
+
+    def __call__(self, data: Mapping[Hashable, Any], lazy: bool | None = None) -> dict:
+        d = dict(data)
+        ref = next((d[k] for k in self.key_iterator(d)), None)
+        if ref is None:
+            return d
+        affine = ref.affine if isinstance(ref, MetaTensor) else np.eye(4)
+        self.spacing_transform.pixdim = np.asarray(self.pixdim_for(affine, ref.shape[1:]), dtype=np.float64)
+        return super().__call__(d, lazy)

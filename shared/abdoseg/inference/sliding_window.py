@@ -4,7 +4,9 @@
 larger than it needs to be. MONAI pads an input smaller than ``roi_size`` up to ``roi_size``
 (a 90 x 80 x 40 ROI crop would run as 192 x 192 x 128: 11x the work); here each axis gets the
 smallest multiple of the network's divisor that needs no more windows than ``roi_size`` would
-(an ROI that fits runs as one pass over itself, padded to the divisor).
+(an ROI that fits runs as one pass over itself, padded to the divisor). ``mirror_axes`` adds
+nnU-Net's mirroring test-time augmentation (seed 003 option): the logits of every combination of
+flips over those axes, flipped back and averaged (2**k passes for k axes).
 
 :class:`AutocastInferer` is the training counterpart: MONAI's ``SimpleInferer`` under
 ``torch.autocast`` (bfloat16 on CPUs that compute it natively), float32 scores out.
@@ -148,16 +150,32 @@ class FitSlidingWindowInferer(SlidingWindowInferer):
             AVX512-BF16/AMX, or CUDA): the network runs under ``torch.autocast`` of the input's
             device; scores are returned as float32.
         default_divisor: window multiple when the network has no ``strides``.
+        mirror_axes: spatial axes (0 = X, 1 = Y, 2 = Z of the input) of mirroring test-time
+            augmentation, as nnU-Net: the input is run once per combination of flips over these
+            axes, each output flipped back, the logits averaged. ``()`` (default): one pass.
+            Only meaningful for a network trained with mirroring: left/right classes (kidneys,
+            adrenals) are told apart by their surroundings, not their side.
     """
 
     def __init__(self, roi_size: Sequence[int], sw_batch_size: int = 1, overlap: float = 0.25,
                  mode: str = "constant", autocast_dtype: str | None = None, default_divisor: int = 16,
-                 **kwargs: Any) -> None:
+                 mirror_axes: Sequence[int] = (), **kwargs: Any) -> None:
         super().__init__(roi_size=tuple(int(r) for r in roi_size), sw_batch_size=sw_batch_size, overlap=overlap,
                          mode=mode, cache_roi_weight_map=False, **kwargs)
         self.max_roi_size = tuple(int(r) for r in roi_size)
         self.autocast_dtype = _check_dtype(autocast_dtype)
         self.default_divisor = int(default_divisor)
+        axes = tuple(int(a) for a in mirror_axes)
+        if any(a not in (0, 1, 2) for a in axes) or len(set(axes)) != len(axes):
+            raise ValueError(f"mirror_axes must be distinct spatial axes among 0, 1, 2; got {list(mirror_axes)}")
+        self.mirror_axes = axes
+
+    def flip_combinations(self) -> list[tuple[int, ...]]:
+        """Tensor dims flipped by each pass (``()`` = the input as is), in the order they run."""
+        from itertools import combinations
+
+        dims = [a + 2 for a in self.mirror_axes]
+        return [c for k in range(len(dims) + 1) for c in combinations(dims, k)]
 
     def window_for(self, spatial_shape: Sequence[int], network: Any) -> tuple[int, ...]:
         """The fitted window for an input of ``spatial_shape``."""
@@ -170,9 +188,17 @@ class FitSlidingWindowInferer(SlidingWindowInferer):
     def __call__(self, inputs: torch.Tensor, network: Any, *args: Any, **kwargs: Any) -> torch.Tensor:
         """Scores (B, C, *inputs.shape[2:]) as float32."""
         self.roi_size = self.window_for(inputs.shape[2:], network)
-        with autocast(inputs.device, self.autocast_dtype):
-            out = super().__call__(inputs, lambda t: _first_output(network(t, *args, **kwargs)))
-        return _first_output(out).float()
+        total: torch.Tensor | None = None
+        passes = self.flip_combinations()
+        for dims in passes:
+            x = torch.flip(inputs, dims) if dims else inputs
+            with autocast(inputs.device, self.autocast_dtype):
+                out = super().__call__(x, lambda t: _first_output(network(t, *args, **kwargs)))
+            out = _first_output(out).float()
+            out = torch.flip(out, dims) if dims else out
+            total = out if total is None else total.add_(out)
+        assert total is not None
+        return total if len(passes) == 1 else total.div_(len(passes))
 
 
 class EnsembleInferer(Inferer):

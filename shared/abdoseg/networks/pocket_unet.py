@@ -121,9 +121,15 @@ def doubling_unet(
     kernel_size: Sequence[Sequence[int] | int] | None = None,
     strides: Sequence[Sequence[int] | int] | None = None,
     res_block: bool = False,
+    deep_supervision: bool = False,
+    deep_supr_num: int = 1,
 ) -> DynUNet:
-    """The standard nnU-Net-style doubling U-Net (filters 32, 64, 128, 256, 320, 320...) of the
-    same depth, for parameter/FLOP comparisons with :class:`PocketUNet`."""
+    """The standard nnU-Net-style doubling U-Net (filters ``base_channels * 2**level`` capped at
+    ``max_channels``: 32, 64, 128, 256, 320, 320...), for parameter/FLOP comparisons with
+    :class:`PocketUNet` and as seed 003's Swift nnU-Net (24 base features, 4 stages) or seed
+    004's 3D U-Net. ``deep_supervision``/``deep_supr_num`` as ``DynUNet`` (training output
+    ``(B, 1 + deep_supr_num, C, *S)``; an inference config sets it False, the saved inference
+    weights drop the extra heads)."""
     kernel = _as_lists(kernel_size if kernel_size is not None else DEFAULT_KERNEL_SIZE, spatial_dims, "kernel_size")
     stride = _as_lists(strides if strides is not None else DEFAULT_STRIDES, spatial_dims, "strides")
     filters = [min(base_channels * 2**i, max_channels) for i in range(len(kernel))]
@@ -137,6 +143,8 @@ def doubling_unet(
         filters=filters,
         norm_name=("INSTANCE", {"affine": True}),
         res_block=res_block,
+        deep_supervision=deep_supervision,
+        deep_supr_num=deep_supr_num,
     )
 
 
