@@ -1,0 +1,276 @@
+"""Seed system presets (``configs/presets/seed00X.json``): each overlay, merged after a bundle's own
+config with MONAI's list of config files, builds the paper's network, passes MONAI's
+verify_net_in_out and TorchScript export, trains one epoch and segments a CT through the bundle's
+own configs (CPU-sized overrides: the paper's sizes are kept in the files)."""
+
+from __future__ import annotations
+
+import json
+import shutil
+from pathlib import Path
+
+import nibabel as nib
+import numpy as np
+import pytest
+import torch
+from monai.bundle import ConfigParser, ConfigWorkflow
+from monai.data import MetaTensor
+
+from abdoseg.io import save_nifti
+from test_fine_bundle import _case  # the hand-made tiny CT of the fine bundle tests
+
+ROOT = Path(__file__).resolve().parents[1]
+FINE = ROOT / "bundles" / "fine_organ_tumor"
+COARSE = ROOT / "bundles" / "coarse_roi"
+FUSION = ROOT / "bundles" / "label_fusion"
+
+SMALL_DOUBLING = {"network_def#base_channels": 4, "network_def#max_channels": 16}
+#: CPU-sized overrides per fine preset (what the docs give as "CPU override", smaller still)
+FINE_SMALL: dict[str, dict] = {
+    "seed000": {"fine_input_size": [32, 32, 32], "network_def#channels": [4, 8, 8, 16, 16],
+                "coarse_input_size": [32, 32, 32], "coarse_network_def#channels": [4, 4, 8, 8, 8]},
+    "seed001": {"fine_spacing_mm": [2.0, 2.0, 3.0], "patch_size": [32, 32, 16], "network_def#channels": 8,
+                "coarse_spacing_mm": [6.0, 6.0, 6.0], "coarse_roi_size": [32, 32, 16],
+                "coarse_network_def#channels": 4},
+    "seed002": {"fine_spacing_mm": [2.0, 2.0, 3.0], "patch_size": [32, 32, 16], **SMALL_DOUBLING},
+    "seed003": {"fine_spacing_mm": [2.0, 2.0, 3.0], "patch_size": [32, 32, 16], **SMALL_DOUBLING},
+    "seed003_teacher": {"fine_spacing_mm": [2.0, 2.0, 3.0], "patch_size": [32, 32, 16], **SMALL_DOUBLING,
+                        "checkpoint_epochs": [0, 0, 0]},
+    "seed004": {"fine_input_size": [32, 32, 32], "network_def#channels": [4, 8, 8, 16, 16],
+                "coarse_input_size": [32, 32, 32], "coarse_network_def#base_channels": 4,
+                "coarse_network_def#max_channels": 8},
+}
+COARSE_SMALL: dict[str, dict] = {
+    "seed000": {"input_size": [32, 32, 32], "network_def#channels": [4, 4, 8, 8, 8]},
+    "seed001": {"pixdim": [6.0, 6.0, 6.0], "patch_size": [32, 32, 16], "network_def#channels": 4},
+    "seed004": {"input_size": [32, 32, 32], "network_def#base_channels": 4, "network_def#max_channels": 8},
+}
+
+
+def _configs(bundle: Path, config: str, preset: str) -> list[str]:
+    return [str(bundle / "configs" / config), str(bundle / "configs" / "presets" / f"{preset}.json")]
+
+
+def _parser(bundle: Path, config: str, preset: str, overrides: dict | None = None) -> ConfigParser:
+    parser = ConfigParser()
+    parser.read_config(_configs(bundle, config, preset))
+    parser.read_meta(str(bundle / "configs" / "metadata.json"))
+    parser.update(overrides or {})
+    return parser
+
+
+def test_every_bundle_preset_file_exists_and_is_documented():
+    docs = (FINE / "docs" / "README.md").read_text()
+    readme = (ROOT / "README.md").read_text()
+    for seed in ("seed000", "seed001", "seed002", "seed003", "seed004"):
+        assert (FINE / "configs" / "presets" / f"{seed}.json").is_file()
+        assert f"configs/presets/{seed}.json" in docs
+        assert seed in readme
+    assert sorted(p.stem for p in (FINE / "configs" / "presets").glob("*.json")) == sorted(FINE_SMALL)
+    assert sorted(p.stem for p in (COARSE / "configs" / "presets").glob("*.json")) == sorted(COARSE_SMALL)
+    for p in [*FINE.glob("configs/presets/*.json"), *COARSE.glob("configs/presets/*.json"),
+              *FUSION.glob("configs/presets/*.json")]:
+        about = json.loads(p.read_text())["preset"]
+        assert about["system"].startswith("seed 00") and about["cpu_override"], p
+
+
+@pytest.mark.parametrize("preset", sorted(FINE_SMALL))
+def test_fine_preset_network_verifies_and_scripts(preset):
+    """The paper-sized inference network of each preset: MONAI verify_net_in_out (the metadata's
+    32*n input) and TorchScript give the same logits."""
+    from monai.bundle import verify_net_in_out
+
+    verify_net_in_out(net_id="network_def", meta_file=str(FINE / "configs" / "metadata.json"),
+                      config_file=_configs(FINE, "inference.json", preset), device="cpu", n=1,
+                      **{k: v for k, v in FINE_SMALL[preset].items() if k.startswith("network_def#")})
+    net = _parser(FINE, "inference.json", preset, FINE_SMALL[preset]).get_parsed_content("network_def").eval()
+    x = torch.randn(1, 1, 32, 32, 32)
+    scripted = torch.jit.script(net)
+    with torch.no_grad():
+        torch.testing.assert_close(scripted(x), net(x), rtol=1e-4, atol=1e-4)
+        assert net(x).shape == (1, 15, 32, 32, 32)
+
+
+def test_paper_settings_are_in_the_preset_files():
+    """The overlays carry the papers' values (the CPU sizes live only in the docs and these tests)."""
+    p = {s: _parser(FINE, "inference.json", s) for s in ("seed000", "seed001", "seed002", "seed003", "seed004")}
+    assert p["seed000"].get_parsed_content("fine_input_size") == [160, 160, 160]
+    assert p["seed000"].get_parsed_content("network_def").channels == [16, 32, 64, 128, 256]
+    assert p["seed000"].get_parsed_content("coarse_network_def").channels == [8, 16, 32, 64, 128]
+    assert p["seed000"].get_parsed_content("hu_window") == [-500.0, 500.0]
+    assert p["seed001"].get_parsed_content("fine_spacing_mm") == [0.8, 0.8, 2.5]
+    assert p["seed001"].get_parsed_content("coarse_spacing_mm") == [1.2, 1.2, 4.0]
+    assert p["seed001"].get_parsed_content("network_def").channels == 32
+    assert p["seed002"].get_parsed_content("organ_component_rule") == "near_liver"
+    assert p["seed002"].get_parsed_content("sw_mode") == "constant"
+    swift = p["seed003"].get_parsed_content("network_def")
+    n_params = sum(v.numel() for v in swift.parameters())
+    assert list(swift.filters) == [24, 48, 96, 192] and 2.5e6 < n_params < 3.5e6  # paper: 3.15 M
+    assert p["seed003"].get_parsed_content("patch_size") == [192, 128, 32]
+    assert p["seed004"].get_parsed_content("fine_input_size") == [192, 192, 192]
+    teacher = _parser(FINE, "inference.json", "seed003_teacher")
+    assert teacher.get_parsed_content("mirror_axes") == [0, 1, 2]
+    train = _parser(FINE, "train.json", "seed004")
+    assert type(train.get_parsed_content("optimizer")).__name__ == "AdamW"
+    assert type(train.get_parsed_content("lr_scheduler")).__name__ == "WarmupCosineSchedule"
+    assert type(_parser(FINE, "train.json", "seed000").get_parsed_content("loss")).__name__ == "SigmoidDiceBCELoss"
+
+
+@pytest.fixture(scope="module")
+def dataset(tmp_path_factory):
+    root = tmp_path_factory.mktemp("ds")
+    rng = np.random.default_rng(0)
+    aff = np.diag([2.0, 2.0, 3.0, 1.0])
+    items = []
+    for i in range(2):
+        hu, lab = _case(rng)
+        cid = f"T_{i:04d}"
+        save_nifti(hu, aff, root / "imagesTr" / f"{cid}_0000.nii.gz")
+        save_nifti(lab, aff, root / "labelsTr" / f"{cid}.nii.gz")
+        items.append({"image": f"imagesTr/{cid}_0000.nii.gz", "label": f"labelsTr/{cid}.nii.gz",
+                      "annotated_classes": [1, 3, 14]})
+    hu, lab = _case(rng)
+    save_nifti(hu, aff, root / "imagesVal" / "V_0000.nii.gz")
+    save_nifti(lab, aff, root / "labelsVal" / "V.nii.gz")
+    val = [{"image": "imagesVal/V_0000.nii.gz", "label": "labelsVal/V.nii.gz"}]
+    (root / "datalist.json").write_text(json.dumps({"training": items, "training_with_lesion": items,
+                                                    "training_all_organs": items, "validation": val}))
+    return root
+
+
+def _run(workflow: ConfigWorkflow) -> None:
+    workflow.initialize()
+    workflow.run()
+    workflow.finalize()
+
+
+@pytest.mark.parametrize("preset", sorted(FINE_SMALL))
+def test_fine_preset_trains_one_epoch_and_segments(preset, dataset, tmp_path):
+    small = FINE_SMALL[preset]
+    models = tmp_path / "models"
+    _run(ConfigWorkflow(config_file=_configs(FINE, "train.json", preset), meta_file=str(FINE / "configs" / "metadata.json"),
+                        logging_file=str(FINE / "configs" / "logging.conf"), workflow_type="train",
+                        bundle_root=str(FINE), ckpt_dir=str(models), dataset_dir=str(dataset), max_epochs=1,
+                        val_interval=1, cache_rate=0.0, cache_dir="", device="cpu", **small))
+    state = torch.load(str(models / "model.pt"), map_location="cpu", weights_only=True)
+    infer = _parser(FINE, "inference.json", preset, small)
+    infer.get_parsed_content("network_def").load_state_dict(state)  # strict: training saved the inference net
+    if preset == "seed003_teacher":  # S1, S2, S3 for seed 003's lesion vote, each a plain inference state dict
+        for name in ("S1.pt", "S2.pt", "S3.pt"):
+            sd = torch.load(str(models / name), map_location="cpu", weights_only=True)
+            infer.get_parsed_content("network_def").load_state_dict(sd)
+    torch.save(infer.get_parsed_content("coarse_network_def").state_dict(), models / "coarse_model.pt")
+    extra = {}
+    if preset == "seed002":  # the CFS ensemble: organ model = model.pt, two tumor checkpoints
+        for k in (1, 2):
+            shutil.copy(models / "model.pt", models / f"tumor_{k}.pt")
+            extra[f"inferer#members#{k}#checkpoint"] = str(models / f"tumor_{k}.pt")
+    inp, out = tmp_path / "in", tmp_path / "out"
+    hu, _ = _case(np.random.default_rng(5))
+    lps = np.diag([-2.0, -2.0, 3.0, 1.0])
+    save_nifti(hu, lps, inp / "A_0000.nii.gz")
+    _run(ConfigWorkflow(config_file=_configs(FINE, "inference.json", preset),
+                        meta_file=str(FINE / "configs" / "metadata.json"),
+                        logging_file=str(FINE / "configs" / "logging.conf"), workflow_type="infer",
+                        bundle_root=str(FINE), input_dir=str(inp), output_dir=str(out), device="cpu",
+                        model_path=str(models / "model.pt"), coarse_checkpoint=str(models / "coarse_model.pt"),
+                        **small, **extra))
+    img = nib.load(str(out / "A.nii.gz"))
+    assert img.shape == hu.shape and img.get_data_dtype() == np.uint8
+    np.testing.assert_allclose(img.affine, lps)
+    assert np.asarray(img.dataobj).max() <= 14
+
+
+@pytest.mark.parametrize("preset", sorted(COARSE_SMALL))
+def test_coarse_preset_trains_and_matches_the_fine_presets_coarse_stage(preset, dataset, tmp_path):
+    """The coarse bundle's preset trains one epoch, and the fine preset of the same seed runs the same
+    coarse network on the same grid and intensities (equal tensors from both chains)."""
+    small = COARSE_SMALL[preset]
+    _run(ConfigWorkflow(config_file=_configs(COARSE, "train.json", preset),
+                        meta_file=str(COARSE / "configs" / "metadata.json"),
+                        logging_file=str(COARSE / "configs" / "logging.conf"), workflow_type="train",
+                        bundle_root=str(COARSE), ckpt_dir=str(tmp_path), dataset_dir=str(dataset), max_epochs=1,
+                        val_interval=1, cache_rate=0.0, cache_dir="", device="cpu", **small))
+    state = torch.load(str(tmp_path / "model.pt"), map_location="cpu", weights_only=True)
+
+    coarse = _parser(COARSE, "inference.json", preset, small)
+    fine_small = {k.replace("network_def#", "coarse_network_def#").replace("input_size", "coarse_input_size")
+                  .replace("pixdim", "coarse_spacing_mm"): v for k, v in small.items() if k != "patch_size"}
+    fine = _parser(FINE, "inference.json", preset, fine_small)
+    fine.get_parsed_content("coarse_network_def").load_state_dict(state)  # strict: same architecture
+    coarse.get_parsed_content("network_def").load_state_dict(state)
+    hu, _ = _case(np.random.default_rng(3))
+    image = MetaTensor(torch.as_tensor(hu, dtype=torch.float32)[None], affine=torch.diag(torch.tensor([2.0, 2.0, 3.0, 1.0])))
+    from monai.transforms import Compose
+
+    a = Compose(coarse.get_parsed_content("resampling") + coarse.get_parsed_content("intensity_normalization"))
+    b = fine.get_parsed_content("coarse_preprocessing")
+    xa, xb = a({"image": image.clone()})["image"], b({"image": image.clone()})["image"]
+    assert xa.shape == xb.shape
+    torch.testing.assert_close(xa.as_tensor(), xb.as_tensor())
+    torch.testing.assert_close(xa.affine, xb.affine)
+
+
+def test_spacing_to_sized_gives_the_size_and_inverts_through_scores_to_labels():
+    """Seed 000/004's fixed-size input: exactly the requested voxels, first/last voxel centres kept, and
+    ScoresToLabelsd maps fine-grid scores back to the CT's own grid."""
+    from abdoseg.inference.resample import ScoresToLabelsd
+    from abdoseg.transforms import SpacingToSized
+    from monai.transforms import Compose, Orientationd
+
+    aff = np.array([[-0.8, 0, 0, 100.0], [0, -0.8, 0, 50.0], [0, 0, 2.5, -30.0], [0, 0, 0, 1]])
+    lab = np.zeros((60, 50, 21), np.float32)
+    lab[10:40, 12:30, 5:15] = 1
+    pre = Compose([Orientationd("image", "RAS"),
+                   SpacingToSized(["image"], [16, 16, 8], mode="bilinear", dtype=torch.float32)])
+    data = pre({"image": MetaTensor(torch.as_tensor(lab)[None], affine=torch.as_tensor(aff))})
+    x = data["image"]
+    assert tuple(x.shape[1:]) == (16, 16, 8)
+    ras = np.diag([1.0, 1.0, 1.0, 1.0])
+    ras[:2, :2] = -np.eye(2)  # Orientationd flips X and Y of an LPS affine
+    first = (x.affine.numpy() @ np.array([0, 0, 0, 1.0]))[:3]
+    corner_in = aff @ np.array([59, 49, 0, 1.0])  # the RAS first voxel is the LPS last one along X and Y
+    np.testing.assert_allclose(first, corner_in[:3], atol=1e-6)
+    scores = torch.cat([1 - x, x]) * 10  # background / foreground "logits"
+    out = ScoresToLabelsd("pred", transform=pre)({"image": x, "pred": scores})["pred"]
+    assert tuple(out.shape) == (1, 60, 50, 21)
+    dice = 2 * (out[0].numpy() * lab).sum() / (out[0].numpy().sum() + lab.sum())
+    assert dice > 0.9
+
+
+def test_mirror_axes_average_the_flipped_passes():
+    from abdoseg.inference.sliding_window import FitSlidingWindowInferer
+
+    torch.manual_seed(0)
+    net = torch.nn.Conv3d(1, 2, 3, padding=1).eval()
+    x = torch.randn(1, 1, 16, 16, 16)
+    tta = FitSlidingWindowInferer([16, 16, 16], mirror_axes=[0, 2])
+    assert tta.flip_combinations() == [(), (2,), (4,), (2, 4)]
+    with torch.no_grad():
+        expect = sum(torch.flip(net(torch.flip(x, d)), d) if d else net(x) for d in tta.flip_combinations()) / 4
+        torch.testing.assert_close(tta(x, net), expect)
+        plain = FitSlidingWindowInferer([16, 16, 16])(x, net)
+        torch.testing.assert_close(plain, net(x))
+        assert not torch.allclose(plain, expect)
+    with pytest.raises(ValueError, match="mirror_axes"):
+        FitSlidingWindowInferer([16, 16, 16], mirror_axes=[3])
+
+
+def test_label_fusion_presets_set_the_rules():
+    for seed, rule in (("seed001", "seed001"), ("seed003", "seed003"), ("seed004", "seed004")):
+        assert _parser(FUSION, "fuse.json", seed).get_parsed_content("rule") == rule
+    p = _parser(FUSION, "pseudo_label.json", "seed003", {"bundle_root": "/b"})
+    assert {k: Path(v).name for k, v in p.get_parsed_content("checkpoints").items()} == \
+        {"S1": "S1.pt", "S2": "S2.pt", "S3": "S3.pt"}
+    assert _parser(FUSION, "fuse.json", "seed003").get_parsed_content("teacher_names") == ["S1", "S2", "S3"]
+
+
+def test_key_metric_channels_select_the_lesion():
+    from abdoseg.handlers import from_engine_channels
+
+    pred = torch.zeros(15, 4, 4, 4)
+    label = torch.zeros(15, 4, 4, 4)
+    select = from_engine_channels(["pred", "label"], [0, 14])
+    p, lab = select([{"pred": pred, "label": label}])
+    assert p[0].shape == (2, 4, 4, 4) and lab[0].shape == (2, 4, 4, 4)
+    assert from_engine_channels(["pred", "label"], None)([{"pred": pred, "label": label}])[0][0].shape[0] == 15
