@@ -274,3 +274,18 @@ def test_key_metric_channels_select_the_lesion():
     p, lab = select([{"pred": pred, "label": label}])
     assert p[0].shape == (2, 4, 4, 4) and lab[0].shape == (2, 4, 4, 4)
     assert from_engine_channels(["pred", "label"], None)([{"pred": pred, "label": label}])[0][0].shape[0] == 15
+
+
+def test_segment_preset_option_merges_the_overlay_and_names_a_missing_one():
+    from abdoseg.bundle_config import load_bundle_config
+    from abdoseg.io import InputError
+    from abdoseg.segment import bundle_weight_files, preset_configs
+
+    configs = preset_configs(FINE, "seed002")
+    assert configs == ["configs/inference.json", "configs/presets/seed002.json"]
+    parser = load_bundle_config(FINE, configs)
+    # the ensemble's tumor checkpoints are found as weights the preset needs (checked before any case runs)
+    names = {p.name for p in bundle_weight_files(FINE, parser, configs)}
+    assert {"model.pt", "coarse_model.pt", "tumor_1.pt", "tumor_2.pt"} <= names
+    with pytest.raises(InputError, match="no such preset; this bundle has: seed000, seed001"):
+        preset_configs(FINE, "seed009")

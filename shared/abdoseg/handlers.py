@@ -335,3 +335,25 @@ def from_engine_channels(keys: Sequence[str] = ("pred", "label"), channels: Sequ
         return tuple([x[idx] for x in items] for items in base(output))
 
     return select
+
+
+class TimeBudget:
+    """Stop training after ``limit_s`` seconds of wall time (``ignite.handlers.TimeLimit``, checked
+    after every iteration), as a MONAI train handler (``train_handlers`` call ``attach``).
+
+    The trainer then ends as if its last epoch were done: ``Events.COMPLETED`` fires, so
+    :class:`FinalModelSaver` and MONAI's ``CheckpointSaver(save_final=True)`` still write their
+    files. Useful for equal-budget comparisons (``scripts/compare_systems.py``) and for "train
+    for 10 minutes" on a laptop; the learning-rate schedule still counts ``max_epochs``.
+    """
+
+    def __init__(self, limit_s: float) -> None:
+        if not limit_s > 0:
+            raise ValueError(f"TimeBudget: limit_s must be > 0, got {limit_s}")
+        self.limit_s = float(limit_s)
+
+    def attach(self, engine) -> None:  # ignite.engine.Engine
+        from ignite.engine import Events
+        from ignite.handlers import TimeLimit
+
+        engine.add_event_handler(Events.ITERATION_COMPLETED, TimeLimit(int(max(1, round(self.limit_s)))))

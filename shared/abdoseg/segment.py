@@ -39,7 +39,7 @@ import sys
 import tempfile
 import warnings
 from pathlib import Path
-from typing import Any
+from typing import Any, Sequence
 
 import numpy as np
 
@@ -412,9 +412,11 @@ def resolve_device(device: str) -> str:
 # ----------------------------------------------------------------------------------------------
 # the cascade from the bundle
 # ----------------------------------------------------------------------------------------------
-def bundle_weight_files(bundle_dir: str | os.PathLike, parser: Any) -> list[Path]:
+def bundle_weight_files(bundle_dir: str | os.PathLike, parser: Any,
+                        configs: Sequence[str] = ("configs/inference.json",)) -> list[Path]:
     """Checkpoints the bundle's inference config needs: ``model_path``, ``coarse_checkpoint`` (when
-    the config has it) and every ``models/<file>`` it mentions."""
+    the config has it) and every ``models/<file>`` its config files (``configs``, relative to the
+    bundle) mention."""
     from abdoseg.package import referenced_model_files
 
     bundle_dir = Path(bundle_dir)
@@ -423,7 +425,7 @@ def bundle_weight_files(bundle_dir: str | os.PathLike, parser: Any) -> list[Path
         c = parser.get_parsed_content("coarse_checkpoint")
         if c not in (None, ""):
             files.append(Path(c))
-    files += [bundle_dir / "models" / n for n in referenced_model_files(bundle_dir / "configs" / "inference.json")]
+    files += [bundle_dir / "models" / n for c in configs for n in referenced_model_files(bundle_dir / c)]
     unique: dict[str, Path] = {}
     for f in files:
         unique.setdefault(str(f.resolve()), f)
@@ -444,10 +446,23 @@ def missing_weights_message(bundle_dir: Path, missing: list[Path]) -> str:
             "`--bundle_dir <dir>/fine_organ_tumor`.")
 
 
-def load_cascade(bundle_dir: str | os.PathLike = DEFAULT_BUNDLE, device: str = "auto"):
+def preset_configs(bundle_dir: str | os.PathLike, preset: str = "") -> list[str]:
+    """Config files (relative to the bundle) of its inference with seed preset ``preset`` merged
+    after ``configs/inference.json`` (``""``: the bundle's own config only)."""
+    configs = ["configs/inference.json"]
+    if preset:
+        rel = f"configs/presets/{preset}.json"
+        if not (Path(bundle_dir) / rel).is_file():
+            found = sorted(p.stem for p in (Path(bundle_dir) / "configs" / "presets").glob("*.json"))
+            raise InputError(Path(bundle_dir) / rel, f"no such preset; this bundle has: {', '.join(found) or 'none'}")
+        configs.append(rel)
+    return configs
+
+
+def load_cascade(bundle_dir: str | os.PathLike = DEFAULT_BUNDLE, device: str = "auto", preset: str = ""):
     """The bundle's cascade (:func:`abdoseg.inference.segmenter.segmenter_from_bundle`) on
-    ``device`` with its trained weights. Raises :class:`InputError` when the bundle or its weights
-    are missing or do not fit."""
+    ``device`` with its trained weights, seed preset ``preset`` merged when given. Raises
+    :class:`InputError` when the bundle, the preset or the weights are missing or do not fit."""
     from abdoseg.bundle_config import load_bundle_config
     from abdoseg.inference.segmenter import segmenter_from_bundle
 
@@ -457,10 +472,11 @@ def load_cascade(bundle_dir: str | os.PathLike = DEFAULT_BUNDLE, device: str = "
         raise InputError(bundle, "not a bundle folder (configs/inference.json missing); pass --bundle_dir "
                                  "<path to fine_organ_tumor>")
     dev = resolve_device(device)
-    missing = [f for f in bundle_weight_files(bundle, load_bundle_config(bundle)) if not f.is_file()]
+    configs = preset_configs(bundle, preset)
+    missing = [f for f in bundle_weight_files(bundle, load_bundle_config(bundle, configs), configs) if not f.is_file()]
     if missing:
         raise InputError(bundle, missing_weights_message(bundle, missing))
-    return segmenter_from_bundle(bundle, device=dev)
+    return segmenter_from_bundle(bundle, device=dev, config=configs if preset else configs[0])
 
 
 class _CaseRunner:
@@ -579,7 +595,8 @@ def _write_dicom_segs(cases: list[dict[str, str]], failed: set[str], done: list[
 
 
 def segment(input: str, output: str, bundle_dir: str = str(DEFAULT_BUNDLE), device: str = "auto",
-            statistics: bool = False, preview: bool = False, force: bool = False, dicom_seg: bool = False) -> None:
+            statistics: bool = False, preview: bool = False, force: bool = False, dicom_seg: bool = False,
+            preset: str = "") -> None:
     """Segment 13 abdominal organs + lesions in CT scans with the trained cascade.
 
     Example: abdoseg segment -i ct.nii.gz -o ct_mask.nii.gz --statistics --preview
@@ -593,6 +610,8 @@ def segment(input: str, output: str, bundle_dir: str = str(DEFAULT_BUNDLE), devi
             (uint8, FLARE23 ids 0..14, same grid as the CT).
         bundle_dir: the fine_organ_tumor bundle with its trained weights in models/.
         device: cpu, cuda or auto (cuda when available).
+        preset: a seed system preset of the bundle (seed000 ... seed004, configs/presets/) merged
+            after configs/inference.json; the weights in models/ must be that system's.
         statistics: also write <case>_statistics.json (organ volumes in mL and mean HU,
             lesion count and per-lesion volumes in mL).
         preview: also write <case>_preview.png (axial/coronal/sagittal overlay).
@@ -609,7 +628,7 @@ def segment(input: str, output: str, bundle_dir: str = str(DEFAULT_BUNDLE), devi
     out_dir, cases = output_layout(cases, input, output)
     if dicom_seg:
         _check_dicom_seg_request(cases, input, out_dir)
-    segmenter = load_cascade(bundle_dir, device)
+    segmenter = load_cascade(bundle_dir, device, preset)
     ensure_writable_dir(out_dir)  # one clear error for a read-only folder, not one traceback per case
     with tempfile.TemporaryDirectory(prefix="abdoseg_segment_") as tmp:
         runner = _CaseRunner(segmenter, Path(tmp))
