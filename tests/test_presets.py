@@ -289,3 +289,22 @@ def test_segment_preset_option_merges_the_overlay_and_names_a_missing_one():
     assert {"model.pt", "coarse_model.pt", "tumor_1.pt", "tumor_2.pt"} <= names
     with pytest.raises(InputError, match="no such preset; this bundle has: seed000, seed001"):
         preset_configs(FINE, "seed009")
+
+
+def test_class_intensity_shift_moves_each_class_by_one_offset_and_leaves_background():
+    from abdoseg.transforms import RandClassIntensityShiftd
+
+    lab = torch.zeros(1, 6, 6, 6)
+    lab[0, :3] = 1
+    lab[0, 3:, :3] = 13
+    img = MetaTensor(torch.rand(1, 6, 6, 6))
+    t = RandClassIntensityShiftd("image", prob=1.0, class_prob=1.0, max_shift=0.2)
+    t.set_random_state(3)
+    out = t({"image": img.clone(), "label": lab})["image"]
+    diff = (out - img).as_tensor()[0]
+    for c in (1, 13):
+        vals = diff[lab[0] == c]
+        assert torch.allclose(vals, vals[0].expand_as(vals)) and 0 < abs(float(vals[0])) <= 0.2
+    assert torch.all(diff[lab[0] == 0] == 0) and isinstance(out, MetaTensor)
+    off = RandClassIntensityShiftd("image", prob=0.0)
+    assert torch.equal(off({"image": img, "label": lab})["image"], img)  # the bundle default (prob 0) is a no-op
