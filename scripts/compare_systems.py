@@ -272,12 +272,12 @@ def table(rows: list[dict[str, Any]], args: argparse.Namespace) -> str:
 
 def put_into_docs(md: str, docs: Path) -> None:
     start, end = "<!-- systems-table:start -->", "<!-- systems-table:end -->"
-    text = docs.read_text()
+    text = docs.read_text(encoding="utf-8")
     if start not in text or end not in text:
         raise SystemExit(f"{docs}: markers {start} / {end} not found")
     head, rest = text.split(start, 1)
     _, tail = rest.split(end, 1)
-    docs.write_text(head + start + "\n" + md + "\n" + end + tail)
+    docs.write_text(head + start + "\n" + md + "\n" + end + tail, encoding="utf-8")
 
 
 def main(argv: list[str] | None = None) -> int:

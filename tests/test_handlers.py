@@ -110,8 +110,12 @@ def test_unreachable_epochs_warn_and_bad_arguments(tmp_path, caplog):
     assert saver.saved == {"model_epoch2.pt": 2}
     warnings = [r.getMessage() for r in caplog.records if r.levelno == logging.WARNING]
     assert len(warnings) == 1 and "model_epoch7.pt (epoch 7)" in warnings[0] and "epoch -1" in warnings[0]
-    with pytest.raises(ValueError, match="empty"):
-        EpochCheckpointSaver(tmp_path, epochs=[], network=net)
+    # empty epochs (the bundle default checkpoint_epochs []): attached, saves nothing, no warning
+    none = EpochCheckpointSaver(tmp_path / "none", epochs=[], network=net)
+    other = _counting_engine(net)
+    none.attach(other)
+    other.run([0], max_epochs=2)
+    assert none.saved == {} and not (tmp_path / "none").exists()
     with pytest.raises(ValueError, match="2 filenames for 3 epochs"):
         EpochCheckpointSaver(tmp_path, epochs=[1, 2, 3], network=net, filenames=["a.pt", "b.pt"])
     with pytest.raises(ValueError, match="repeat"):

@@ -60,8 +60,8 @@ def _parser(bundle: Path, config: str, preset: str, overrides: dict | None = Non
 
 
 def test_every_bundle_preset_file_exists_and_is_documented():
-    docs = (FINE / "docs" / "README.md").read_text()
-    readme = (ROOT / "README.md").read_text()
+    docs = (FINE / "docs" / "README.md").read_text(encoding="utf-8")
+    readme = (ROOT / "README.md").read_text(encoding="utf-8")
     for seed in ("seed000", "seed001", "seed002", "seed003", "seed004"):
         assert (FINE / "configs" / "presets" / f"{seed}.json").is_file()
         assert f"configs/presets/{seed}.json" in docs
@@ -70,7 +70,7 @@ def test_every_bundle_preset_file_exists_and_is_documented():
     assert sorted(p.stem for p in (COARSE / "configs" / "presets").glob("*.json")) == sorted(COARSE_SMALL)
     for p in [*FINE.glob("configs/presets/*.json"), *COARSE.glob("configs/presets/*.json"),
               *FUSION.glob("configs/presets/*.json")]:
-        about = json.loads(p.read_text())["preset"]
+        about = json.loads(p.read_text(encoding="utf-8"))["preset"]
         assert about["system"].startswith("seed 00") and about["cpu_override"], p
 
 
