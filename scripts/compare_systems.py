@@ -138,9 +138,11 @@ def _epochs_done(models: Path) -> int | None:
 
 
 def _datalist_with_lesion(datalist: Path, out: Path) -> Path:
-    """The fused datalist with ``training_with_lesion`` (cases whose fused label holds a lesion)."""
+    """The fused datalist with ``training_with_lesion`` (cases whose fused label holds a lesion):
+    label_fusion writes that key; a datalist of an older demo gets it from the cases' groups."""
     dl = json.loads(datalist.read_text())
-    dl["training_with_lesion"] = [i for i in dl["training"] if str(i.get("group", "")).endswith("+tumor")]
+    if "training_with_lesion" not in dl:
+        dl["training_with_lesion"] = [i for i in dl["training"] if str(i.get("group", "")).endswith("+tumor")]
     if not dl["training_with_lesion"]:
         raise SystemExit(f"{datalist}: no training case with a lesion for seed 002's tumor models")
     out.write_text(json.dumps(dl, indent=2) + "\n")

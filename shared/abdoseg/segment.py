@@ -476,7 +476,7 @@ def load_cascade(bundle_dir: str | os.PathLike = DEFAULT_BUNDLE, device: str = "
     missing = [f for f in bundle_weight_files(bundle, load_bundle_config(bundle, configs), configs) if not f.is_file()]
     if missing:
         raise InputError(bundle, missing_weights_message(bundle, missing))
-    return segmenter_from_bundle(bundle, device=dev, config=configs if preset else configs[0])
+    return segmenter_from_bundle(bundle, device=dev, config=configs)
 
 
 class _CaseRunner:
