@@ -17,7 +17,7 @@ from abdoseg.metrics import evaluate_case
 
 SPACING = (1.5, 1.2, 3.0)
 AFFINE = np.diag([*SPACING, 1.0])
-OUTPUTS = {"metrics_per_case.csv", "summary.json", "summary.md", "per_class.png"}
+OUTPUTS = {"metrics_per_case.csv", "lesions_per_case.csv", "summary.json", "summary.md", "per_class.png"}
 
 
 def _case(rng: np.random.Generator, shape=(24, 22, 10)) -> tuple[np.ndarray, np.ndarray]:
@@ -182,3 +182,59 @@ def test_corrupt_data_in_worker_names_the_file(tmp_path: Path):
         evaluate(str(tmp_path / "pred"), str(tmp_path / "gt"), str(tmp_path / "out"), workers=2)
     assert str(bad) in str(err.value)
     assert not (tmp_path / "out").exists()
+
+
+def test_lesion_detection_counts_found_missed_and_false_positive_lesions():
+    from abdoseg.metrics import lesion_detection
+
+    spacing = (2.0, 2.0, 2.5)  # 10 mm^3 per voxel: 1 mL = 100 voxels
+    gt = np.zeros((40, 40, 20), np.uint8)
+    pred = np.zeros_like(gt)
+    gt[2:8, 2:8, 2:6] = 14      # 144 voxels = 1.44 mL: half predicted -> found
+    pred[2:8, 2:5, 2:6] = 14
+    gt[20:26, 20:26, 2:6] = 14  # 1.44 mL: 4 of 144 voxels predicted (2.8 %) -> missed, not a FP
+    pred[20:22, 20:22, 2:3] = 14
+    gt[30:34, 30:34, 10:15] = 14  # 80 voxels = 0.8 mL: below 1 mL, ignored either way
+    pred[30:34, 30:34, 10:15] = 14
+    pred[10:13, 30:33, 15:18] = 14  # no ground-truth lesion there: false positive
+    pred[35:37, 2:4, 17:19] = 14    # another false positive
+    gt[2:8, 20:26, 10:14] = 1       # organs do not count
+    pred[2:8, 20:26, 10:14] = 1
+    d = lesion_detection(gt, pred, spacing)
+    assert d["n_lesions"] == 2 and d["n_detected"] == 1 and d["n_small_lesions"] == 1
+    assert d["n_false_positives"] == 2
+    assert [x["volume_ml"] for x in d["lesions"]] == [1.44, 1.44]
+    assert sorted(x["covered_fraction"] for x in d["lesions"]) == [round(4 / 144, 4), 0.5]
+    # a lower volume threshold brings the small lesion in (found); no lesions, no predictions: zeros
+    assert lesion_detection(gt, pred, spacing, min_volume_ml=0.5)["n_detected"] == 2
+    empty = lesion_detection(np.zeros_like(gt), np.zeros_like(gt), spacing)
+    assert empty == {"lesions": [], "n_lesions": 0, "n_detected": 0, "n_false_positives": 0, "n_small_lesions": 0}
+
+
+def test_evaluate_reports_per_lesion_detection(tmp_path: Path):
+    spacing = (2.0, 2.0, 2.5)
+    affine = np.diag([*spacing, 1.0])
+    for d in ("gt", "pred"):
+        (tmp_path / d).mkdir()
+    gt = np.zeros((40, 40, 20), np.uint8)
+    gt[5:20, 5:20, 5:15] = 1
+    found = gt.copy(); found[22:28, 22:28, 2:6] = 14
+    missed = gt.copy(); missed[22:28, 22:28, 2:6] = 14
+    save_nifti(found, affine, tmp_path / "gt" / "A.nii.gz")
+    save_nifti(found, affine, tmp_path / "pred" / "A.nii.gz")          # lesion found
+    save_nifti(missed, affine, tmp_path / "gt" / "B.nii.gz")
+    fp = gt.copy(); fp[30:33, 30:33, 10:13] = 14
+    save_nifti(fp, affine, tmp_path / "pred" / "B.nii.gz")             # lesion missed + 1 FP
+    save_nifti(gt, affine, tmp_path / "gt" / "C.nii.gz")
+    save_nifti(gt, affine, tmp_path / "pred" / "C.nii.gz")             # tumor-free, clean
+    s = evaluate(str(tmp_path / "pred"), str(tmp_path / "gt"), str(tmp_path / "out"), workers=1)
+    det = s["lesion_detection"]
+    assert det["n_lesions"] == 2 and det["n_detected"] == 1 and det["sensitivity"] == 0.5
+    assert det["false_positives_per_case"] == round(1 / 3, 4) and det["n_cases_with_lesions"] == 2
+    assert det["lesion_dsc_cases_with_lesions"] == 0.5  # A 1.0, B 0.0 (C, tumor-free, scores 1 and is left out)
+    rows = _read_csv(tmp_path / "out" / "lesions_per_case.csv")
+    assert [(r["case"], r["detected"], r["case_false_positives"]) for r in rows] == [("A", "1", "0"), ("B", "0", "1"), ("C", "", "0")]
+    assert "1 / 2 found (sensitivity 0.50)" in (tmp_path / "out" / "summary.md").read_text()
+    # scoring only organs: no lesion detection
+    s = evaluate(str(tmp_path / "pred"), str(tmp_path / "gt"), str(tmp_path / "out2"), workers=1, classes="1")
+    assert s["lesion_detection"] is None and not (tmp_path / "out2" / "lesions_per_case.csv").exists()

@@ -11,8 +11,10 @@ rounded to 4 decimals and class means are means of those, rounded to 4, as in th
 ``FLARE23_DSC_NSD_Eval.py``.
 
 Outputs in ``out_dir`` (each written atomically, all after the last case):
-``metrics_per_case.csv`` (case, class, name, dsc, nsd), ``summary.json``, ``summary.md``,
-``per_class.png`` (DSC and NSD bars per class).
+``metrics_per_case.csv`` (case, class, name, dsc, nsd), ``lesions_per_case.csv`` (per-lesion
+detection, :func:`abdoseg.metrics.lesion_detection`: every ground-truth lesion of >= 1 mL with its
+volume, covered fraction and whether it was found, and each case's false-positive count),
+``summary.json``, ``summary.md``, ``per_class.png`` (DSC and NSD bars per class).
 """
 
 from __future__ import annotations
@@ -30,9 +32,10 @@ import numpy as np
 
 from abdoseg.io import InputError, atomic_path, is_hidden_or_partial, load_nifti, save_json, voxel_spacing_mm
 from abdoseg.labels import FOREGROUND_IDS, LESION_ID, NSD_TOLERANCE_MM, ORGAN_IDS, class_name
-from abdoseg.metrics import _code_to_normals, evaluate_case
+from abdoseg.metrics import _code_to_normals, evaluate_case, lesion_detection
 
 CSV_NAME = "metrics_per_case.csv"
+LESION_CSV_NAME = "lesions_per_case.csv"
 SUMMARY_JSON = "summary.json"
 SUMMARY_MD = "summary.md"
 CHART_PNG = "per_class.png"
@@ -168,9 +171,10 @@ def _evaluate_one(task: tuple) -> tuple:
                 raise InputError(pred_path, f"shape {pred.shape} differs from ground truth {gt_path} shape {gt.shape}")
             _check_label_values(pred, pred_path)
         results = evaluate_case(gt, pred, spacing, nsd_dsc_threshold=threshold, classes=classes)
+        detection = lesion_detection(gt, pred, spacing, LESION_ID) if LESION_ID in classes else None
     except InputError as exc:
         return ("error", exc.path, exc.problem)
-    return ("ok", case, results, time.perf_counter() - t0, time.process_time() - c0)
+    return ("ok", case, results, detection, time.perf_counter() - t0, time.process_time() - c0)
 
 
 def _mean4(values: Sequence[float]) -> float | None:
@@ -207,6 +211,29 @@ def summarize(rows: Sequence[dict[str, Any]]) -> dict[str, Any]:
     }
 
 
+def summarize_detection(detections: dict[str, dict[str, Any]], rows: Sequence[dict[str, Any]] = ()) -> dict[str, Any] | None:
+    """Per-lesion sensitivity and false positives per case over the cases whose lesion class was
+    scored (``detections``: ``{case: lesion_detection(...)}``), and the lesion DSC over the cases
+    that have a lesion (from the per-case ``rows``; tumor-free cases score 1 or 0 and would hide
+    it); ``None`` when no case scored lesions."""
+    if not detections:
+        return None
+    with_lesions = [r["dsc"] for r in rows if r["class"] == LESION_ID and detections.get(r["case"], {}).get("n_lesions")]
+    n_lesions = sum(d["n_lesions"] for d in detections.values())
+    n_detected = sum(d["n_detected"] for d in detections.values())
+    n_fp = sum(d["n_false_positives"] for d in detections.values())
+    return {
+        "n_cases": len(detections),
+        "n_cases_with_lesions": sum(1 for d in detections.values() if d["n_lesions"]),
+        "n_lesions": n_lesions,
+        "n_detected": n_detected,
+        "sensitivity": round(n_detected / n_lesions, 4) if n_lesions else None,
+        "false_positives_per_case": round(n_fp / len(detections), 4),
+        "min_volume_ml": 1.0,
+        "lesion_dsc_cases_with_lesions": _mean4(with_lesions),
+    }
+
+
 def _fmt(x: float | None) -> str:
     return "-" if x is None else f"{x:.4f}"
 
@@ -229,6 +256,15 @@ def summary_markdown(summary: dict[str, Any]) -> str:
     n_org = len(summary["organ_classes"])
     lines.append(f"| | **organs (mean of {n_org} class means)** | | | **{_fmt(summary['organ_dsc'])}** | **{_fmt(summary['organ_nsd'])}** |")
     lines.append(f"| | **lesion** | | | **{_fmt(summary['lesion_dsc'])}** | **{_fmt(summary['lesion_nsd'])}** |")
+    det = summary.get("lesion_detection")
+    if det:
+        sens = "-" if det["sensitivity"] is None else f"{det['sensitivity']:.2f}"
+        lines += ["", f"Lesion detection (ground-truth lesions >= {det['min_volume_ml']:g} mL, found when >= 10 % "
+                  f"of the lesion is predicted as lesion): **{det['n_detected']} / {det['n_lesions']} found "
+                  f"(sensitivity {sens})** in {det['n_cases_with_lesions']} case(s) with lesions; "
+                  f"**{det['false_positives_per_case']:.2f} false-positive lesions per case** over "
+                  f"{det['n_cases']} case(s); lesion DSC on the cases with lesions: "
+                  f"{_fmt(det['lesion_dsc_cases_with_lesions'])}."]
     if summary["missing_predictions"]:
         lines += ["", "Missing predictions (scored as empty): " + ", ".join(summary["missing_predictions"])]
     if summary["unmatched_predictions"]:
@@ -267,6 +303,20 @@ def _write_csv(rows: Sequence[dict[str, Any]], path: Path) -> None:
     writer.writerow(["case", "class", "name", "dsc", "nsd"])
     for r in rows:
         writer.writerow([r["case"], r["class"], class_name(r["class"]), f"{r['dsc']:.4f}", f"{r['nsd']:.4f}"])
+    with atomic_path(path) as tmp:
+        tmp.write_text(buf.getvalue())
+
+
+def _write_lesion_csv(detections: dict[str, dict[str, Any]], path: Path) -> None:
+    buf = _io.StringIO()
+    writer = csv.writer(buf, lineterminator="\n")
+    writer.writerow(["case", "lesion", "volume_ml", "covered_fraction", "detected", "case_false_positives"])
+    for case, d in detections.items():
+        if not d["lesions"]:
+            writer.writerow([case, "", "", "", "", d["n_false_positives"]])
+        for i, lesion in enumerate(d["lesions"], 1):
+            writer.writerow([case, i, f"{lesion['volume_ml']:.3f}", f"{lesion['covered_fraction']:.4f}",
+                             int(lesion["detected"]), d["n_false_positives"]])
     with atomic_path(path) as tmp:
         tmp.write_text(buf.getvalue())
 
@@ -330,12 +380,15 @@ def evaluate(pred_dir: str, gt_dir: str, out_dir: str, nsd_dsc_threshold: float 
     rows: list[dict[str, Any]] = []
     case_seconds: list[float] = []
     case_cpu: list[float] = []
+    detections: dict[str, dict[str, Any]] = {}
 
     def consume(results: Iterable[tuple]) -> None:
         for out in tqdm(results, total=len(tasks), desc="evaluate", unit="case", file=sys.stderr):
             if out[0] == "error":
                 raise InputError(out[1], out[2])
-            _, case, res, secs, cpu = out
+            _, case, res, detection, secs, cpu = out
+            if detection is not None:
+                detections[case] = detection
             case_seconds.append(secs)
             case_cpu.append(cpu)
             for c, (dsc, nsd) in sorted(res.items()):
@@ -348,12 +401,15 @@ def evaluate(pred_dir: str, gt_dir: str, out_dir: str, nsd_dsc_threshold: float 
         with mp.get_context(method).Pool(workers) as pool:
             consume(pool.imap(_evaluate_one, tasks, chunksize=1))
 
+    detections = dict(sorted(detections.items()))
+    detection_summary = summarize_detection(detections, rows)
     summary: dict[str, Any] = {
         "n_cases": len(tasks),
         "nsd_dsc_threshold": threshold,
         "pred_dir": str(pred_dir_p),
         "gt_dir": str(gt_dir_p),
         **summarize(rows),
+        "lesion_detection": detection_summary,
         "missing_predictions": missing,
         "unmatched_predictions": unmatched,
         "timing": {
@@ -364,6 +420,8 @@ def evaluate(pred_dir: str, gt_dir: str, out_dir: str, nsd_dsc_threshold: float 
         },
     }
     _write_csv(rows, out_dir_p / CSV_NAME)
+    if detections:
+        _write_lesion_csv(detections, out_dir_p / LESION_CSV_NAME)
     save_json(summary, out_dir_p / SUMMARY_JSON)
     md = summary_markdown(summary)
     with atomic_path(out_dir_p / SUMMARY_MD) as tmp:

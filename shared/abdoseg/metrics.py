@@ -304,3 +304,56 @@ def _as_label_dtype(label: np.ndarray) -> np.ndarray:
     if label.dtype.kind != "i":
         label = np.rint(label).astype(np.int32)
     return np.where(label < 0, 0, label) if (label < 0).any() else label
+
+
+def lesion_detection(gt_label: np.ndarray, pred_label: np.ndarray, spacing_mm: Sequence[float],
+                     lesion_id: int = 14, min_volume_ml: float = 1.0, min_covered_fraction: float = 0.1,
+                     connectivity: int = 26) -> dict:
+    """Per-lesion detection for one case: which ground-truth lesions the prediction finds, and how
+    many predicted lesions are false positives.
+
+    Lesions are the connected components (``cc3d``, ``connectivity`` 26 by default) of
+    ``label == lesion_id`` in each map. A ground-truth lesion of at least ``min_volume_ml`` is
+    *detected* when predicted lesion voxels cover at least ``min_covered_fraction`` of it (10 %:
+    a prediction that only touches its rim does not count). A predicted component is a *false
+    positive* when none of its voxels lies in any ground-truth lesion (of any size), so a found
+    lesion below ``min_volume_ml`` is neither counted as found nor as a false positive.
+
+    Args:
+        gt_label, pred_label: integer label maps (X, Y, Z) of the same shape.
+        spacing_mm: voxel spacing in mm (X, Y, Z), for lesion volumes.
+
+    Returns:
+        ``{"lesions": [{"volume_ml", "covered_fraction", "detected"}, ...]`` (GT lesions of at
+        least ``min_volume_ml``, largest first), ``"n_lesions"``, ``"n_detected"``,
+        ``"n_false_positives"``, ``"n_small_lesions"`` (GT lesions below ``min_volume_ml``)}.
+    """
+    import cc3d
+
+    gt = np.ascontiguousarray(np.asarray(gt_label) == lesion_id)
+    pred = np.ascontiguousarray(np.asarray(pred_label) == lesion_id)
+    if gt.shape != pred.shape or gt.ndim != 3:
+        raise ValueError(f"need two 3-D label maps of the same shape, got {gt.shape} and {pred.shape}")
+    voxel_ml = float(np.prod([float(s) for s in spacing_mm])) / 1000.0
+    lesions, n_small = [], 0
+    if gt.any():
+        gt_cc = cc3d.connected_components(gt.view(np.uint8), connectivity=connectivity)
+        sizes = np.bincount(gt_cc.ravel())
+        covered = np.bincount(gt_cc[pred].ravel(), minlength=len(sizes))
+        for i in range(1, len(sizes)):
+            volume_ml = sizes[i] * voxel_ml
+            if volume_ml < min_volume_ml:
+                n_small += 1
+                continue
+            fraction = covered[i] / sizes[i]
+            lesions.append({"volume_ml": round(volume_ml, 3), "covered_fraction": round(float(fraction), 4),
+                            "detected": bool(fraction >= min_covered_fraction)})
+    n_fp = 0
+    if pred.any():
+        pred_cc = cc3d.connected_components(pred.view(np.uint8), connectivity=connectivity)
+        n_pred = int(pred_cc.max())
+        hit = np.unique(pred_cc[gt])
+        n_fp = n_pred - int(np.count_nonzero(hit))
+    lesions.sort(key=lambda x: -x["volume_ml"])
+    return {"lesions": lesions, "n_lesions": len(lesions), "n_detected": sum(x["detected"] for x in lesions),
+            "n_false_positives": n_fp, "n_small_lesions": n_small}
