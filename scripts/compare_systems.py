@@ -95,24 +95,16 @@ def materialize(src: Path, dst: Path, preset: str | None, overrides: dict[str, A
 
 def run_bundle(bundle: Path, config: list[str], run_id: str, budget_s: float | None, log: Path,
                **overrides: Any) -> float:
-    """``python -m monai.bundle run`` with an optional TimeLimit overlay; returns wall seconds."""
-    files = [str(bundle / "configs" / c) for c in config]
+    """``abdoseg.bundle_config.run_bundle`` with an optional TimeBudget overlay; returns wall seconds."""
+    from abdoseg.bundle_config import run_bundle as run
+
+    files = list(config)
     if budget_s:
         overlay = bundle / "configs" / "time_limit.json"
         overlay.write_text(json.dumps({"+train#handlers": [{"_target_": "abdoseg.handlers.TimeBudget",
                                                             "limit_s": float(budget_s)}]}) + "\n")
-        files.append(str(overlay))
-    cmd = [sys.executable, "-m", "monai.bundle", "run", run_id, "--meta_file", str(bundle / "configs" / "metadata.json"),
-           "--config_file", repr(files), "--logging_file", str(bundle / "configs" / "logging.conf"),
-           "--bundle_root", str(bundle)]
-    for key, value in overrides.items():
-        cmd += [f"--{key}", value if isinstance(value, str) else json.dumps(value)]
-    t0 = time.perf_counter()
-    with open(log, "a") as fh:
-        fh.write("$ " + " ".join(cmd) + "\n")
-        fh.flush()
-        subprocess.run(cmd, check=True, cwd=str(bundle), stdout=fh, stderr=subprocess.STDOUT)
-    return time.perf_counter() - t0
+        files.append(overlay.name)
+    return run(bundle, files, run_id, log=log, **overrides)
 
 
 def timed_process(cmd: list[str], log: Path) -> dict[str, float]:

@@ -51,7 +51,8 @@ REPO_ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO_ROOT / "shared"))
 
 from abdoseg.dataprep import prepare  # noqa: E402
-from abdoseg.demo import _best_checkpoint, _copy_bundles, _run_bundle  # noqa: E402
+from abdoseg.bundle_config import run_bundle as _run_bundle  # noqa: E402
+from abdoseg.demo import _best_checkpoint, _copy_bundles  # noqa: E402
 from abdoseg.evaluate import evaluate  # noqa: E402
 from abdoseg.io import atomic_path, save_json  # noqa: E402
 from abdoseg.label_fusion_workflow import fuse_datalist, select_and_write  # noqa: E402

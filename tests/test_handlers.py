@@ -220,3 +220,32 @@ def test_final_model_saver_keeps_the_validated_model(tmp_path, monkeypatch):
     parser = ConfigParser(_train_config(other, max_epochs=1, val_interval=5))
     parser.get_parsed_content("trainer").run()
     assert not other.exists() or not any(other.iterdir())
+
+
+def test_learning_curve_recorder_snapshots_on_the_clock_with_counts(tmp_path, monkeypatch):
+    import json
+
+    net = torch.nn.Conv3d(1, 2, 1)
+    clock = {"t": 0.0}
+    monkeypatch.setattr(handlers.time, "perf_counter", lambda: clock["t"])
+
+    def step(engine, batch):
+        clock["t"] += 1.0  # one "second" of compute per iteration
+        with torch.no_grad():
+            net.weight.add_(1.0)
+        return 0.0
+
+    engine = Engine(step)
+    rec = handlers.LearningCurveRecorder(tmp_path / "curve", every_s=3, network=net)
+    rec.attach(engine)
+    batches = [{"image": torch.zeros(2, 1, 4, 5, 6)}] * 4
+    engine.run(batches, max_epochs=2)  # 8 iterations, 8 s: snapshots at 3 s, 6 s and the end (8 s)
+    points = json.loads((tmp_path / "curve" / "curve.json").read_text())
+    assert [p["file"] for p in points] == ["curve_0.pt", "curve_1.pt", "curve_2.pt"]
+    assert [p["iteration"] for p in points] == [3, 6, 8] and [p["wall_s"] for p in points] == [3.0, 6.0, 8.0]
+    assert [p["samples"] for p in points] == [6, 12, 16] and points[-1]["voxels"] == 16 * 120
+    assert points[-1]["epoch"] == 2 and points[-1]["data_s"] == 0.0
+    w = [torch.load(tmp_path / "curve" / p["file"], weights_only=True)["weight"].flatten()[0].item() for p in points]
+    assert w[1] - w[0] == 3.0 and w[2] - w[1] == 2.0  # each snapshot holds the weights of its moment
+    with pytest.raises(ValueError, match="every_s"):
+        handlers.LearningCurveRecorder(tmp_path, every_s=0, network=net)

@@ -27,3 +27,46 @@ def load_bundle_config(bundle_dir: str | Path, config: str | Sequence[str] = "co
         parser.read_meta(str(meta))
     parser["bundle_root"] = str(bundle_dir)
     return parser
+
+
+def run_bundle(bundle_dir: str | Path, config: str | Sequence[str], run_id: str = "run",
+               log: str | Path | None = None, **overrides: Any) -> float:
+    """``python -m monai.bundle run <run_id>`` on a bundle folder in a child process, as a user
+    would type it; returns its wall seconds.
+
+    Args:
+        bundle_dir: the bundle (``configs/metadata.json``, ``configs/logging.conf``).
+        config: config file name(s) under ``configs/`` or paths; a list is merged in order
+            (``--config_file "['train.json', 'overlay.json']"``).
+        run_id: the config id to run (``training``, ``run``, ...).
+        log: append the command and its output to this file (default: this process's streams).
+        overrides: ``--key value`` pairs; non-strings are passed as JSON.
+
+    Raises:
+        subprocess.CalledProcessError: the run failed (its output is in ``log``).
+    """
+    import json
+    import subprocess
+    import sys
+    import time
+
+    bundle = Path(bundle_dir)
+    names = [config] if isinstance(config, (str, Path)) else list(config)
+    files = [str(bundle / "configs" / c) if not Path(c).is_absolute() else str(c) for c in names]
+    cmd = [sys.executable, "-m", "monai.bundle", "run", run_id,
+           "--meta_file", str(bundle / "configs" / "metadata.json"),
+           "--config_file", files[0] if len(files) == 1 else repr(files),
+           "--logging_file", str(bundle / "configs" / "logging.conf"),
+           "--bundle_root", str(bundle)]
+    for key, value in overrides.items():
+        cmd += [f"--{key}", value if isinstance(value, str) else json.dumps(value)]
+    t0 = time.perf_counter()
+    if log is None:
+        print("$ " + " ".join(cmd), file=sys.stderr, flush=True)
+        subprocess.run(cmd, check=True, cwd=str(bundle))
+    else:
+        with open(log, "a") as fh:
+            fh.write("$ " + " ".join(cmd) + "\n")
+            fh.flush()
+            subprocess.run(cmd, check=True, cwd=str(bundle), stdout=fh, stderr=subprocess.STDOUT)
+    return time.perf_counter() - t0

@@ -15,11 +15,11 @@ from __future__ import annotations
 
 import json
 import shutil
-import subprocess
 import sys
 from pathlib import Path
 from typing import Any
 
+from abdoseg.bundle_config import run_bundle
 from abdoseg.io import atomic_path, load_nifti
 from abdoseg.steps import MarkedSteps
 
@@ -31,21 +31,6 @@ BUNDLES = ("coarse_roi", "fine_organ_tumor", "label_fusion")
 #: (same data, seed and budget, measured side by side).
 SHORT_SCHEDULE_OPTIMIZER: dict[str, Any] = {"_target_": "torch.optim.AdamW", "params": "$@network.parameters()",
                                             "lr": 0.002, "weight_decay": 1e-05}
-
-
-def _run_bundle(bundle: Path, config: str | list[str], run_id: str = "run", **overrides: Any) -> None:
-    """``python -m monai.bundle run <run_id>`` on a bundle folder, as a user would type it."""
-    configs = [config] if isinstance(config, str) else config
-    files = [str(bundle / "configs" / c) for c in configs]
-    cmd = [sys.executable, "-m", "monai.bundle", "run", run_id,
-           "--meta_file", str(bundle / "configs" / "metadata.json"),
-           "--config_file", files[0] if len(files) == 1 else repr(files),
-           "--logging_file", str(bundle / "configs" / "logging.conf"),
-           "--bundle_root", str(bundle)]
-    for key, value in overrides.items():
-        cmd += [f"--{key}", value if isinstance(value, str) else json.dumps(value)]
-    print("$ " + " ".join(cmd), file=sys.stderr, flush=True)
-    subprocess.run(cmd, check=True, cwd=str(bundle))
 
 
 def _copy_bundles(out: Path) -> dict[str, Path]:
@@ -157,7 +142,7 @@ def demo(out_dir: str = "runs/demo", seed: int = 0, preset: str = "small", n_lab
 
     def train_coarse() -> None:
         coarse = bundles["coarse_roi"]
-        _run_bundle(coarse, "train.json", "training", dataset_dir=str(data), max_epochs=coarse_epochs,
+        run_bundle(coarse, "train.json", "training", dataset_dir=str(data), max_epochs=coarse_epochs,
                     val_interval=coarse_epochs, seed=seed)
         shutil.copy2(_best_checkpoint(coarse / "models"), fine / "models" / "coarse_model.pt")
 
@@ -172,7 +157,7 @@ def demo(out_dir: str = "runs/demo", seed: int = 0, preset: str = "small", n_lab
 
     def train_fine() -> None:
         datalist = out / "rounds" / "round_1" / "datalist.json"
-        _run_bundle(fine, "train.json", "training", dataset_dir=str(data), datalist=str(datalist),
+        run_bundle(fine, "train.json", "training", dataset_dir=str(data), datalist=str(datalist),
                     train_key="training", label_mode="full", max_epochs=fine_epochs, seed=seed,
                     val_interval=fine_epochs)
         models = fine / "models"
@@ -181,7 +166,7 @@ def demo(out_dir: str = "runs/demo", seed: int = 0, preset: str = "small", n_lab
             shutil.copy2(best, models / "model.pt")
 
     steps.run("train_fine", train_fine)
-    steps.run("segment", lambda: _run_bundle(fine, "inference.json", "run", datalist=str(data / "datalist.json"),
+    steps.run("segment", lambda: run_bundle(fine, "inference.json", "run", datalist=str(data / "datalist.json"),
                                              data_list_key="validation", dataset_dir=str(data),
                                              output_dir=str(pred_dir)))
     steps.run("evaluate", lambda: evaluate(str(pred_dir), str(data / "labelsVal"), str(out / "evaluation")))

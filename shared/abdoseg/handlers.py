@@ -38,7 +38,7 @@ import torch
 
 from abdoseg.io import atomic_path
 
-__all__ = ["EpochCheckpointSaver", "FinalModelSaver", "TrainStatsWriter"]
+__all__ = ["EpochCheckpointSaver", "FinalModelSaver", "LearningCurveRecorder", "TimeBudget", "TrainStatsWriter"]
 
 logger = logging.getLogger(__name__)
 
@@ -357,3 +357,82 @@ class TimeBudget:
         from ignite.handlers import TimeLimit
 
         engine.add_event_handler(Events.ITERATION_COMPLETED, TimeLimit(int(max(1, round(self.limit_s)))))
+
+
+class LearningCurveRecorder:
+    """Snapshot the network every ``every_s`` seconds of training, with what the training has
+    spent to get there: the points of a learning curve (accuracy vs compute).
+
+    At each snapshot (and at the end) it saves the plain inference state dict as
+    ``save_dir/curve_<k>.pt`` (``k`` = 0, 1, ...) and rewrites ``save_dir/curve.json`` (atomic)
+    with one entry per snapshot: ``file``, ``wall_s`` (since the trainer started, data loading
+    and cache filling included), ``cpu_s`` (this process's CPU seconds, all threads), ``data_s``
+    (wall seconds spent waiting for the data loader), ``iteration``, ``epoch``, ``samples`` (patches
+    seen) and ``voxels`` (patch voxels seen). ``wall_s`` counts training only when validation does
+    not run in between (``val_interval`` >= ``max_epochs``), as in ``scripts/bench_learning.py``.
+    Rank 0 only.
+
+    Args:
+        save_dir: folder for the snapshots and ``curve.json`` (created).
+        every_s: seconds of training between snapshots (> 0).
+        network: the trained module.
+        image_key: the batch's image entry, shape (N, C, *spatial), for the sample/voxel counts.
+    """
+
+    def __init__(self, save_dir: str | os.PathLike, every_s: float, network: torch.nn.Module,
+                 image_key: str = "image") -> None:
+        if not every_s > 0:
+            raise ValueError(f"LearningCurveRecorder: every_s must be > 0, got {every_s}")
+        self.save_dir = Path(save_dir)
+        self.every_s = float(every_s)
+        self.network = network
+        self.image_key = image_key
+        self.points: list[dict[str, Any]] = []
+
+    def attach(self, engine) -> None:  # ignite.engine.Engine
+        from ignite.engine import Events
+
+        for event, fn in ((Events.STARTED, self.started), (Events.GET_BATCH_STARTED, self.batch_started),
+                          (Events.GET_BATCH_COMPLETED, self.batch_completed),
+                          (Events.ITERATION_COMPLETED, self.iteration_completed), (Events.COMPLETED, self.completed)):
+            if not engine.has_event_handler(fn, event):
+                engine.add_event_handler(event, fn)
+
+    def started(self, engine) -> None:
+        self.t0, self.c0 = time.perf_counter(), time.process_time()
+        self.data_s, self.samples, self.voxels = 0.0, 0, 0
+        self.points = []
+        self._batch_t0 = self.t0
+
+    def batch_started(self, engine) -> None:
+        self._batch_t0 = time.perf_counter()
+
+    def batch_completed(self, engine) -> None:
+        self.data_s += time.perf_counter() - self._batch_t0
+        batch = engine.state.batch
+        image = batch.get(self.image_key) if isinstance(batch, dict) else None
+        if isinstance(image, torch.Tensor) and image.ndim >= 3:
+            self.samples += int(image.shape[0])
+            self.voxels += int(image.shape[0]) * int(math.prod(image.shape[2:]))
+
+    def iteration_completed(self, engine) -> None:
+        if time.perf_counter() - self.t0 >= self.every_s * (len(self.points) + 1):
+            self.snapshot(engine)
+
+    def completed(self, engine) -> None:
+        if not self.points or self.points[-1]["iteration"] != int(engine.state.iteration):
+            self.snapshot(engine)
+
+    def snapshot(self, engine) -> None:
+        if _rank() != 0:
+            return
+        self.save_dir.mkdir(parents=True, exist_ok=True)
+        name = f"curve_{len(self.points)}.pt"
+        with atomic_path(self.save_dir / name) as tmp:
+            torch.save(_inference_state_dict(self.network), tmp)
+        self.points.append({"file": name, "wall_s": round(time.perf_counter() - self.t0, 2),
+                            "cpu_s": round(time.process_time() - self.c0, 2), "data_s": round(self.data_s, 2),
+                            "iteration": int(engine.state.iteration), "epoch": int(engine.state.epoch),
+                            "samples": self.samples, "voxels": self.voxels})
+        with atomic_path(self.save_dir / "curve.json") as tmp:
+            Path(tmp).write_text(json.dumps(self.points, indent=1))

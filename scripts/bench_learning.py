@@ -1,0 +1,303 @@
+#!/usr/bin/env python
+"""Learning efficiency of fine-stage training recipes: each recipe trains on the same data with
+the same wall-time budget, one after the other in this invocation, and every snapshot along the
+way segments phantoms of a seed that training never used (the whole cascade, FLARE23 rules).
+Prints the learning curves (organ DSC vs training seconds) and a throughput table.
+
+Input: the folder of README command 1 (``abdoseg demo --out_dir runs/demo``): its phantoms, its
+fused training labels (``rounds/round_1/datalist.json``), its trained fine bundle copy (configs
+with the demo's settings, and ``models/coarse_model.pt`` for the cascade's coarse stage).
+
+A *recipe* is a JSON overlay of the fine bundle's ``train.json`` ids, merged after it (as the
+presets are), and after ``inference.json`` for the segmentation. Built in:
+
+- ``recipe``: the fine bundle's recipe as the demo runs it (no overlay: bfloat16 autocast on a CPU
+  with native bf16, AdamW 2e-3, 64x64x32 patches at 4x4x6 mm, ...);
+- ``previous``: the recipe before issue 10's throughput work, i.e. float32 training
+  (``{"train_autocast_dtype": null}``), same everything else.
+
+``--recipe NAME=FILE.json`` (repeatable) replaces them with your own overlays (``NAME=`` alone
+is the bundle's recipe as is).
+
+Per recipe, in ``--out_dir/<name>/`` (every step resumes):
+
+1. a copy of the demo's fine bundle with ``configs/recipe.json`` (the overlay) and
+   ``configs/learning_curve.json`` (``+train#handlers``: :class:`abdoseg.handlers.LearningCurveRecorder`
+   every ``--every_s`` seconds and :class:`abdoseg.handlers.TimeBudget` at ``--budget_s``);
+2. ``python -m monai.bundle run training`` on the fused labels (``--max_epochs`` is the cap the
+   learning-rate schedule counts; no validation in between, so the clock counts training only);
+3. every snapshot ``curve_<k>.pt`` segments ``--unseen/imagesVal`` through the bundle's
+   ``inference.json`` (+ ``recipe.json``), scored against ``labelsVal`` (organ DSC/NSD, lesion DSC,
+   per-lesion detection); results are kept in ``curve_eval.json``.
+
+Writes ``learning.json``, ``learning.md`` (curve table + throughput table) and
+``learning_curve.png``; ``--docs`` puts the Markdown into the fine bundle's docs/README.md
+between the ``learning-table`` markers.
+
+Usage::
+
+    .venv/bin/abdoseg demo --out_dir runs/demo
+    .venv/bin/abdoseg generate --out_dir runs/unseen7 --preset small --seed 7 --n_labeled 1 --n_unlabeled 0 --n_val 8
+    .venv/bin/python scripts/bench_learning.py --demo_dir runs/demo --unseen runs/unseen7 \\
+        --out_dir runs/learning --budget_s 600 --every_s 75 --docs
+    # a long run of the recipe alone (learning curve over an hour):
+    .venv/bin/python scripts/bench_learning.py --demo_dir runs/demo --unseen runs/unseen7 \\
+        --out_dir runs/learning_long --recipe recipe= --budget_s 3600 --every_s 300 --max_epochs 280
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import shutil
+import statistics
+import sys
+from pathlib import Path
+from typing import Any
+
+REPO = Path(__file__).resolve().parents[1]
+#: built-in recipes: name -> train.json overlay (``None`` values are JSON ``null``)
+RECIPES: dict[str, dict[str, Any]] = {
+    "previous": {"train_autocast_dtype": None},
+    "recipe": {},
+}
+DOCS = REPO / "bundles" / "fine_organ_tumor" / "docs" / "README.md"
+MARKERS = ("<!-- learning-table:start -->", "<!-- learning-table:end -->")
+
+
+def parse_recipes(specs: list[str]) -> dict[str, dict[str, Any]]:
+    """``["name=file.json", "name="]`` -> ``{name: overlay}``; none given: :data:`RECIPES`."""
+    if not specs:
+        return dict(RECIPES)
+    out: dict[str, dict[str, Any]] = {}
+    for spec in specs:
+        name, _, file = spec.partition("=")
+        if not name or not name.replace("_", "").replace("-", "").isalnum():
+            raise SystemExit(f"--recipe {spec!r}: need NAME=FILE.json (NAME: letters, digits, - or _)")
+        if not file:
+            out[name] = dict(RECIPES.get(name, {}))
+            continue
+        path = Path(file)
+        try:
+            overlay = json.loads(path.read_text())
+        except (OSError, ValueError) as exc:
+            raise SystemExit(f"--recipe {spec!r}: {path}: cannot read a JSON object ({exc})") from None
+        if not isinstance(overlay, dict):
+            raise SystemExit(f"--recipe {spec!r}: {path}: must hold a JSON object of train.json ids")
+        out[name] = overlay
+    return out
+
+
+def prepare_bundle(src: Path, dst: Path, overlay: dict[str, Any], budget_s: float, every_s: float) -> None:
+    """Copy the trained demo bundle (configs + coarse weights, not its fine weights) and write the
+    recipe and learning-curve overlays."""
+    shutil.copytree(src, dst, dirs_exist_ok=True,
+                    ignore=shutil.ignore_patterns("model.pt", "model_final.pt", "curve*", "eval", "cache", "__pycache__"))
+    (dst / "configs" / "recipe.json").write_text(json.dumps(overlay, indent=4) + "\n")
+    handlers = [{"_target_": "abdoseg.handlers.LearningCurveRecorder", "save_dir": "$@ckpt_dir + '/curve'",
+                 "every_s": float(every_s), "network": "@network"},
+                {"_target_": "abdoseg.handlers.TimeBudget", "limit_s": float(budget_s)}]
+    (dst / "configs" / "learning_curve.json").write_text(json.dumps({"+train#handlers": handlers}, indent=4) + "\n")
+
+
+def evaluate_snapshots(bundle: Path, unseen: Path) -> list[dict[str, Any]]:
+    """Segment every unseen phantom with every snapshot of ``bundle/models/curve``; returns the
+    curve points with ``organ_dsc``, ``organ_nsd``, ``lesion_dsc``, ``per_class`` and
+    ``lesion_detection`` added. Cached per snapshot in ``curve_eval.json``."""
+    import torch
+    from tqdm import tqdm
+
+    from abdoseg.checkpoints import load_weights
+    from abdoseg.evaluate import summarize, summarize_detection
+    from abdoseg.inference.segmenter import segmenter_from_bundle
+    from abdoseg.io import atomic_path, load_nifti, voxel_spacing_mm
+    from abdoseg.labels import LESION_ID
+    from abdoseg.metrics import evaluate_case, lesion_detection
+
+    curve_dir = bundle / "models" / "curve"
+    points = json.loads((curve_dir / "curve.json").read_text())
+    cache_file = curve_dir / "curve_eval.json"
+    cache = json.loads(cache_file.read_text()) if cache_file.is_file() else {}
+    cases = sorted((unseen / "imagesVal").glob("*_0000.nii.gz"))
+    if not cases:
+        raise SystemExit(f"{unseen / 'imagesVal'}: no *_0000.nii.gz phantoms (run abdoseg generate, see --help)")
+    segmenter = None
+    for point in points:
+        if point["file"] in cache:
+            point.update(cache[point["file"]])
+            continue
+        if segmenter is None:
+            torch.manual_seed(0)
+            segmenter = segmenter_from_bundle(bundle, config=["configs/inference.json", "configs/recipe.json"],
+                                              model_path=curve_dir / points[0]["file"])
+        load_weights(segmenter.network, curve_dir / point["file"])
+        rows, detections = [], {}
+        for image in tqdm(cases, desc=f"{bundle.parent.name} {point['file']}", unit="case", file=sys.stderr):
+            case = image.name[: -len("_0000.nii.gz")]
+            gt, _, header = load_nifti(unseen / "labelsVal" / f"{case}.nii.gz")
+            mask, _ = segmenter({"image": str(image)})
+            spacing = voxel_spacing_mm(header)
+            for c, (dsc, nsd) in sorted(evaluate_case(gt, mask, spacing).items()):
+                rows.append({"case": case, "class": c, "dsc": round(dsc, 4), "nsd": round(nsd, 4)})
+            detections[case] = lesion_detection(gt, mask, spacing, LESION_ID)
+        summary = summarize(rows)
+        result = {"organ_dsc": summary["organ_dsc"], "organ_nsd": summary["organ_nsd"],
+                  "lesion_dsc": summary["lesion_dsc"],
+                  "per_class": {k: v["dsc"] for k, v in summary["per_class"].items()},
+                  "lesion_detection": summarize_detection(detections, rows)}
+        point.update(result)
+        cache[point["file"]] = result
+        with atomic_path(cache_file) as tmp:
+            Path(tmp).write_text(json.dumps(cache, indent=1))
+    return points
+
+
+def throughput(points: list[dict[str, Any]]) -> dict[str, Any]:
+    """Training throughput from the last curve point: voxels/s, samples/s, s/iteration, data share."""
+    last = points[-1]
+    wall = max(last["wall_s"], 1e-9)
+    steps = [b["wall_s"] - a["wall_s"] for a, b in zip(points, points[1:]) if b["iteration"] > a["iteration"]]
+    per_it = [(b["wall_s"] - a["wall_s"]) / (b["iteration"] - a["iteration"]) for a, b in zip(points, points[1:])
+              if b["iteration"] > a["iteration"]]
+    return {"wall_s": last["wall_s"], "cpu_s": last["cpu_s"], "iterations": last["iteration"], "epochs": last["epoch"],
+            "samples": last["samples"], "voxels_per_s": round(last["voxels"] / wall),
+            "samples_per_s": round(last["samples"] / wall, 3),
+            "s_per_iteration_median": round(statistics.median(per_it), 3) if per_it else None,
+            "data_fraction": round(last["data_s"] / wall, 3), "n_intervals": len(steps)}
+
+
+def markdown(results: dict[str, dict[str, Any]], args: argparse.Namespace) -> str:
+    names = list(results)
+    lines = [f"Budget {args.budget_s:g} s of training per recipe (wall, 2-core CPU, one recipe at a time), "
+             f"snapshot every {args.every_s:g} s; organ DSC = mean of the 13 organ classes on the "
+             f"{results[names[0]]['n_unseen']} phantoms of `{Path(args.unseen).name}` (a seed training never used), "
+             "whole cascade, FLARE23 rules. Command: `python scripts/bench_learning.py "
+             f"--budget_s {args.budget_s:g} --every_s {args.every_s:g}"
+             + (f" --max_epochs {args.max_epochs}" if args.max_epochs else "") + "` (see its --help).", "",
+             "Learning curves (organ DSC at training seconds):", "",
+             "| recipe | " + " | ".join(f"~{int(round(p['wall_s']))} s" for p in results[names[0]]["points"]) + " |",
+             "|---|" + "---:|" * len(results[names[0]]["points"])]
+    for name in names:
+        pts = results[name]["points"]
+        lines.append(f"| {name} | " + " | ".join(f"{p['organ_dsc']:.3f} ({int(round(p['wall_s']))} s)" for p in pts) + " |")
+    lines += ["", "Throughput and final accuracy:", "",
+              "| recipe | iterations | s/iteration (median) | training voxels/s | data wait | CPU s / wall s "
+              "| organ DSC / NSD | lesion DSC | lesions found | FP / case |",
+              "|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|"]
+    base = results[names[0]]["throughput"]["voxels_per_s"]
+    for name in names:
+        t, last = results[name]["throughput"], results[name]["points"][-1]
+        det = last.get("lesion_detection") or {}
+        found = f"{det.get('n_detected', 0)} / {det.get('n_lesions', 0)}" if det else "-"
+        fp = f"{det['false_positives_per_case']:.2f}" if det else "-"
+        ratio = f" ({t['voxels_per_s'] / base:.2f}x)" if base and name != names[0] else ""
+        lines.append(f"| {name} | {t['iterations']} | {t['s_per_iteration_median']} | {t['voxels_per_s']:,}{ratio} | "
+                     f"{100 * t['data_fraction']:.0f} % | {t['cpu_s'] / max(t['wall_s'], 1e-9):.2f} | "
+                     f"{last['organ_dsc']:.3f} / {last['organ_nsd']:.3f} | {last['lesion_dsc']:.3f} | {found} | {fp} |")
+    worst = {name: sorted(results[name]["points"][-1]["per_class"].items(), key=lambda kv: kv[1])[:4] for name in names}
+    lines += ["", "Weakest classes at the end: " + "; ".join(
+        f"{name}: " + ", ".join(f"{_class_name(int(c))} {v:.2f}" for c, v in w) for name, w in worst.items()) + "."]
+    return "\n".join(lines) + "\n"
+
+
+def _class_name(c: int) -> str:
+    from abdoseg.labels import class_name
+
+    return class_name(c)
+
+
+def plot(results: dict[str, dict[str, Any]], path: Path) -> None:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    from abdoseg.io import atomic_path
+
+    fig, ax = plt.subplots(figsize=(6.5, 4.2))
+    for name, res in results.items():
+        pts = res["points"]
+        ax.plot([p["wall_s"] for p in pts], [p["organ_dsc"] for p in pts], marker="o", label=f"{name}: organ DSC")
+        ax.plot([p["wall_s"] for p in pts], [p["organ_nsd"] for p in pts], marker=".", linestyle=":",
+                color=ax.lines[-1].get_color(), label=f"{name}: organ NSD")
+    ax.set_xlabel("training wall seconds (2-core CPU)")
+    ax.set_ylabel("unseen phantoms, mean of 13 organs")
+    ax.set_ylim(0, 1)
+    ax.grid(alpha=0.3)
+    ax.legend(fontsize=8)
+    ax.set_title("Learning curves (scripts/bench_learning.py)", fontsize=10)
+    fig.tight_layout()
+    with atomic_path(path) as tmp:
+        fig.savefig(tmp, dpi=100, format="png")
+    plt.close(fig)
+
+
+def put_into_docs(md: str, docs: Path) -> None:
+    text = docs.read_text(encoding="utf-8")
+    start, end = MARKERS
+    if start not in text or end not in text:
+        raise SystemExit(f"{docs}: no {start} ... {end} markers")
+    head, rest = text.split(start, 1)
+    _, tail = rest.split(end, 1)
+    docs.write_text(head + start + "\n" + md + end + tail, encoding="utf-8")
+
+
+def main(argv: list[str] | None = None) -> int:
+    ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0],
+                                 epilog=__doc__.split("\n\n", 1)[1], formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--demo_dir", default="runs/demo", help="a finished `abdoseg demo` folder")
+    ap.add_argument("--unseen", default="runs/unseen7", help="phantoms of an unused seed (imagesVal/ + labelsVal/)")
+    ap.add_argument("--out_dir", default="runs/learning")
+    ap.add_argument("--recipe", action="append", default=[], help="NAME=overlay.json (repeatable); default: previous, recipe")
+    ap.add_argument("--budget_s", type=float, default=600.0, help="training wall seconds per recipe")
+    ap.add_argument("--every_s", type=float, default=75.0, help="seconds between snapshots")
+    ap.add_argument("--max_epochs", type=int, default=0, help="epoch cap the LR schedule counts (0: the demo bundle's train.json)")
+    ap.add_argument("--seed", type=int, default=0)
+    ap.add_argument("--docs", action="store_true", help="write the tables into the fine bundle's docs/README.md")
+    args = ap.parse_args(argv)
+
+    from abdoseg.bundle_config import run_bundle
+    from abdoseg.io import atomic_path
+    from abdoseg.steps import MarkedSteps
+
+    demo, unseen, out = Path(args.demo_dir).resolve(), Path(args.unseen).resolve(), Path(args.out_dir).resolve()
+    src = demo / "bundles" / "fine_organ_tumor"
+    datalist = demo / "rounds" / "round_1" / "datalist.json"
+    for need in (src / "configs" / "train.json", src / "models" / "coarse_model.pt", datalist, unseen / "labelsVal"):
+        if not need.exists():
+            raise SystemExit(f"{need}: not found (run README command 1, `abdoseg demo --out_dir {args.demo_dir}`, "
+                             "and generate the unseen phantoms first; see --help)")
+    max_epochs = args.max_epochs or json.loads((src / "configs" / "train.json").read_text())["max_epochs"]
+    recipes = parse_recipes(args.recipe)
+    results: dict[str, dict[str, Any]] = {}
+    for name, overlay in recipes.items():
+        work = out / name
+        bundle = work / "bundle"
+        steps = MarkedSteps(work, "learning")
+        steps.run("prepare", lambda: prepare_bundle(src, bundle, overlay, args.budget_s, args.every_s))
+        work.mkdir(parents=True, exist_ok=True)
+        steps.run("train", lambda: run_bundle(
+            bundle, ["train.json", "recipe.json", "learning_curve.json"], "training", log=work / "train.log",
+            dataset_dir=str(demo / "data"), datalist=str(datalist), train_key="training", label_mode="full",
+            max_epochs=int(max_epochs), val_interval=int(max_epochs) + 1, seed=args.seed))
+        print(f"{name}: trained ({work / 'train.log'})", file=sys.stderr)
+    for name in recipes:
+        points = evaluate_snapshots(out / name / "bundle", unseen)
+        results[name] = {"overlay": recipes[name], "points": points, "throughput": throughput(points),
+                         "n_unseen": len(list((unseen / "imagesVal").glob("*_0000.nii.gz")))}
+    md = markdown(results, args)
+    out.mkdir(parents=True, exist_ok=True)
+    with atomic_path(out / "learning.json") as tmp:
+        Path(tmp).write_text(json.dumps({"args": vars(args), "results": results}, indent=1))
+    with atomic_path(out / "learning.md") as tmp:
+        Path(tmp).write_text(md)
+    plot(results, out / "learning_curve.png")
+    print(md)
+    if args.docs:
+        put_into_docs(md, DOCS)
+        print(f"tables written into {DOCS}", file=sys.stderr)
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
