@@ -14,7 +14,9 @@ presets are), and after ``inference.json`` for the segmentation. Built in:
 - ``recipe``: the fine bundle's recipe as the demo runs it (no overlay: bfloat16 autocast on a CPU
   with native bf16, AdamW 2e-3, 64x64x32 patches at 4x4x6 mm, ...);
 - ``previous``: the recipe before issue 10's throughput work, i.e. float32 training
-  (``{"train_autocast_dtype": null}``), same everything else.
+  (``{"train_autocast_dtype": null}``), same everything else;
+- ``workers1``: the recipe with one DataLoader worker process (``{"num_workers": 1}``), which
+  prepares the next patches while the main process computes.
 
 ``--recipe NAME=FILE.json`` (repeatable) replaces them with your own overlays (``NAME=`` alone
 is the bundle's recipe as is).
@@ -60,6 +62,7 @@ REPO = Path(__file__).resolve().parents[1]
 RECIPES: dict[str, dict[str, Any]] = {
     "previous": {"train_autocast_dtype": None},
     "recipe": {},
+    "workers1": {"num_workers": 1},
 }
 DOCS = REPO / "bundles" / "fine_organ_tumor" / "docs" / "README.md"
 MARKERS = ("<!-- learning-table:start -->", "<!-- learning-table:end -->")
@@ -174,12 +177,16 @@ def markdown(results: dict[str, dict[str, Any]], args: argparse.Namespace) -> st
              "whole cascade, FLARE23 rules. Command: `python scripts/bench_learning.py "
              f"--budget_s {args.budget_s:g} --every_s {args.every_s:g}"
              + (f" --max_epochs {args.max_epochs}" if args.max_epochs else "") + "` (see its --help).", "",
-             "Learning curves (organ DSC at training seconds):", "",
-             "| recipe | " + " | ".join(f"~{int(round(p['wall_s']))} s" for p in results[names[0]]["points"]) + " |",
-             "|---|" + "---:|" * len(results[names[0]]["points"])]
-    for name in names:
-        pts = results[name]["points"]
-        lines.append(f"| {name} | " + " | ".join(f"{p['organ_dsc']:.3f} ({int(round(p['wall_s']))} s)" for p in pts) + " |")
+             "Learning curves: organ DSC / NSD of each snapshot, at its training wall seconds:", "",
+             "| snapshot | " + " | ".join(f"{n}: s | {n}: DSC / NSD" for n in names) + " |",
+             "|---:|" + "---:|---:|" * len(names)]
+    for k in range(max(len(results[n]["points"]) for n in names)):
+        cells = []
+        for n in names:
+            pts = results[n]["points"]
+            cells += ([f"{pts[k]['wall_s']:.0f}", f"{pts[k]['organ_dsc']:.3f} / {pts[k]['organ_nsd']:.3f}"]
+                      if k < len(pts) else ["", ""])
+        lines.append(f"| {k} | " + " | ".join(cells) + " |")
     lines += ["", "Throughput and final accuracy:", "",
               "| recipe | iterations | s/iteration (median) | training voxels/s | data wait | CPU s / wall s "
               "| organ DSC / NSD | lesion DSC | lesions found | FP / case |",
@@ -248,7 +255,7 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--demo_dir", default="runs/demo", help="a finished `abdoseg demo` folder")
     ap.add_argument("--unseen", default="runs/unseen7", help="phantoms of an unused seed (imagesVal/ + labelsVal/)")
     ap.add_argument("--out_dir", default="runs/learning")
-    ap.add_argument("--recipe", action="append", default=[], help="NAME=overlay.json (repeatable); default: previous, recipe")
+    ap.add_argument("--recipe", action="append", default=[], help="NAME=overlay.json (repeatable); default: previous, recipe, workers1")
     ap.add_argument("--budget_s", type=float, default=600.0, help="training wall seconds per recipe")
     ap.add_argument("--every_s", type=float, default=75.0, help="seconds between snapshots")
     ap.add_argument("--max_epochs", type=int, default=0, help="epoch cap the LR schedule counts (0: the demo bundle's train.json)")

@@ -5,7 +5,8 @@ the real CTs of ``../shared/data/real_ct`` (a test set: never trained on).
 Segments with ``abdoseg segment`` (the user's path) into ``--out_dir/<name>/``, then scores with
 the official FLARE23 rules (``abdoseg.metrics``): phantoms against ``labelsVal/``; real CTs against
 their merged organ masks (merged in memory, never written; partial labels: only the annotated
-classes are scored). Prints Markdown tables and writes ``summary.json``.
+classes are scored); a case folder with a ``label.nii.gz`` and no IRCAD masks (the TotalSegmentator
+example: TotalSegmentator's own output, remapped to FLARE ids) is a silver check, DSC per organ it labels. Prints Markdown tables and writes ``summary.json``.
 
 Usage::
 
@@ -56,6 +57,7 @@ def main() -> None:
     from abdoseg.dataprep import load_real_case_label
     from abdoseg.evaluate import evaluate
     from abdoseg.io import load_nifti
+    from abdoseg.labels import ORGAN_IDS, class_name
     from abdoseg.metrics import dice
 
     out = Path(args.out_dir)
@@ -83,6 +85,23 @@ def main() -> None:
         print("\n| case | " + " | ".join(REAL_CLASSES) + " |\n|---|" + "---:|" * len(REAL_CLASSES))
         for c, r in rows.items():
             print(f"| {c} | " + " | ".join(f"{r[k]:.2f}" if k in r else "-" for k in REAL_CLASSES) + " |")
+        silver = {}
+        for case in sorted(p for p in Path(args.real_ct).iterdir() if (p / "label.nii.gz").is_file()
+                           and (p / "image.nii.gz").is_file() and not (p / "masks_ircad").is_dir()):
+            # a "silver" reference (e.g. TotalSegmentator's own output): organs it labels only
+            pred_path = out / "real_pred" / f"{case.name}.nii.gz"
+            if not pred_path.is_file():
+                _segment(args.segment_cmd, case / "image.nii.gz", pred_path, args.bundle)
+            gt, _, _ = load_nifti(case / "label.nii.gz")
+            pred, _, _ = load_nifti(pred_path)
+            gt, pred = np.asarray(gt), np.asarray(pred)
+            silver[case.name] = {class_name(c): round(dice(gt == c, pred == c), 3)
+                                 for c in ORGAN_IDS if (gt == c).any()}
+        if silver:
+            summary["silver_dsc"] = silver
+            for c, r in silver.items():
+                print(f"\n{c} (silver reference, DSC per organ it labels; mean {np.mean(list(r.values())):.3f}):")
+                print("| " + " | ".join(r) + " |\n|" + "---:|" * len(r) + "\n| " + " | ".join(f"{v:.2f}" for v in r.values()) + " |")
     out.mkdir(parents=True, exist_ok=True)
     (out / "summary.json").write_text(json.dumps(summary, indent=2, default=float) + "\n")
 
