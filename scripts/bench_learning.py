@@ -16,10 +16,13 @@ presets are), and after ``inference.json`` for the segmentation. Built in:
 - ``previous``: the recipe before issue 10's throughput work, i.e. float32 training
   (``{"train_autocast_dtype": null}``), same everything else;
 - ``workers1``: the recipe with one DataLoader worker process (``{"num_workers": 1}``), which
-  prepares the next patches while the main process computes.
+  prepares the next patches while the main process computes;
+- on request (``--recipe NAME=``): ``margin_jitter40`` (training ROI margins 0-60 mm instead of
+  10-30 mm) and ``lesion_crops3`` (lesion-centred patches 3x as often as each organ's).
 
 ``--recipe NAME=FILE.json`` (repeatable) replaces them with your own overlays (``NAME=`` alone
-is the bundle's recipe as is).
+is a built-in recipe, or the bundle's recipe as is). A rerun with more recipes into the same
+``--out_dir`` trains only the new ones and tabulates all.
 
 Per recipe, in ``--out_dir/<name>/`` (every step resumes):
 
@@ -63,15 +66,23 @@ RECIPES: dict[str, dict[str, Any]] = {
     "previous": {"train_autocast_dtype": None},
     "recipe": {},
     "workers1": {"num_workers": 1},
+    # wider training ROI margins (0-60 mm instead of 10-30 mm): the fine net also sees the
+    # context a loose coarse ROI hands it at inference (pelvis, back muscles)
+    "margin_jitter40": {"margin_jitter_mm": 40.0},
+    # lesion-centred patches 3x as often as each organ's
+    "lesion_crops3": {"crop_class_ratios": "$[0.5] + [1.0] * (@num_classes - 2) + [3.0]"},
 }
+#: what runs without ``--recipe``
+DEFAULT_RECIPES = ("previous", "recipe", "workers1")
 DOCS = REPO / "bundles" / "fine_organ_tumor" / "docs" / "README.md"
 MARKERS = ("<!-- learning-table:start -->", "<!-- learning-table:end -->")
 
 
 def parse_recipes(specs: list[str]) -> dict[str, dict[str, Any]]:
-    """``["name=file.json", "name="]`` -> ``{name: overlay}``; none given: :data:`RECIPES`."""
+    """``["name=file.json", "name="]`` -> ``{name: overlay}`` (``name=`` alone: the built-in
+    :data:`RECIPES` entry, or no overlay); none given: :data:`DEFAULT_RECIPES`."""
     if not specs:
-        return dict(RECIPES)
+        return {name: RECIPES[name] for name in DEFAULT_RECIPES}
     out: dict[str, dict[str, Any]] = {}
     for spec in specs:
         name, _, file = spec.partition("=")
@@ -89,6 +100,15 @@ def parse_recipes(specs: list[str]) -> dict[str, dict[str, Any]]:
             raise SystemExit(f"--recipe {spec!r}: {path}: must hold a JSON object of train.json ids")
         out[name] = overlay
     return out
+
+
+def demo_fine_epochs(bundle: Path) -> int:
+    """The epochs the demo trained its fine bundle for (``models/train_stats.json``)."""
+    stats = bundle / "models" / "train_stats.json"
+    try:
+        return int(json.loads(stats.read_text())["total_epochs"])
+    except (OSError, ValueError, KeyError, TypeError):
+        raise SystemExit(f"{stats}: cannot read the demo's fine epochs; pass --max_epochs") from None
 
 
 def prepare_bundle(src: Path, dst: Path, overlay: dict[str, Any], budget_s: float, every_s: float) -> None:
@@ -258,7 +278,7 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--recipe", action="append", default=[], help="NAME=overlay.json (repeatable); default: previous, recipe, workers1")
     ap.add_argument("--budget_s", type=float, default=600.0, help="training wall seconds per recipe")
     ap.add_argument("--every_s", type=float, default=75.0, help="seconds between snapshots")
-    ap.add_argument("--max_epochs", type=int, default=0, help="epoch cap the LR schedule counts (0: the demo bundle's train.json)")
+    ap.add_argument("--max_epochs", type=int, default=0, help="epoch cap the LR schedule counts (0: the demo's fine epochs, from its train_stats.json)")
     ap.add_argument("--seed", type=int, default=0)
     ap.add_argument("--docs", action="store_true", help="write the tables into the fine bundle's docs/README.md")
     args = ap.parse_args(argv)
@@ -274,7 +294,7 @@ def main(argv: list[str] | None = None) -> int:
         if not need.exists():
             raise SystemExit(f"{need}: not found (run README command 1, `abdoseg demo --out_dir {args.demo_dir}`, "
                              "and generate the unseen phantoms first; see --help)")
-    max_epochs = args.max_epochs or json.loads((src / "configs" / "train.json").read_text())["max_epochs"]
+    max_epochs = args.max_epochs or demo_fine_epochs(src)
     recipes = parse_recipes(args.recipe)
     results: dict[str, dict[str, Any]] = {}
     for name, overlay in recipes.items():

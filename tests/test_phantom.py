@@ -106,6 +106,11 @@ def test_full_truth_has_every_organ_with_plausible_volumes_and_hu(dataset):
             core = ndimage.binary_erosion(lab == c)
             lo, hi = PHASE_HU[meta["phase"]][key]
             assert lo - 15 <= img[core].mean() <= hi + 15, (cid, key, img[core].mean(), meta["phase"])
+        for c in (2, 13):  # kidneys: cortex/medulla between the phase's medulla and cortex ranges
+            core = ndimage.binary_erosion(lab == c)
+            if core.sum() > 20:
+                lo, hi = PHASE_HU[meta["phase"]]["kmedulla"][0], PHASE_HU[meta["phase"]]["kcortex"][1]
+                assert lo - 20 <= img[core].mean() <= hi + 20, (cid, c, img[core].mean(), meta["phase"])
         fat = img[(lab == 0) & (img > -200) & (img < -50)]
         assert fat.size > 100
 
