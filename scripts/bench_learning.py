@@ -196,7 +196,8 @@ def markdown(results: dict[str, dict[str, Any]], args: argparse.Namespace) -> st
              f"{results[names[0]]['n_unseen']} phantoms of `{Path(args.unseen).name}` (a seed training never used), "
              "whole cascade, FLARE23 rules. Command: `python scripts/bench_learning.py "
              f"--budget_s {args.budget_s:g} --every_s {args.every_s:g}"
-             + (f" --max_epochs {args.max_epochs}" if args.max_epochs else "") + "` (see its --help).", "",
+             + (f" --max_epochs {args.max_epochs}" if args.max_epochs else "")
+             + "".join(f" --recipe {r}" for r in getattr(args, "recipe", []) or []) + "` (see its --help).", "",
              "Learning curves: organ DSC / NSD of each snapshot, at its training wall seconds:", "",
              "| snapshot | " + " | ".join(f"{n}: s | {n}: DSC / NSD" for n in names) + " |",
              "|---:|" + "---:|---:|" * len(names)]

@@ -246,6 +246,6 @@ def test_learning_curve_recorder_snapshots_on_the_clock_with_counts(tmp_path, mo
     assert [p["samples"] for p in points] == [6, 12, 16] and points[-1]["voxels"] == 16 * 120
     assert points[-1]["epoch"] == 2 and points[-1]["data_s"] == 0.0
     w = [torch.load(tmp_path / "curve" / p["file"], weights_only=True)["weight"].flatten()[0].item() for p in points]
-    assert w[1] - w[0] == 3.0 and w[2] - w[1] == 2.0  # each snapshot holds the weights of its moment
+    assert w[1] - w[0] == pytest.approx(3.0) and w[2] - w[1] == pytest.approx(2.0)  # each snapshot: the weights of its moment
     with pytest.raises(ValueError, match="every_s"):
         handlers.LearningCurveRecorder(tmp_path, every_s=0, network=net)
