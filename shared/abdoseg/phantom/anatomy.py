@@ -26,11 +26,11 @@ PHASE_HU: dict[str, dict[str, tuple[float, float]]] = {
                   aorta=(35, 50), ivc=(35, 48), portal=(35, 48), hepv=(35, 48), adrenal=(20, 35),
                   wall=(35, 45), esophagus=(35, 45), heart=(35, 50), myocard=(40, 50), bladder=(2, 12),
                   gb=(0, 20), muscle=(40, 55), artery=(35, 50), vein=(35, 48)),
-    "arterial": dict(liver=(62, 78), spleen=(85, 120), kcortex=(170, 280), kmedulla=(70, 120),
+    "arterial": dict(liver=(62, 78), spleen=(85, 120), kcortex=(170, 220), kmedulla=(70, 100),
                      pancreas=(100, 130), aorta=(230, 340), ivc=(70, 100), portal=(110, 150), hepv=(55, 75),
                      adrenal=(50, 80), wall=(60, 90), esophagus=(40, 55), heart=(180, 300), myocard=(90, 120),
                      bladder=(2, 12), gb=(0, 20), muscle=(45, 60), artery=(230, 340), vein=(60, 90)),
-    "venous": dict(liver=(95, 120), spleen=(105, 125), kcortex=(150, 240), kmedulla=(110, 190),
+    "venous": dict(liver=(95, 120), spleen=(105, 125), kcortex=(150, 190), kmedulla=(125, 155),
                    pancreas=(80, 105), aorta=(140, 190), ivc=(110, 150), portal=(150, 185), hepv=(140, 175),
                    adrenal=(55, 85), wall=(55, 80), esophagus=(40, 55), heart=(130, 170), myocard=(100, 120),
                    bladder=(2, 12), gb=(0, 20), muscle=(50, 65), artery=(140, 190), vein=(110, 150)),
@@ -598,7 +598,7 @@ def _paint_kidneys(an: Anatomy, s: Slab):
         kidney = (dk < 0) & (ds > 0)
         cortex = kidney & ((dk > -6) | (ds < 5))
         pyramids = np.sin(s.field("lob", sl) * 2.5) > 0.3
-        hu = np.where(cortex | ~pyramids, F32(H["kcortex"]), F32(H["kmedulla"])) + 12 * s.field("tex", sl)
+        hu = np.where(cortex | ~pyramids, F32(H["kcortex"]), F32(H["kmedulla"])) + 4 * s.field("tex", sl)
         s.paint(sl, kidney, hu, lbl)
         s.paint(sl, (dk < 0) & (ds <= 0), H["vfat"] + 10 * s.field("tex", sl), 0)
         pelvis = (ds < -sinus.semi.min() * 0.45) & (dk < 0)
