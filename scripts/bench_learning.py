@@ -44,10 +44,14 @@ Usage::
     .venv/bin/abdoseg demo --out_dir runs/demo
     .venv/bin/abdoseg generate --out_dir runs/unseen7 --preset small --seed 7 --n_labeled 1 --n_unlabeled 0 --n_val 8
     .venv/bin/python scripts/bench_learning.py --demo_dir runs/demo --unseen runs/unseen7 \\
-        --out_dir runs/learning --budget_s 600 --every_s 75 --docs
-    # a long run of the recipe alone (learning curve over an hour):
+        --out_dir runs/learning --budget_s 660 --every_s 110 --docs
+    # more recipes into the same folder (only the new ones train):
+    .venv/bin/python scripts/bench_learning.py --out_dir runs/learning --budget_s 660 --every_s 110 \
+        --recipe previous= --recipe recipe= --recipe workers1= --recipe margin_jitter40= --recipe lesion_crops3= --docs
+    # a long run of the recipe alone (learning curve over 40 minutes):
     .venv/bin/python scripts/bench_learning.py --demo_dir runs/demo --unseen runs/unseen7 \\
-        --out_dir runs/learning_long --recipe recipe= --budget_s 3600 --every_s 300 --max_epochs 280
+        --out_dir runs/learning_long --recipe recipe= --budget_s 2400 --every_s 300 --max_epochs 200 \\
+        --docs --docs_section learning-long
 """
 
 from __future__ import annotations
@@ -75,7 +79,6 @@ RECIPES: dict[str, dict[str, Any]] = {
 #: what runs without ``--recipe``
 DEFAULT_RECIPES = ("previous", "recipe", "workers1")
 DOCS = REPO / "bundles" / "fine_organ_tumor" / "docs" / "README.md"
-MARKERS = ("<!-- learning-table:start -->", "<!-- learning-table:end -->")
 
 
 def parse_recipes(specs: list[str]) -> dict[str, dict[str, Any]]:
@@ -260,9 +263,10 @@ def plot(results: dict[str, dict[str, Any]], path: Path) -> None:
     plt.close(fig)
 
 
-def put_into_docs(md: str, docs: Path) -> None:
+def put_into_docs(md: str, docs: Path, section: str = "learning-table") -> None:
+    """Replace what lies between ``<!-- section:start -->`` and ``<!-- section:end -->`` in ``docs``."""
     text = docs.read_text(encoding="utf-8")
-    start, end = MARKERS
+    start, end = f"<!-- {section}:start -->", f"<!-- {section}:end -->"
     if start not in text or end not in text:
         raise SystemExit(f"{docs}: no {start} ... {end} markers")
     head, rest = text.split(start, 1)
@@ -277,11 +281,13 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--unseen", default="runs/unseen7", help="phantoms of an unused seed (imagesVal/ + labelsVal/)")
     ap.add_argument("--out_dir", default="runs/learning")
     ap.add_argument("--recipe", action="append", default=[], help="NAME=overlay.json (repeatable); default: previous, recipe, workers1")
-    ap.add_argument("--budget_s", type=float, default=600.0, help="training wall seconds per recipe")
-    ap.add_argument("--every_s", type=float, default=75.0, help="seconds between snapshots")
+    ap.add_argument("--budget_s", type=float, default=660.0, help="training wall seconds per recipe")
+    ap.add_argument("--every_s", type=float, default=110.0, help="seconds between snapshots")
     ap.add_argument("--max_epochs", type=int, default=0, help="epoch cap the LR schedule counts (0: the demo's fine epochs, from its train_stats.json)")
     ap.add_argument("--seed", type=int, default=0)
     ap.add_argument("--docs", action="store_true", help="write the tables into the fine bundle's docs/README.md")
+    ap.add_argument("--docs_section", default="learning-table",
+                    help="the docs' <!-- SECTION:start/end --> markers to write between")
     args = ap.parse_args(argv)
 
     from abdoseg.bundle_config import run_bundle
@@ -322,7 +328,7 @@ def main(argv: list[str] | None = None) -> int:
     plot(results, out / "learning_curve.png")
     print(md)
     if args.docs:
-        put_into_docs(md, DOCS)
+        put_into_docs(md, DOCS, args.docs_section)
         print(f"tables written into {DOCS}", file=sys.stderr)
     return 0
 
