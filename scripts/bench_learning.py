@@ -182,17 +182,18 @@ def throughput(points: list[dict[str, Any]]) -> dict[str, Any]:
     """Training throughput from the last curve point: voxels/s, samples/s, s/iteration, data share."""
     last = points[-1]
     wall = max(last["wall_s"], 1e-9)
-    steps = [b["wall_s"] - a["wall_s"] for a, b in zip(points, points[1:]) if b["iteration"] > a["iteration"]]
     per_it = [(b["wall_s"] - a["wall_s"]) / (b["iteration"] - a["iteration"]) for a, b in zip(points, points[1:])
               if b["iteration"] > a["iteration"]]
     return {"wall_s": last["wall_s"], "cpu_s": last["cpu_s"], "iterations": last["iteration"], "epochs": last["epoch"],
             "samples": last["samples"], "voxels_per_s": round(last["voxels"] / wall),
             "samples_per_s": round(last["samples"] / wall, 3),
             "s_per_iteration_median": round(statistics.median(per_it), 3) if per_it else None,
-            "data_fraction": round(last["data_s"] / wall, 3), "n_intervals": len(steps)}
+            "data_fraction": round(last["data_s"] / wall, 3), "n_intervals": len(per_it)}
 
 
 def markdown(results: dict[str, dict[str, Any]], args: argparse.Namespace) -> str:
+    from abdoseg.labels import class_name
+
     names = list(results)
     lines = [f"Budget {args.budget_s:g} s of training per recipe (wall, 2-core CPU, one recipe at a time), "
              f"snapshot every {args.every_s:g} s; organ DSC = mean of the 13 organ classes on the "
@@ -227,14 +228,8 @@ def markdown(results: dict[str, dict[str, Any]], args: argparse.Namespace) -> st
                      f"{last['organ_dsc']:.3f} / {last['organ_nsd']:.3f} | {last['lesion_dsc']:.3f} | {found} | {fp} |")
     worst = {name: sorted(results[name]["points"][-1]["per_class"].items(), key=lambda kv: kv[1])[:4] for name in names}
     lines += ["", "Weakest classes at the end: " + "; ".join(
-        f"{name}: " + ", ".join(f"{_class_name(int(c))} {v:.2f}" for c, v in w) for name, w in worst.items()) + "."]
+        f"{name}: " + ", ".join(f"{class_name(int(c))} {v:.2f}" for c, v in w) for name, w in worst.items()) + "."]
     return "\n".join(lines) + "\n"
-
-
-def _class_name(c: int) -> str:
-    from abdoseg.labels import class_name
-
-    return class_name(c)
 
 
 def plot(results: dict[str, dict[str, Any]], path: Path) -> None:
@@ -309,7 +304,6 @@ def main(argv: list[str] | None = None) -> int:
         bundle = work / "bundle"
         steps = MarkedSteps(work, "learning")
         steps.run("prepare", lambda: prepare_bundle(src, bundle, overlay, args.budget_s, args.every_s))
-        work.mkdir(parents=True, exist_ok=True)
         steps.run("train", lambda: run_bundle(
             bundle, ["train.json", "recipe.json", "learning_curve.json"], "training", log=work / "train.log",
             dataset_dir=str(demo / "data"), datalist=str(datalist), train_key="training", label_mode="full",

@@ -146,7 +146,7 @@ def demo(out_dir: str = "runs/demo", seed: int = 0, preset: str = "small", n_lab
     def train_coarse() -> None:
         coarse = bundles["coarse_roi"]
         run_bundle(coarse, "train.json", "training", dataset_dir=str(data), max_epochs=coarse_epochs,
-                    val_interval=coarse_epochs, seed=seed)
+                   val_interval=coarse_epochs, seed=seed)
         shutil.copy2(_best_checkpoint(coarse / "models"), fine / "models" / "coarse_model.pt")
 
     steps.run("train_coarse", train_coarse)
@@ -161,8 +161,8 @@ def demo(out_dir: str = "runs/demo", seed: int = 0, preset: str = "small", n_lab
     def train_fine() -> None:
         datalist = out / "rounds" / "round_1" / "datalist.json"
         run_bundle(fine, "train.json", "training", dataset_dir=str(data), datalist=str(datalist),
-                    train_key="training", label_mode="full", max_epochs=fine_epochs, seed=seed,
-                    val_interval=fine_epochs)
+                   train_key="training", label_mode="full", max_epochs=fine_epochs, seed=seed,
+                   val_interval=fine_epochs)
         models = fine / "models"
         best = _best_checkpoint(models)
         if best.name != "model.pt":
@@ -170,8 +170,8 @@ def demo(out_dir: str = "runs/demo", seed: int = 0, preset: str = "small", n_lab
 
     steps.run("train_fine", train_fine)
     steps.run("segment", lambda: run_bundle(fine, "inference.json", "run", datalist=str(data / "datalist.json"),
-                                             data_list_key="validation", dataset_dir=str(data),
-                                             output_dir=str(pred_dir)))
+                                            data_list_key="validation", dataset_dir=str(data),
+                                            output_dir=str(pred_dir)))
     steps.run("evaluate", lambda: evaluate(str(pred_dir), str(data / "labelsVal"), str(out / "evaluation")))
     summary = json.loads((out / "evaluation" / "summary.json").read_text())
     report = write_report(out, summary, pred_dir, data, dict(steps.timings))

@@ -32,7 +32,8 @@ import numpy as np
 
 from abdoseg.io import InputError, atomic_path, is_hidden_or_partial, load_nifti, save_json, voxel_spacing_mm
 from abdoseg.labels import FOREGROUND_IDS, LESION_ID, NSD_TOLERANCE_MM, ORGAN_IDS, class_name
-from abdoseg.metrics import _code_to_normals, evaluate_case, lesion_detection
+from abdoseg.metrics import (LESION_MIN_COVERED_FRACTION, LESION_MIN_VOLUME_ML, _code_to_normals, evaluate_case,
+                             lesion_detection)
 
 CSV_NAME = "metrics_per_case.csv"
 LESION_CSV_NAME = "lesions_per_case.csv"
@@ -229,7 +230,8 @@ def summarize_detection(detections: dict[str, dict[str, Any]], rows: Sequence[di
         "n_detected": n_detected,
         "sensitivity": round(n_detected / n_lesions, 4) if n_lesions else None,
         "false_positives_per_case": round(n_fp / len(detections), 4),
-        "min_volume_ml": 1.0,
+        "min_volume_ml": LESION_MIN_VOLUME_ML,
+        "min_covered_fraction": LESION_MIN_COVERED_FRACTION,
         "lesion_dsc_cases_with_lesions": _mean4(with_lesions),
     }
 
@@ -259,8 +261,8 @@ def summary_markdown(summary: dict[str, Any]) -> str:
     det = summary.get("lesion_detection")
     if det:
         sens = "-" if det["sensitivity"] is None else f"{det['sensitivity']:.2f}"
-        lines += ["", f"Lesion detection (ground-truth lesions >= {det['min_volume_ml']:g} mL, found when >= 10 % "
-                  f"of the lesion is predicted as lesion): **{det['n_detected']} / {det['n_lesions']} found "
+        lines += ["", f"Lesion detection (ground-truth lesions >= {det['min_volume_ml']:g} mL, found when >= "
+                  f"{100 * det['min_covered_fraction']:g} % of the lesion is predicted as lesion): **{det['n_detected']} / {det['n_lesions']} found "
                   f"(sensitivity {sens})** in {det['n_cases_with_lesions']} case(s) with lesions; "
                   f"**{det['false_positives_per_case']:.2f} false-positive lesions per case** over "
                   f"{det['n_cases']} case(s); lesion DSC on the cases with lesions: "

@@ -306,8 +306,15 @@ def _as_label_dtype(label: np.ndarray) -> np.ndarray:
     return np.where(label < 0, 0, label) if (label < 0).any() else label
 
 
+#: Ground-truth lesions smaller than this (mL) are not counted by :func:`lesion_detection`.
+LESION_MIN_VOLUME_ML: float = 1.0
+#: A ground-truth lesion counts as found when predicted lesion voxels cover this fraction of it.
+LESION_MIN_COVERED_FRACTION: float = 0.1
+
+
 def lesion_detection(gt_label: np.ndarray, pred_label: np.ndarray, spacing_mm: Sequence[float],
-                     lesion_id: int = 14, min_volume_ml: float = 1.0, min_covered_fraction: float = 0.1,
+                     lesion_id: int = 14, min_volume_ml: float = LESION_MIN_VOLUME_ML,
+                     min_covered_fraction: float = LESION_MIN_COVERED_FRACTION,
                      connectivity: int = 26) -> dict:
     """Per-lesion detection for one case: which ground-truth lesions the prediction finds, and how
     many predicted lesions are false positives.
