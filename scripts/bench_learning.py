@@ -114,22 +114,31 @@ def demo_fine_epochs(bundle: Path) -> int:
         raise SystemExit(f"{stats}: cannot read the demo's fine epochs; pass --max_epochs") from None
 
 
-def prepare_bundle(src: Path, dst: Path, overlay: dict[str, Any], budget_s: float, every_s: float) -> None:
+def prepare_bundle(src: Path, dst: Path, overlay: dict[str, Any], budget_s: float, every_s: float,
+                   wallclock_lr: bool = True) -> None:
     """Copy the trained demo bundle (configs + coarse weights, not its fine weights) and write the
-    recipe and learning-curve overlays."""
+    recipe and learning-curve overlays. ``wallclock_lr``: the learning rate decays over
+    ``budget_s`` (:class:`abdoseg.handlers.WallClockPolyLR` in place of the epoch-level
+    ``LrScheduleHandler``, ``train#handlers#0``), so every recipe ends its schedule when its
+    minutes end, whatever its speed."""
     shutil.copytree(src, dst, dirs_exist_ok=True,
                     ignore=shutil.ignore_patterns("model.pt", "model_final.pt", "curve*", "eval", "cache", "__pycache__"))
     (dst / "configs" / "recipe.json").write_text(json.dumps(overlay, indent=4) + "\n")
     handlers = [{"_target_": "abdoseg.handlers.LearningCurveRecorder", "save_dir": "$@ckpt_dir + '/curve'",
                  "every_s": float(every_s), "network": "@network"},
                 {"_target_": "abdoseg.handlers.TimeBudget", "limit_s": float(budget_s)}]
-    (dst / "configs" / "learning_curve.json").write_text(json.dumps({"+train#handlers": handlers}, indent=4) + "\n")
+    curve: dict[str, Any] = {"+train#handlers": handlers}
+    if wallclock_lr:
+        curve["train#handlers#0"] = {"_target_": "abdoseg.handlers.WallClockPolyLR", "optimizer": "@optimizer",
+                                     "budget_s": float(budget_s)}
+    (dst / "configs" / "learning_curve.json").write_text(json.dumps(curve, indent=4) + "\n")
 
 
-def evaluate_snapshots(bundle: Path, unseen: Path) -> list[dict[str, Any]]:
-    """Segment every unseen phantom with every snapshot of ``bundle/models/curve``; returns the
-    curve points with ``organ_dsc``, ``organ_nsd``, ``lesion_dsc``, ``per_class`` and
-    ``lesion_detection`` added. Cached per snapshot in ``curve_eval.json``."""
+def evaluate_snapshots(bundle: Path, unseen: Path, tag: str = "") -> list[dict[str, Any]]:
+    """Segment every phantom of ``unseen/imagesVal`` with every snapshot of ``bundle/models/curve``;
+    returns the curve points with ``organ_dsc``, ``organ_nsd``, ``lesion_dsc``, ``per_class`` and
+    ``lesion_detection`` added (under ``point[tag]`` when ``tag`` is given, e.g. ``"seen"`` for
+    the training phantoms). Cached per snapshot in ``curve_eval.json`` (``curve_eval_<tag>.json``)."""
     import torch
     from tqdm import tqdm
 
@@ -142,7 +151,7 @@ def evaluate_snapshots(bundle: Path, unseen: Path) -> list[dict[str, Any]]:
 
     curve_dir = bundle / "models" / "curve"
     points = json.loads((curve_dir / "curve.json").read_text())
-    cache_file = curve_dir / "curve_eval.json"
+    cache_file = curve_dir / (f"curve_eval_{tag}.json" if tag else "curve_eval.json")
     cache = json.loads(cache_file.read_text()) if cache_file.is_file() else {}
     cases = sorted((unseen / "imagesVal").glob("*_0000.nii.gz"))
     if not cases:
@@ -150,7 +159,7 @@ def evaluate_snapshots(bundle: Path, unseen: Path) -> list[dict[str, Any]]:
     segmenter = None
     for point in points:
         if point["file"] in cache:
-            point.update(cache[point["file"]])
+            (point.setdefault(tag, {}) if tag else point).update(cache[point["file"]])
             continue
         if segmenter is None:
             torch.manual_seed(0)
@@ -171,7 +180,7 @@ def evaluate_snapshots(bundle: Path, unseen: Path) -> list[dict[str, Any]]:
                   "lesion_dsc": summary["lesion_dsc"],
                   "per_class": {k: v["dsc"] for k, v in summary["per_class"].items()},
                   "lesion_detection": summarize_detection(detections, rows)}
-        point.update(result)
+        (point.setdefault(tag, {}) if tag else point).update(result)
         cache[point["file"]] = result
         with atomic_path(cache_file) as tmp:
             Path(tmp).write_text(json.dumps(cache, indent=1))
@@ -191,48 +200,99 @@ def throughput(points: list[dict[str, Any]]) -> dict[str, Any]:
             "data_fraction": round(last["data_s"] / wall, 3), "n_intervals": len(per_it)}
 
 
+def _mean_sd(values: list[float]) -> tuple[float, float]:
+    vals = [float(v) for v in values if v is not None]
+    if not vals:
+        return float("nan"), float("nan")
+    return statistics.fmean(vals), (statistics.stdev(vals) if len(vals) > 1 else 0.0)
+
+
+def _fmt(values: list[float]) -> str:
+    m, sd = _mean_sd(values)
+    return f"{m:.3f}" if len(values) < 2 else f"{m:.3f} ± {sd:.3f}"
+
+
+def group_runs(results: dict[str, dict[str, Any]]) -> dict[str, list[dict[str, Any]]]:
+    """``{"name_s0": ..., "name_s1": ...}`` -> ``{"name": [run, run]}`` (runs carry ``recipe``)."""
+    groups: dict[str, list[dict[str, Any]]] = {}
+    for run in results.values():
+        groups.setdefault(run["recipe"], []).append(run)
+    return groups
+
+
 def markdown(results: dict[str, dict[str, Any]], args: argparse.Namespace) -> str:
+    """Curve table (mean over seeds per snapshot; unseen and, where measured, seen) and the
+    summary table (final organ DSC mean ± SD over seeds, throughput, lesion detection)."""
     from abdoseg.labels import class_name
 
-    names = list(results)
-    lines = [f"Budget {args.budget_s:g} s of training per recipe (wall, 2-core CPU, one recipe at a time), "
-             f"snapshot every {args.every_s:g} s; organ DSC = mean of the 13 organ classes on the "
-             f"{results[names[0]]['n_unseen']} phantoms of `{Path(args.unseen).name}` (a seed training never used), "
-             "whole cascade, FLARE23 rules. Command: `python scripts/bench_learning.py "
+    groups = group_runs(results)
+    names = list(groups)
+    first = next(iter(results.values()))
+    seeds = sorted({r["seed"] for r in results.values()})
+    has_seen = any("seen" in r["points"][-1] for r in results.values())
+    lines = [f"Budget {args.budget_s:g} s of training per run (wall, 2-core CPU, one run at a time), "
+             f"snapshot every {args.every_s:g} s, learning rate "
+             + ("decaying over the budget (`WallClockPolyLR`)" if args.lr_schedule == "wallclock"
+                else "on the bundle's epoch schedule")
+             + f", training seeds {', '.join(map(str, seeds))}; organ DSC = mean of the 13 organ classes on the "
+             f"{first['n_unseen']} phantoms of `{Path(args.unseen).name}` (a seed training never used)"
+             + (" and on the first training phantoms (`seen`, their hidden ground truth)" if has_seen else "")
+             + ", whole cascade, FLARE23 rules. Command: `python scripts/bench_learning.py "
              f"--budget_s {args.budget_s:g} --every_s {args.every_s:g}"
              + (f" --max_epochs {args.max_epochs}" if args.max_epochs else "")
+             + (f" --seeds {' '.join(map(str, args.seeds))}" if list(args.seeds) != [0] else "")
              + "".join(f" --recipe {r}" for r in getattr(args, "recipe", []) or []) + "` (see its --help).", "",
-             "Learning curves: organ DSC / NSD of each snapshot, at its training wall seconds:", "",
-             "| snapshot | " + " | ".join(f"{n}: s | {n}: DSC / NSD" for n in names) + " |",
+             "Learning curves: organ DSC of each snapshot (mean over seeds), unseen"
+             + (" / seen" if has_seen else "") + ", at its training wall seconds:", "",
+             "| snapshot | " + " | ".join(f"{n}: s | {n}: DSC" for n in names) + " |",
              "|---:|" + "---:|---:|" * len(names)]
-    for k in range(max(len(results[n]["points"]) for n in names)):
+    for k in range(max(len(r["points"]) for r in results.values())):
         cells = []
         for n in names:
-            pts = results[n]["points"]
-            cells += ([f"{pts[k]['wall_s']:.0f}", f"{pts[k]['organ_dsc']:.3f} / {pts[k]['organ_nsd']:.3f}"]
-                      if k < len(pts) else ["", ""])
+            pts = [r["points"][k] for r in groups[n] if k < len(r["points"])]
+            if not pts:
+                cells += ["", ""]
+                continue
+            cell = f"{statistics.fmean(p['organ_dsc'] for p in pts):.3f}"
+            if has_seen and all("seen" in p for p in pts):
+                cell += f" / {statistics.fmean(p['seen']['organ_dsc'] for p in pts):.3f}"
+            cells += [f"{statistics.fmean(p['wall_s'] for p in pts):.0f}", cell]
         lines.append(f"| {k} | " + " | ".join(cells) + " |")
-    lines += ["", "Throughput and final accuracy:", "",
-              "| recipe | iterations | s/iteration (median) | training voxels/s | data wait | CPU s / wall s "
-              "| organ DSC / NSD | lesion DSC | lesions found | FP / case |",
-              "|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|"]
-    base = results[names[0]]["throughput"]["voxels_per_s"]
+    lines += ["", "Final snapshot, mean ± SD over the training seeds:", "",
+              "| recipe | seeds | unseen organ DSC | unseen organ NSD | seen organ DSC | lesion DSC | lesions found "
+              "| FP / case | iterations | s/iteration | training voxels/s |",
+              "|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|"]
+    base = statistics.fmean(r["throughput"]["voxels_per_s"] for r in groups[names[0]])
     for name in names:
-        t, last = results[name]["throughput"], results[name]["points"][-1]
-        det = last.get("lesion_detection") or {}
-        found = f"{det.get('n_detected', 0)} / {det.get('n_lesions', 0)}" if det else "-"
-        fp = f"{det['false_positives_per_case']:.2f}" if det else "-"
-        ratio = f" ({t['voxels_per_s'] / base:.2f}x)" if base and name != names[0] else ""
-        lines.append(f"| {name} | {t['iterations']} | {t['s_per_iteration_median']} | {t['voxels_per_s']:,}{ratio} | "
-                     f"{100 * t['data_fraction']:.0f} % | {t['cpu_s'] / max(t['wall_s'], 1e-9):.2f} | "
-                     f"{last['organ_dsc']:.3f} / {last['organ_nsd']:.3f} | {last['lesion_dsc']:.3f} | {found} | {fp} |")
-    worst = {name: sorted(results[name]["points"][-1]["per_class"].items(), key=lambda kv: kv[1])[:4] for name in names}
-    lines += ["", "Weakest classes at the end: " + "; ".join(
+        runs = groups[name]
+        lasts = [r["points"][-1] for r in runs]
+        dets = [p.get("lesion_detection") or {} for p in lasts]
+        found = sum(d.get("n_detected", 0) for d in dets)
+        total = sum(d.get("n_lesions", 0) for d in dets)
+        fp = _mean_sd([d.get("false_positives_per_case") for d in dets if d])[0]
+        seen = [p["seen"]["organ_dsc"] for p in lasts if "seen" in p]
+        vox = statistics.fmean(r["throughput"]["voxels_per_s"] for r in runs)
+        ratio = f" ({vox / base:.2f}x)" if base and name != names[0] else ""
+        per_it = [r["throughput"]["s_per_iteration_median"] for r in runs if r["throughput"]["s_per_iteration_median"]]
+        lines.append(f"| {name} | {len(runs)} | {_fmt([p['organ_dsc'] for p in lasts])} | "
+                     f"{_fmt([p['organ_nsd'] for p in lasts])} | {_fmt(seen) if seen else '-'} | "
+                     f"{_fmt([p['lesion_dsc'] for p in lasts])} | {found} / {total} | {fp:.2f} | "
+                     f"{statistics.fmean(r['throughput']['iterations'] for r in runs):.0f} | "
+                     f"{statistics.median(per_it) if per_it else float('nan'):.3f} | {vox:,.0f}{ratio} |")
+    worst = {}
+    for name in names:
+        per_class: dict[str, list[float]] = {}
+        for r in groups[name]:
+            for c, v in r["points"][-1]["per_class"].items():
+                per_class.setdefault(c, []).append(v)
+        worst[name] = sorted(((c, statistics.fmean(v)) for c, v in per_class.items()), key=lambda kv: kv[1])[:4]
+    lines += ["", "Weakest classes at the end (unseen, mean over seeds): " + "; ".join(
         f"{name}: " + ", ".join(f"{class_name(int(c))} {v:.2f}" for c, v in w) for name, w in worst.items()) + "."]
     return "\n".join(lines) + "\n"
 
 
 def plot(results: dict[str, dict[str, Any]], path: Path) -> None:
+    """Organ DSC against training seconds per run: unseen solid, seen (training phantoms) dashed."""
     import matplotlib
 
     matplotlib.use("Agg")
@@ -240,22 +300,47 @@ def plot(results: dict[str, dict[str, Any]], path: Path) -> None:
 
     from abdoseg.io import atomic_path
 
-    fig, ax = plt.subplots(figsize=(6.5, 4.2))
-    for name, res in results.items():
+    fig, ax = plt.subplots(figsize=(7.0, 4.4))
+    colors: dict[str, Any] = {}
+    for run_name, res in results.items():
         pts = res["points"]
-        ax.plot([p["wall_s"] for p in pts], [p["organ_dsc"] for p in pts], marker="o", label=f"{name}: organ DSC")
-        ax.plot([p["wall_s"] for p in pts], [p["organ_nsd"] for p in pts], marker=".", linestyle=":",
-                color=ax.lines[-1].get_color(), label=f"{name}: organ NSD")
+        recipe = res["recipe"]
+        label = f"{recipe}: unseen" if recipe not in colors else None
+        line, = ax.plot([p["wall_s"] for p in pts], [p["organ_dsc"] for p in pts], marker="o", label=label,
+                        color=colors.get(recipe))
+        colors.setdefault(recipe, line.get_color())
+        if all("seen" in p for p in pts):
+            ax.plot([p["wall_s"] for p in pts], [p["seen"]["organ_dsc"] for p in pts], marker=".", linestyle="--",
+                    color=colors[recipe], label=f"{recipe}: seen (training phantoms)" if label else None)
     ax.set_xlabel("training wall seconds (2-core CPU)")
-    ax.set_ylabel("unseen phantoms, mean of 13 organs")
+    ax.set_ylabel("organ DSC, mean of 13 organs")
     ax.set_ylim(0, 1)
     ax.grid(alpha=0.3)
-    ax.legend(fontsize=8)
-    ax.set_title("Learning curves (scripts/bench_learning.py)", fontsize=10)
+    ax.legend(fontsize=7)
+    ax.set_title("Learning curves, one line per training seed (scripts/bench_learning.py)", fontsize=10)
     fig.tight_layout()
     with atomic_path(path) as tmp:
         fig.savefig(tmp, dpi=100, format="png")
     plt.close(fig)
+
+
+def make_seen_set(demo: Path, out: Path, n: int) -> Path:
+    """``out/seen/{imagesVal,labelsVal}``: links to the first ``n`` labelled training phantoms of
+    the demo and their hidden full ground truth (``data/groundtruth/labelsTr``), so the snapshots
+    are scored on data they were trained on, beside the unseen seed."""
+    images = sorted((demo / "data" / "imagesTr").glob("*_0000.nii.gz"))[:n]
+    seen = out / "seen"
+    for sub in ("imagesVal", "labelsVal"):
+        (seen / sub).mkdir(parents=True, exist_ok=True)
+    for image in images:
+        case = image.name[: -len("_0000.nii.gz")]
+        truth = demo / "data" / "groundtruth" / "labelsTr" / f"{case}.nii.gz"
+        if not truth.is_file():
+            raise SystemExit(f"{truth}: no hidden ground truth for training phantom {case} (a phantom dataset of abdoseg generate?)")
+        for link, target in ((seen / "imagesVal" / image.name, image), (seen / "labelsVal" / truth.name, truth)):
+            if not link.exists():
+                link.symlink_to(target)
+    return seen
 
 
 def put_into_docs(md: str, docs: Path, section: str = "learning-table") -> None:
@@ -276,14 +361,22 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--unseen", default="runs/unseen7", help="phantoms of an unused seed (imagesVal/ + labelsVal/)")
     ap.add_argument("--out_dir", default="runs/learning")
     ap.add_argument("--recipe", action="append", default=[], help="NAME=overlay.json (repeatable); default: previous, recipe, workers1")
-    ap.add_argument("--budget_s", type=float, default=660.0, help="training wall seconds per recipe")
+    ap.add_argument("--budget_s", type=float, default=660.0, help="training wall seconds per run")
     ap.add_argument("--every_s", type=float, default=110.0, help="seconds between snapshots")
-    ap.add_argument("--max_epochs", type=int, default=0, help="epoch cap the LR schedule counts (0: the demo's fine epochs, from its train_stats.json)")
-    ap.add_argument("--seed", type=int, default=0)
+    ap.add_argument("--lr_schedule", choices=("wallclock", "epochs"), default="wallclock",
+                    help="wallclock: poly decay over --budget_s (every recipe ends its schedule with its minutes); "
+                         "epochs: the bundle's schedule over --max_epochs")
+    ap.add_argument("--max_epochs", type=int, default=0,
+                    help="epoch cap (0: 10000 with --lr_schedule wallclock, else the demo's fine epochs)")
+    ap.add_argument("--seeds", type=int, nargs="+", default=[0], help="training seeds per recipe (the run-to-run spread)")
+    ap.add_argument("--seen", type=int, default=4, help="also score every snapshot on this many training phantoms (0: off)")
+    ap.add_argument("--seed", type=int, default=None, help=argparse.SUPPRESS)  # old spelling of --seeds N
     ap.add_argument("--docs", action="store_true", help="write the tables into the fine bundle's docs/README.md")
     ap.add_argument("--docs_section", default="learning-table",
                     help="the docs' <!-- SECTION:start/end --> markers to write between")
     args = ap.parse_args(argv)
+    if args.seed is not None:
+        args.seeds = [args.seed]
 
     from abdoseg.bundle_config import run_bundle
     from abdoseg.io import atomic_path
@@ -296,23 +389,34 @@ def main(argv: list[str] | None = None) -> int:
         if not need.exists():
             raise SystemExit(f"{need}: not found (run README command 1, `abdoseg demo --out_dir {args.demo_dir}`, "
                              "and generate the unseen phantoms first; see --help)")
-    max_epochs = args.max_epochs or demo_fine_epochs(src)
+    max_epochs = args.max_epochs or (10000 if args.lr_schedule == "wallclock" else demo_fine_epochs(src))
     recipes = parse_recipes(args.recipe)
-    results: dict[str, dict[str, Any]] = {}
-    for name, overlay in recipes.items():
-        work = out / name
+    seen = make_seen_set(demo, out, args.seen) if args.seen > 0 else None
+    runs = [(name, seed) for name in recipes for seed in args.seeds]
+    for name, seed in runs:
+        overlay = recipes[name]
+        work = out / f"{name}_s{seed}"
         bundle = work / "bundle"
         steps = MarkedSteps(work, "learning")
-        steps.run("prepare", lambda: prepare_bundle(src, bundle, overlay, args.budget_s, args.every_s))
+        steps.run("prepare", lambda: prepare_bundle(src, bundle, overlay, args.budget_s, args.every_s,
+                                                    wallclock_lr=args.lr_schedule == "wallclock"))
+        # a recipe may bring its own training data (e.g. more phantoms): its dataset_dir/datalist win
+        data_args = {"dataset_dir": str(demo / "data"), "datalist": str(datalist)}
+        data_args = {k: v for k, v in data_args.items() if k not in overlay}
         steps.run("train", lambda: run_bundle(
             bundle, ["train.json", "recipe.json", "learning_curve.json"], "training", log=work / "train.log",
-            dataset_dir=str(demo / "data"), datalist=str(datalist), train_key="training", label_mode="full",
-            max_epochs=int(max_epochs), val_interval=int(max_epochs) + 1, seed=args.seed))
-        print(f"{name}: trained ({work / 'train.log'})", file=sys.stderr)
-    for name in recipes:
-        points = evaluate_snapshots(out / name / "bundle", unseen)
-        results[name] = {"overlay": recipes[name], "points": points, "throughput": throughput(points),
-                         "n_unseen": len(list((unseen / "imagesVal").glob("*_0000.nii.gz")))}
+            train_key="training", label_mode="full", max_epochs=int(max_epochs), val_interval=int(max_epochs) + 1,
+            seed=seed, **data_args))
+        print(f"{name} seed {seed}: trained ({work / 'train.log'})", file=sys.stderr)
+    results: dict[str, dict[str, Any]] = {}
+    for name, seed in runs:
+        bundle = out / f"{name}_s{seed}" / "bundle"
+        points = evaluate_snapshots(bundle, unseen)
+        if seen is not None:
+            points = [dict(p, seen=q["seen"]) for p, q in zip(points, evaluate_snapshots(bundle, seen, tag="seen"))]
+        results[f"{name}_s{seed}"] = {"recipe": name, "seed": seed, "overlay": recipes[name], "points": points,
+                                      "throughput": throughput(points),
+                                      "n_unseen": len(list((unseen / "imagesVal").glob("*_0000.nii.gz")))}
     md = markdown(results, args)
     out.mkdir(parents=True, exist_ok=True)
     with atomic_path(out / "learning.json") as tmp:

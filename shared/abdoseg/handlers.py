@@ -38,7 +38,8 @@ import torch
 
 from abdoseg.io import atomic_path
 
-__all__ = ["EpochCheckpointSaver", "FinalModelSaver", "LearningCurveRecorder", "TimeBudget", "TrainStatsWriter"]
+__all__ = ["EpochCheckpointSaver", "FinalModelSaver", "LearningCurveRecorder", "TimeBudget", "TrainStatsWriter",
+           "WallClockPolyLR"]
 
 logger = logging.getLogger(__name__)
 
@@ -357,6 +358,58 @@ class TimeBudget:
         from ignite.handlers import TimeLimit
 
         engine.add_event_handler(Events.ITERATION_COMPLETED, TimeLimit(int(max(1, round(self.limit_s)))))
+
+
+class WallClockPolyLR:
+    """Polynomial learning-rate decay over a wall-time budget instead of an epoch count.
+
+    Before every iteration each parameter group's learning rate is set to
+    ``initial_lr * (1 - elapsed_s / budget_s) ** power`` (floored at ``min_fraction`` of it), with
+    the clock started when the trainer starts. An epoch-counted schedule (``PolynomialLR`` over
+    ``max_epochs``) reaches zero at the epoch cap, which on a slower or faster machine comes
+    before or long after the minutes one has; this one reaches its floor when the minutes run
+    out. Pair it with :class:`TimeBudget` at the same ``budget_s`` (and drop the epoch-level
+    ``LrScheduleHandler``), e.g. as a ``train.json`` overlay::
+
+        {"train#handlers#0": {"_target_": "abdoseg.handlers.WallClockPolyLR",
+                              "optimizer": "@optimizer", "budget_s": 900}}
+
+    Wall time makes the run depend on the machine's speed: use it for equal-time comparisons
+    (``scripts/bench_learning.py``), an epoch-counted schedule for reproducible training.
+    """
+
+    def __init__(self, optimizer: torch.optim.Optimizer, budget_s: float, power: float = 0.9,
+                 min_fraction: float = 0.0) -> None:
+        if not budget_s > 0:
+            raise ValueError(f"WallClockPolyLR: budget_s must be > 0, got {budget_s}")
+        if not 0.0 <= min_fraction < 1.0:
+            raise ValueError(f"WallClockPolyLR: min_fraction must lie in [0, 1), got {min_fraction}")
+        self.optimizer = optimizer
+        self.budget_s = float(budget_s)
+        self.power = float(power)
+        self.min_fraction = float(min_fraction)
+        self.initial_lrs = [float(g.get("initial_lr", g["lr"])) for g in optimizer.param_groups]
+        self.t0: float | None = None
+
+    def factor(self, elapsed_s: float) -> float:
+        """Learning-rate factor after ``elapsed_s`` seconds of training (pure)."""
+        remaining = max(0.0, 1.0 - float(elapsed_s) / self.budget_s)
+        return max(self.min_fraction, remaining**self.power)
+
+    def attach(self, engine) -> None:  # ignite.engine.Engine
+        from ignite.engine import Events
+
+        if not engine.has_event_handler(self.started, Events.STARTED):
+            engine.add_event_handler(Events.STARTED, self.started)
+            engine.add_event_handler(Events.ITERATION_STARTED, self.iteration_started)
+
+    def started(self, engine) -> None:
+        self.t0 = time.perf_counter()
+
+    def iteration_started(self, engine) -> None:
+        f = self.factor(time.perf_counter() - (self.t0 if self.t0 is not None else time.perf_counter()))
+        for group, lr0 in zip(self.optimizer.param_groups, self.initial_lrs):
+            group["lr"] = lr0 * f
 
 
 class LearningCurveRecorder:
