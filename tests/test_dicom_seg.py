@@ -164,3 +164,120 @@ def test_segment_cli_dicom_seg(tmp_path, capsys):
     # the series folder itself as output: refused (the SEG would join the series)
     code, msg = _cli(["segment", "-i", str(series), "-o", str(series), "--dicom_seg", *args], capsys)
     assert _nonzero(code) and "another folder than the DICOM series folder" in msg
+
+
+# --------------------------------------------------------------------------------------------------
+# Reading a SEG back for training: classes by segment label or code, never by position.
+
+MISSING_CLASSES_IDS = (9, 11, 13, 14)  # gallbladder, stomach, left kidney, lesion: the rest absent
+
+
+def _sparse_mask(shape=SHAPE) -> np.ndarray:
+    """A label in which most classes are missing (ids 9, 11, 13, 14 only; 14 inside 11)."""
+    mask = np.zeros(shape, dtype=np.uint8)
+    mask[4:14, 5:15, 2:8] = 9
+    mask[20:40, 10:30, 6:18] = 11
+    mask[26:32, 16:22, 10:13] = 14
+    mask[5:12, 25:35, 15:22] = 13
+    return mask
+
+
+def _positional_seg(mask: np.ndarray, affine: np.ndarray, datasets, descriptions):
+    """A SEG as dcmqi / monailabel's nifti_to_dicom_seg write it: segments renumbered 1..N in the
+    order given, empty classes dropped; ``descriptions`` = [(FLARE23 id, label, type code, modifier)]."""
+    from pydicom.dataset import Dataset
+    from pydicom.sr.codedict import codes
+
+    from abdoseg.dicom_seg import mask_frames
+
+    hd = import_highdicom()
+    frames = mask_frames(mask, affine, datasets)
+    relabelled = np.zeros_like(frames)
+    descs = []
+    algo = hd.AlgorithmIdentificationSequence(name="other tool", version="1", family=codes.cid7162.ArtificialIntelligence)
+    for number, (cid, label, code, modifier) in enumerate(descriptions, start=1):
+        relabelled[frames == cid] = number
+        d = hd.seg.SegmentDescription(
+            segment_number=number, segment_label=label,
+            segmented_property_category=hd.sr.CodedConcept("123037004", "SCT", "Anatomical Structure"),
+            segmented_property_type=hd.sr.CodedConcept(code[0], "SCT", code[1]),
+            algorithm_type=hd.seg.SegmentAlgorithmTypeValues.AUTOMATIC, algorithm_identification=algo)
+        if modifier:
+            item = Dataset()
+            item.CodeValue, item.CodingSchemeDesignator, item.CodeMeaning = modifier[0], "SCT", modifier[1]
+            d.SegmentedPropertyTypeModifierCodeSequence = [item]
+        descs.append(d)
+    return hd.seg.Segmentation(
+        source_images=datasets, pixel_array=relabelled, segmentation_type=hd.seg.SegmentationTypeValues.BINARY,
+        segment_descriptions=descs, series_instance_uid=hd.UID(), series_number=2, sop_instance_uid=hd.UID(),
+        instance_number=1, manufacturer="test", manufacturer_model_name="test", software_versions="1",
+        device_serial_number="0", omit_empty_frames=True)
+
+
+@pytest.mark.parametrize("axcodes", ["LPS", "RAS"])
+def test_label_with_missing_classes_round_trips(axcodes, tmp_path):
+    """abdoseg's own SEG (segment number = FLARE23 id) read back: the same values, absent classes stay
+    absent and nothing shifts; also through a file and a NIfTI reference image."""
+    from abdoseg.dicom_seg import dicom_seg_to_label, read_dicom_seg, segment_class_ids
+    from abdoseg.phantom import make_case
+
+    hu, _, affine = make_case(2, shape=SHAPE, spacing_mm=SPACING_MM, axcodes=axcodes)
+    files = _ct_series(hu, affine, tmp_path / "ct")
+    mask = _sparse_mask()
+    seg = mask_to_dicom_seg(mask, affine, read_source_datasets(files))
+    assert segment_class_ids(seg) == {i: i for i in FOREGROUND_IDS}
+    back = dicom_seg_to_label(seg, affine, mask.shape)
+    assert back.dtype == np.uint8 and np.array_equal(back, mask)
+    assert sorted(np.unique(back).tolist()) == [0, *MISSING_CLASSES_IDS]
+    out = write_dicom_seg(seg, tmp_path / "seg.dcm")
+    save_nifti(hu, affine, tmp_path / "ct.nii.gz")
+    label, label_affine = read_dicom_seg(out, tmp_path / "ct.nii.gz")
+    assert np.array_equal(label, mask) and np.allclose(label_affine, affine)
+
+
+def test_positional_seg_read_by_label_and_code(tmp_path):
+    """A SEG numbered 1..N (dcmqi style): segment 1 is gallbladder, 2 stomach, ... -- read by label,
+    they are 9, 11, 13, 14 again (the stock reader made them 1, 2, 3, 4); a segment with a
+    non-FLARE23 label is matched by its SNOMED code (kidney + left modifier = 13)."""
+    from abdoseg.dicom_seg import dicom_seg_to_label, segment_class_ids
+    from abdoseg.phantom import make_case
+
+    hu, _, affine = make_case(4, shape=SHAPE, spacing_mm=SPACING_MM, axcodes="LPS")
+    datasets = read_source_datasets(_ct_series(hu, affine, tmp_path / "ct"))
+    mask = _sparse_mask()
+    seg = _positional_seg(mask, affine, datasets, [
+        (14, "Lesion", ("52988006", "Lesion"), None),  # listed first: order must not matter
+        (9, "Gallbladder", ("28231008", "Gallbladder"), None),
+        (13, "Segment_3", ("64033007", "Kidney"), ("7771000", "Left")),  # by code only
+        (11, "stomach", ("69695003", "Stomach"), None),
+    ])
+    assert segment_class_ids(seg) == {1: 14, 2: 9, 3: 13, 4: 11}
+    assert np.array_equal(dicom_seg_to_label(seg, affine, mask.shape), mask)
+
+
+def test_seg_reader_refuses_what_it_cannot_tell(tmp_path):
+    from abdoseg.dicom_seg import dicom_seg_to_label, read_dicom_seg
+    from abdoseg.phantom import make_case
+
+    hu, _, affine = make_case(4, shape=SHAPE, spacing_mm=SPACING_MM, axcodes="LPS")
+    datasets = read_source_datasets(_ct_series(hu, affine, tmp_path / "ct"))
+    mask = _sparse_mask()
+    unknown = _positional_seg(mask, affine, datasets, [(9, "blob", ("12345", "Something"), None)])
+    with pytest.raises(InputError, match=r"segment 1 \('blob'.*not a FLARE23 class"):
+        dicom_seg_to_label(unknown, affine, mask.shape, where="x.dcm")
+    kidney_no_side = _positional_seg(mask, affine, datasets, [(13, "Kidney", ("64033007", "Kidney"), None)])
+    with pytest.raises(InputError, match="not a FLARE23 class"):
+        dicom_seg_to_label(kidney_no_side, affine, mask.shape)
+    conflict = _positional_seg(mask, affine, datasets, [(9, "liver", ("28231008", "Gallbladder"), None)])
+    with pytest.raises(InputError, match="labelled 'liver'.*coded as 'gallbladder'"):
+        dicom_seg_to_label(conflict, affine, mask.shape)
+    seg = mask_to_dicom_seg(mask, affine, datasets)
+    shifted = affine.copy()
+    shifted[:3, 3] += affine[:3, 0] * 0.5
+    with pytest.raises(InputError, match="voxels off"):
+        dicom_seg_to_label(seg, shifted, mask.shape)
+    with pytest.raises(InputError, match="outside the image"):
+        dicom_seg_to_label(seg, affine, (SHAPE[0], SHAPE[1], SHAPE[2] - 4))
+    save_nifti(hu, affine, tmp_path / "ct.nii.gz")
+    with pytest.raises(InputError, match="not a DICOM SEG"):
+        read_dicom_seg(_ct_series(hu, affine, tmp_path / "ct2", series=2)[0], tmp_path / "ct.nii.gz")

@@ -321,5 +321,153 @@ def series_seg(mask_file: str | os.PathLike, series_folder: str | os.PathLike, o
     return write_dicom_seg(seg, out_file)
 
 
-__all__ = ["series_seg", "mask_to_dicom_seg", "import_highdicom", "mask_frames", "write_dicom_seg",
+# --------------------------------------------------------------------------------------------------
+# Reading: a DICOM SEG -> FLARE23 label mask, classes by segment label or property code.
+
+
+def _norm_label(text: str) -> str:
+    return "_".join(str(text).strip().lower().replace("-", " ").replace("_", " ").split())
+
+
+#: normalized FLARE23 name -> id ("Right Kidney", "right-kidney", "right_kidney" all match 2)
+_LABEL_TO_ID: dict[str, int] = {_norm_label(LABELS[i]): i for i in FOREGROUND_IDS}
+#: (property type code value, laterality modifier code value or None) -> FLARE23 id
+_CODE_TO_ID: dict[tuple[str, str | None], int] = {
+    (t[0], m[0] if m else None): sid for sid, (_, t, m) in SEGMENT_CODES.items()}
+
+
+def _first(seq_owner: Any, keyword: str, fallback: Any = None) -> Any:
+    """First item of sequence ``keyword`` of ``seq_owner``, else of ``fallback`` (shared groups)."""
+    for owner in (seq_owner, fallback):
+        seq = owner.get(keyword) if owner is not None else None
+        if seq:
+            return seq[0]
+    return None
+
+
+def segment_class_ids(seg: Any, where: str = "DICOM SEG") -> dict[int, int]:
+    """``{SegmentNumber: FLARE23 id}`` of a DICOM SEG dataset, **never by position**: a segment is
+    matched by its SegmentLabel (a FLARE23 name, case, space, hyphen and underscore insensitive),
+    else by its SegmentedPropertyTypeCodeSequence (plus the laterality modifier for kidneys and
+    adrenal glands, as :data:`SEGMENT_CODES`). A segment matching no class, a label and code naming
+    different classes, or two segments naming the same class raise :class:`InputError` naming the
+    segment: a label whose classes cannot be told apart must not train the wrong ones."""
+    out: dict[int, int] = {}
+    for item in seg.get("SegmentSequence", []) or []:
+        number = int(item.SegmentNumber)
+        label = str(item.get("SegmentLabel", "") or "")
+        by_label = _LABEL_TO_ID.get(_norm_label(label))
+        by_code = None
+        ptype = _first(item, "SegmentedPropertyTypeCodeSequence")
+        if ptype is not None:
+            mod = _first(item, "SegmentedPropertyTypeModifierCodeSequence")
+            key = (str(ptype.get("CodeValue", "")), str(mod.get("CodeValue", "")) if mod is not None else None)
+            by_code = _CODE_TO_ID.get(key)
+        if by_label is not None and by_code is not None and by_label != by_code:
+            raise InputError(where, f"segment {number} is labelled {label!r} (FLARE23 {by_label}) but coded as "
+                                    f"{LABELS[by_code]!r} (FLARE23 {by_code}); which class it is cannot be told")
+        cid = by_label if by_label is not None else by_code
+        if cid is None:
+            code = f"{ptype.get('CodeValue', '?')} {ptype.get('CodeMeaning', '')!r}" if ptype is not None else "none"
+            raise InputError(where, f"segment {number} ({label!r}, property type code {code}) is not a FLARE23 class; "
+                                    f"expected a segment label among {[LABELS[i] for i in FOREGROUND_IDS]} "
+                                    "or their SNOMED CT codes")
+        if cid in out.values():
+            other = next(n for n, c in out.items() if c == cid)
+            raise InputError(where, f"segments {other} and {number} are both {LABELS[cid]!r}")
+        out[number] = cid
+    if not out:
+        raise InputError(where, "a DICOM SEG without segments (no SegmentSequence)")
+    return out
+
+
+def _frame_geometry(seg: Any, i: int, shared: Any, where: str) -> tuple[np.ndarray, np.ndarray, np.ndarray, np.ndarray]:
+    per = seg.PerFrameFunctionalGroupsSequence[i] if "PerFrameFunctionalGroupsSequence" in seg else None
+    pos = _first(per, "PlanePositionSequence", shared)
+    ori = _first(per, "PlaneOrientationSequence", shared)
+    pix = _first(per, "PixelMeasuresSequence", shared)
+    if pos is None or ori is None or pix is None:
+        raise InputError(where, f"frame {i + 1} of the DICOM SEG has no plane position, orientation or pixel "
+                                "spacing; it cannot be placed on the image")
+    return _slice_geometry(types.SimpleNamespace(ImagePositionPatient=pos.ImagePositionPatient,
+                                                 ImageOrientationPatient=ori.ImageOrientationPatient,
+                                                 PixelSpacing=pix.PixelSpacing,
+                                                 get=lambda k, d=None: f"frame {i + 1}"), where)
+
+
+def dicom_seg_to_label(seg: Any, affine: np.ndarray, shape: Sequence[int], where: str = "DICOM SEG") -> np.ndarray:
+    """The FLARE23 label mask (uint8, ``shape``; ``affine`` voxel -> RAS mm, the image's grid) of
+    the DICOM SEG dataset ``seg`` (BINARY or FRACTIONAL, thresholded at one half). Classes come
+    from :func:`segment_class_ids` (label or code, never position): segment numbers and the order
+    or presence of other segments do not matter, a class with no frames stays 0. Where segments
+    overlap the higher FLARE23 id wins (the lesion over its organ, as in FLARE23 labels).
+
+    Every frame pixel is mapped through its plane position/orientation and pixel spacing to the
+    image grid; a frame off the grid's voxel centres (another series, a resampled image) or
+    outside it raises :class:`InputError`."""
+    affine = np.asarray(affine, dtype=np.float64)
+    shape = tuple(int(v) for v in shape)
+    if len(shape) != 3:
+        raise InputError(where, f"the reference image must be 3D, got shape {shape}")
+    classes = segment_class_ids(seg, where)
+    rows, cols = int(seg.Rows), int(seg.Columns)
+    n_frames = int(seg.get("NumberOfFrames", 1) or 1)
+    pixels = np.asarray(seg.pixel_array).reshape(n_frames, rows, cols)
+    if str(seg.get("SegmentationType", "BINARY")).upper() == "FRACTIONAL":
+        on_all = pixels >= max(int(seg.get("MaximumFractionalValue", 255) or 255), 1) / 2.0
+    else:
+        on_all = pixels > 0
+    shared = _first(seg, "SharedFunctionalGroupsSequence")
+    ras_to_vox = np.linalg.inv(affine) @ LPS_TO_RAS
+    out = np.zeros(shape, dtype=np.uint8)
+    for i in range(n_frames):
+        per = seg.PerFrameFunctionalGroupsSequence[i] if "PerFrameFunctionalGroupsSequence" in seg else None
+        ident = _first(per, "SegmentIdentificationSequence", shared)
+        if ident is None:
+            raise InputError(where, f"frame {i + 1} of the DICOM SEG names no segment")
+        number = int(ident.ReferencedSegmentNumber)
+        if number not in classes:
+            raise InputError(where, f"frame {i + 1} refers to segment {number}, which the SegmentSequence lacks")
+        ipp, row_dir, col_dir, ps = _frame_geometry(seg, i, shared, where)
+        r, c = np.nonzero(on_all[i])
+        if r.size == 0:
+            continue
+        lps = ipp[None] + r[:, None] * (col_dir * ps[0])[None] + c[:, None] * (row_dir * ps[1])[None]
+        vox = lps @ ras_to_vox[:3, :3].T + ras_to_vox[:3, 3]
+        idx = np.rint(vox)
+        off = float(np.abs(vox - idx).max())
+        if off > GRID_TOL_VOXELS:
+            raise InputError(where, f"frame {i + 1} (segment {number}) lies up to {off:.2f} voxels off the image's "
+                                    "voxel centres: the SEG is not on this image's grid (another series?)")
+        idx = idx.astype(np.int64)
+        if (idx < 0).any() or (idx >= np.asarray(shape)).any():
+            raise InputError(where, f"frame {i + 1} (segment {number}) lies (partly) outside the image (shape {shape})")
+        cid = classes[number]
+        tgt = (idx[:, 0], idx[:, 1], idx[:, 2])
+        out[tgt] = np.maximum(out[tgt], cid)
+    return out
+
+
+def read_dicom_seg(seg_file: str | os.PathLike, reference_image: str | os.PathLike) -> tuple[np.ndarray, np.ndarray]:
+    """``(label, affine)``: the DICOM SEG file ``seg_file`` as a FLARE23 mask on the grid of the
+    NIfTI image ``reference_image`` (:func:`dicom_seg_to_label`). Errors name the SEG file."""
+    import nibabel as nib
+    import pydicom
+
+    try:
+        seg = pydicom.dcmread(str(seg_file))
+    except Exception as exc:
+        raise InputError(seg_file, f"not a readable DICOM file ({exc})") from exc
+    if str(seg.get("Modality", "")) != "SEG":
+        raise InputError(seg_file, f"not a DICOM SEG (Modality {seg.get('Modality', 'missing')!r})")
+    try:
+        img = nib.load(str(reference_image))
+    except Exception as exc:
+        raise InputError(reference_image, f"not a readable NIfTI image ({exc})") from exc
+    if len(img.shape) < 3:
+        raise InputError(reference_image, f"not a 3D image (shape {img.shape})")
+    return dicom_seg_to_label(seg, img.affine, img.shape[:3], where=str(seg_file)), np.asarray(img.affine)
+
+
+__all__ = ["series_seg", "mask_to_dicom_seg", "dicom_seg_to_label", "read_dicom_seg", "segment_class_ids", "import_highdicom", "mask_frames", "write_dicom_seg",
            "read_source_datasets", "segment_descriptions", "SEGMENT_CODES", "GRID_TOL_VOXELS"]
