@@ -289,7 +289,7 @@ def test_killed_writer_leftover_is_ignored_then_removed(tmp_path, stand_in, caps
     from abdoseg.dataprep import _nifti_files
     from abdoseg.segment import find_cases
 
-    assert set(_nifti_files(out)) == {"B"} and set(_nifti_files(gt)) == {"A"}
+    assert set(_nifti_files(out)[0]) == {"B"} and set(_nifti_files(gt)[0]) == {"A"}
     assert [c["case_id"] for c in find_cases(out)] == ["B"]
     # the next run writing into the folder removes the leftover and writes the complete mask
     inp = tmp_path / "in"
@@ -617,3 +617,158 @@ def test_dicom_positions_rounded_by_the_scanner_are_accepted_gaps_still_found(tm
     files = sorted((tmp_path / "rounded_gap").iterdir())
     files[6].unlink()
     _expect_series_error(tmp_path / "rounded_gap", files[5].name, files[7].name, "1 slice(s) missing")
+
+
+# ----------------------------------------------------------------------------------------------
+# issue 23: no silent wrong answer
+# ----------------------------------------------------------------------------------------------
+def _in_fov(shape=SHAPE) -> np.ndarray:
+    """In-plane disc of a scanner's reconstruction field of view (inscribed in the slice)."""
+    x, y = np.meshgrid(np.linspace(-1, 1, shape[0]), np.linspace(-1, 1, shape[1]), indexing="ij")
+    return np.broadcast_to((x ** 2 + y ** 2 <= 1.0)[:, :, None], shape)
+
+
+def _offset_ct_padded() -> np.ndarray:
+    """The CT stored with +1024 (air at ~0 inside the scan) and -1024 outside the circular FOV."""
+    ct = (_ct() + 1024).astype(np.int16)
+    ct[~_in_fov()] = -1024
+    return ct
+
+
+def test_offset_ct_with_fov_padding_is_refused_like_without_it(tmp_path, stand_in, capsys, caplog):
+    """+1024-offset data used to pass the value check through its -1024 padding (issue 23)."""
+    from abdoseg.inference.ct_checks import check_ct_volume, fov_padding_value
+
+    padded = _offset_ct_padded()
+    assert padded.min() == -1024 and padded.max() >= 100  # the whole array's range passes the old test
+    assert fov_padding_value(padded) == -1024.0
+    with pytest.raises(InputError, match=r"^off\.nii\.gz: value range \[24, 1726\] inside the scan field of view "
+                                         r"\(74% of the voxels; padding value -1024 outside it left out\) does not "
+                                         r"look like CT.*stored with an offset \(e\.g\. \+1024: air at 24\)"):
+        check_ct_volume(padded, SPACING, "off.nii.gz")
+    inp = tmp_path / "in"
+    save_nifti(padded, AFFINE, inp / "offset_0000.nii.gz")
+    save_nifti((_ct() + 1024).astype(np.int16), AFFINE, inp / "offset_nopad_0000.nii.gz")
+    save_nifti(_ct(), AFFINE, inp / "good_0000.nii.gz")
+    code, err = _segment(inp, tmp_path / "out", capsys, caplog)
+    assert code == 1 and "Traceback" not in err
+    assert f"{inp / 'offset_0000.nii.gz'}: value range" in err and "stored with an offset" in err
+    assert f"{inp / 'offset_nopad_0000.nii.gz'}: value range" in err
+    assert sorted(p.name for p in (tmp_path / "out").iterdir()) == ["good.nii.gz"]
+
+
+@pytest.mark.parametrize("pad", [-1024, -2048, -3024])
+def test_hu_ct_with_fov_padding_is_accepted_and_padding_found(pad):
+    from abdoseg.inference.ct_checks import ImplausibleCTWarning, check_ct_volume, fov_padding_value
+
+    ct = _ct() - 24  # air at -1024..-1022 inside the FOV, as scanners clip it
+    ct[~_in_fov()] = pad
+    assert fov_padding_value(ct) == float(min(pad, -1024))
+    with warnings.catch_warnings():
+        warnings.simplefilter("error", ImplausibleCTWarning)
+        check_ct_volume(ct, SPACING, "padded.nii.gz")
+
+
+def test_constant_air_around_a_body_is_not_padding():
+    """Air of one value around a body that stays inside the slice is air, not FOV padding: the
+    synthetic CTs of this suite (air exactly -1000 outside an ellipse) must stay accepted."""
+    from abdoseg.inference.ct_checks import check_ct_volume, fov_padding_value
+
+    flat_air = np.where(_ct() > -900, _ct(), -1000).astype(np.int16)
+    assert fov_padding_value(flat_air) is None
+    check_ct_volume(flat_air, SPACING, "flat_air.nii.gz")
+    assert fov_padding_value(np.full(SHAPE, -1000, np.int16)) is None
+
+
+def test_air_painted_classes_finds_organs_on_air():
+    from abdoseg.inference.ct_checks import air_painted_classes
+
+    ct = _ct()
+    mask = np.zeros(SHAPE, np.uint8)
+    mask[18:22, 18:22, 10:20] = 1  # liver on tissue / bone: fine
+    mask[0:10, 0:10, 0:10] = 3  # spleen on air
+    mask[0:1, 0:1, 0:1] = 5  # a 0.2 mL speck of aorta on air: below min_ml
+    found = air_painted_classes(mask, ct, SPACING)
+    assert found == [(3, round(999 * 0.216, 1), round(float(ct[mask == 3].mean()), 1))]
+    assert found[0][2] < -980
+    assert air_painted_classes(mask, ct, SPACING, min_ml=0.1)[0][0] == 3
+    assert [c for c, _, _ in air_painted_classes(mask, ct, SPACING, min_ml=0.1)] == [3, 5]
+    assert air_painted_classes(np.zeros(SHAPE, np.uint8), ct, SPACING) == []
+    with pytest.raises(ValueError, match="voxels"):
+        air_painted_classes(mask[:-1], ct, SPACING)
+
+
+def test_organs_painted_on_air_warn_naming_file_class_and_remedy(tmp_path, monkeypatch, capsys, caplog):
+    """A small body in a large FOV: the mask is written (exit 0) with a one-line warning."""
+    import abdoseg.segment
+
+    class OnAir(_StandInSegmenter):
+        def __call__(self, item):
+            mask, affine = super().__call__(item)
+            mask[:8, :8, :] = 3  # "spleen" in the air corner
+            return mask, affine
+
+    monkeypatch.setattr(abdoseg.segment, "load_cascade", lambda *a, **k: OnAir())
+    inp = tmp_path / "small_body_0000.nii.gz"
+    save_nifti(_ct(), AFFINE, inp)
+    code, err = _segment(inp, tmp_path / "out", capsys, caplog)
+    assert code == 0, err
+    warn = [ln for ln in err.splitlines() if ln.startswith("abdoseg segment: warning:")]
+    assert len(warn) == 1, err
+    assert warn[0].startswith(f"abdoseg segment: warning: {inp}: organs predicted on air (spleen ")
+    assert "(spleen 414.7 mL at a mean of -999 HU)" in warn[0] and "crop the CT to the body" in warn[0]
+    assert (tmp_path / "out" / "small_body.nii.gz").is_file()
+    # a mask on tissue only: no warning
+    monkeypatch.setattr(abdoseg.segment, "load_cascade", lambda *a, **k: _StandInSegmenter())
+    code, err = _segment(inp, tmp_path / "out3", capsys, caplog)
+    assert code == 0 and "warning" not in err, err
+
+
+def _prepare_case(root: Path, name: str, image_name: str, ct=None) -> None:
+    lab = np.zeros(SHAPE, np.uint8)
+    lab[10:20, 10:20, 10:20] = 1
+    save_nifti(_ct() if ct is None else ct, AFFINE, root / "imagesTr" / image_name)
+    save_nifti(lab, AFFINE, root / "labelsTr" / f"{name}.nii.gz")
+
+
+@pytest.mark.parametrize("other_shape", [False, True])
+def test_prepare_two_images_of_one_case_is_a_problem(tmp_path, capsys, other_shape):
+    """PHANTOM_0002.nii.gz and PHANTOM_0002_0000.nii.gz are both case PHANTOM_0002: never guess."""
+    from abdoseg.dataprep import prepare
+
+    root = tmp_path / "data"
+    _prepare_case(root, "PHANTOM_0001", "PHANTOM_0001_0000.nii.gz")
+    _prepare_case(root, "PHANTOM_0002", "PHANTOM_0002_0000.nii.gz")
+    save_nifti(_ct((40, 40, 20)) if other_shape else _ct()[::-1].copy(), AFFINE,
+               root / "imagesTr" / "PHANTOM_0002.nii.gz")
+    out = Path(prepare(str(root), workers=1, quiet=True, dataset_json=False))
+    report = json.loads(out.with_name("datalist_report.json").read_text())
+    assert [p["case"] for p in report["problems"]] == ["PHANTOM_0002"]
+    reason = report["problems"][0]["reason"]
+    assert reason == ("PHANTOM_0002.nii.gz and PHANTOM_0002_0000.nii.gz in imagesTr/ all map to case PHANTOM_0002; "
+                      "rename or remove all but one"), reason
+    assert [d["image"] for d in json.loads(out.read_text())["training"]] == ["imagesTr/PHANTOM_0001_0000.nii.gz"]
+    for p in out.parent.glob("datalist*"):
+        p.unlink()
+    code, err = _cli(["prepare", "--data_dir", str(root), "--strict", "--workers", "1"], capsys)
+    assert code == 1 and "all map to case PHANTOM_0002" in err and "shape" not in err
+    assert err.strip().splitlines()[-1].startswith("abdoseg prepare: error: ")
+    assert not (root / "datalist.json").exists()
+
+
+def test_uppercase_nifti_extension_is_one_case_in_segment_and_prepare(tmp_path, stand_in, capsys, caplog):
+    from abdoseg.dataprep import prepare
+    from abdoseg.io import case_id_from_image
+
+    assert case_id_from_image("UPPER.NII.GZ") == "UPPER" and case_id_from_image("X_0000.Nii") == "X"
+    inp = tmp_path / "in"
+    save_nifti(_ct(), AFFINE, inp / "UPPER.nii.gz")
+    (inp / "UPPER.nii.gz").rename(inp / "UPPER.NII.GZ")
+    code, err = _segment(inp, tmp_path / "out", capsys, caplog)
+    assert code == 0, err
+    assert sorted(p.name for p in (tmp_path / "out").iterdir()) == ["UPPER.nii.gz"]
+    root = tmp_path / "data"
+    _prepare_case(root, "CASE", "CASE_0000.nii.gz")
+    (root / "imagesTr" / "CASE_0000.nii.gz").rename(root / "imagesTr" / "CASE_0000.NII.GZ")
+    dl = json.loads(Path(prepare(str(root), strict=True, workers=1, quiet=True, dataset_json=False)).read_text())
+    assert [d["image"] for d in dl["training"]] == ["imagesTr/CASE_0000.NII.GZ"]

@@ -197,16 +197,30 @@ def _check_case(task: _Task) -> _Result:
 
 
 # --------------------------------------------------------------------------- folder scanning
-def _nifti_files(folder: Path) -> dict[str, Path]:
-    """{case id: path} of the NIfTI files of a folder (hidden/temporary files skipped)."""
+def _nifti_files(folder: Path) -> tuple[dict[str, Path], dict[str, list[Path]]]:
+    """``({case id: path}, {case id: [every file]} of the ids that several files map to)`` of the
+    NIfTI files of a folder (``.nii.gz``/``.nii`` in any letter case; hidden/temporary files
+    skipped). ``X.nii.gz`` and ``X_0000.nii.gz`` are both case ``X``: such a clash is returned, never
+    silently resolved."""
     out: dict[str, Path] = {}
+    clashes: dict[str, list[Path]] = {}
     if not folder.is_dir():
-        return out
+        return out, clashes
     for p in sorted(folder.iterdir()):
-        if is_hidden_or_partial(p) or not p.is_file() or not p.name.endswith(_NIFTI_EXTS):
+        if is_hidden_or_partial(p) or not p.is_file() or not p.name.lower().endswith(_NIFTI_EXTS):
             continue
-        out.setdefault(case_id_from_image(p), p)
-    return out
+        cid = case_id_from_image(p)
+        if cid in out:
+            clashes.setdefault(cid, [out[cid]]).append(p)
+        else:
+            out[cid] = p
+    return out, clashes
+
+
+def clash_reason(case_id: str, files: Sequence[Path]) -> str:
+    """One line: which files of one folder all map to ``case_id`` and what to do."""
+    names = " and ".join(p.name for p in files)
+    return f"{names} in {files[0].parent.name}/ all map to case {case_id}; rename or remove all but one"
 
 
 def _pseudo_folders(pseudo: Sequence[str] | Mapping[str, str] | str | None) -> dict[str, str]:
@@ -288,7 +302,9 @@ def prepare(data_dir: str, out: str | None = None, strict: bool = False, workers
             present_pseudo[key] = root / folder
         else:
             notes.append(f"pseudo-label folder '{folder}' not found: key '{key}' omitted")
-    pseudo_files = {key: _nifti_files(p) for key, p in present_pseudo.items()}
+    pseudo_scan = {key: _nifti_files(p) for key, p in present_pseudo.items()}
+    pseudo_files = {key: files for key, (files, _) in pseudo_scan.items()}
+    pseudo_clashes = {key: clashes for key, (_, clashes) in pseudo_scan.items()}
     declared = _declared_annotations(root) if dataset_json else {}
     if declared:
         notes.append(f"annotated classes of {len(declared)} cases taken from dataset.json")
@@ -303,8 +319,8 @@ def prepare(data_dir: str, out: str | None = None, strict: bool = False, workers
         if not img_dir.is_dir():
             notes.append(f"folder '{img_folder}' not found: no {split} cases")
             return
-        imgs = _nifti_files(img_dir)
-        labs = _nifti_files(root / lab_folder) if lab_folder else {}
+        imgs, img_clashes = _nifti_files(img_dir)
+        labs, lab_clashes = _nifti_files(root / lab_folder) if lab_folder else ({}, {})
         for cid, lab in labs.items():
             if cid not in imgs:
                 problem(cid, split, str(lab), f"label without image (no {img_folder}/{cid}_0000.nii.gz)")
@@ -313,6 +329,11 @@ def prepare(data_dir: str, out: str | None = None, strict: bool = False, workers
                 problem(cid, split, str(img), f"case id already used in {seen[cid]}")
                 continue
             seen[cid] = img_folder
+            clash = img_clashes.get(cid) or lab_clashes.get(cid) or next(
+                (c[cid] for c in pseudo_clashes.values() if cid in c and split != "validation"), None)
+            if clash:  # which file is the image (or label) of this case is ambiguous: never guess
+                problem(cid, split, str(clash[-1]), clash_reason(cid, clash))
+                continue
             task = _Task(cid, split, img)
             if lab_folder is not None:
                 if cid not in labs:
@@ -492,7 +513,7 @@ def _summary_markdown(report: dict[str, Any]) -> str:
 def _mask_name(path: Path) -> str:
     name = path.name
     for ext in _NIFTI_EXTS:
-        if name.endswith(ext):
+        if name.lower().endswith(ext):
             return name[: -len(ext)]
     return name
 
@@ -520,7 +541,7 @@ def merge_structure_masks(mask_dir: str | os.PathLike,
     if not mask_dir.is_dir():
         raise InputError(mask_dir, "mask folder not found")
     pairs = list(mapping.items()) if isinstance(mapping, Mapping) else list(mapping)
-    files = sorted((p for p in mask_dir.iterdir() if p.is_file() and p.name.endswith(_NIFTI_EXTS)
+    files = sorted((p for p in mask_dir.iterdir() if p.is_file() and p.name.lower().endswith(_NIFTI_EXTS)
                     and not is_hidden_or_partial(p)), key=lambda p: p.name)
     plan: list[tuple[Path, int]] = []
     for pattern, cls in pairs:

@@ -291,10 +291,11 @@ def _json_default(o: Any) -> Any:
 
 
 def case_id_from_image(path: str | os.PathLike) -> str:
-    """FLARE naming: ``FLARE23_0001_0000.nii.gz`` -> ``FLARE23_0001``; other files: name without extension."""
+    """FLARE naming: ``FLARE23_0001_0000.nii.gz`` -> ``FLARE23_0001``; other files: name without
+    extension (matched in any letter case: ``CT.NII.GZ`` -> ``CT``)."""
     name = Path(path).name
     for ext in (".nii.gz", ".nii", ".nrrd", ".mha"):
-        if name.endswith(ext):
+        if name.lower().endswith(ext):  # CT.NII.GZ is case CT, as ct.nii.gz is case ct
             name = name[: -len(ext)]
             break
     if name.endswith("_0000"):

@@ -532,7 +532,32 @@ class _CaseRunner:
             for w in caught:  # re-issued, naming the user's DICOM folder
                 message = str(w.message).replace(str(image), case["source"])
                 warnings.warn_explicit(message, w.category, w.filename, w.lineno)
+        warn_organs_on_air(result[0], image, case["source"])
         return result
+
+
+def warn_organs_on_air(mask: np.ndarray, image_file: str | os.PathLike, source: str) -> list[tuple[int, float, float]]:
+    """Warn (:class:`~abdoseg.inference.ct_checks.ImplausibleCTWarning`, one line naming ``source``)
+    about predicted classes whose mean CT value is air (:func:`~abdoseg.inference.ct_checks.air_painted_classes`):
+    a small body in a large field of view, or values that are not HU. Returns what it found."""
+    import nibabel as nib
+
+    from abdoseg.inference.ct_checks import ImplausibleCTWarning, air_painted_classes
+    from abdoseg.labels import LABELS
+
+    if not np.any(mask):
+        return []
+    img = nib.load(str(image_file))
+    data = np.asanyarray(img.dataobj)
+    if data.size != np.asarray(mask).size:
+        return []  # not on one grid: nothing to compare (the writer checks the grid)
+    found = air_painted_classes(mask, data, img.header.get_zooms()[:3])
+    if found:
+        what = ", ".join(f"{LABELS.get(c, c)} {ml:g} mL at a mean of {hu:.0f} HU" for c, ml, hu in found)
+        warnings.warn(f"{source}: organs predicted on air ({what}): the body may fill only a small part of a large "
+                      "field of view, or the values are not Hounsfield units; check the mask (--preview) and crop "
+                      "the CT to the body", ImplausibleCTWarning, stacklevel=2)
+    return found
 
 
 def write_extras(case_id: str, image_file: Path, mask_file: Path, out_dir: Path, statistics: bool,
