@@ -772,3 +772,80 @@ def test_uppercase_nifti_extension_is_one_case_in_segment_and_prepare(tmp_path, 
     (root / "imagesTr" / "CASE_0000.nii.gz").rename(root / "imagesTr" / "CASE_0000.NII.GZ")
     dl = json.loads(Path(prepare(str(root), strict=True, workers=1, quiet=True, dataset_json=False)).read_text())
     assert [d["image"] for d in dl["training"]] == ["imagesTr/CASE_0000.NII.GZ"]
+
+
+def _bundle_copy(tmp_path: Path) -> Path:
+    from abdoseg.segment import DEFAULT_BUNDLE
+
+    b = tmp_path / "bundle"
+    shutil.copytree(DEFAULT_BUNDLE, b, ignore=shutil.ignore_patterns("docs", "eval"))
+    return b
+
+
+def _malicious_pickle(path: Path) -> None:
+    import pickle
+
+    class Boom:
+        def __reduce__(self):
+            return (os.system, ("touch " + str(path.parent / "PWNED"),))
+
+    path.write_bytes(pickle.dumps(Boom(), protocol=4))
+
+
+@pytest.mark.parametrize("damage, expected", [
+    ("truncated", "models/coarse_model.pt: truncated or corrupt checkpoint (PytorchStreamReader failed reading zip "
+                  "archive: failed finding central directory); copy or download it again"),
+    ("empty", "models/coarse_model.pt: truncated or corrupt checkpoint (EOFError); copy or download it again"),
+    ("fine_weights", "models/coarse_model.pt: weights do not fit the coarse network (coarse_network_def): "),
+    ("pickle", "models/coarse_model.pt: not a plain PyTorch state dict: it holds Python objects that the safe "
+               "loader refuses"),
+    ("metadata", "configs/metadata.json: not valid JSON: Expecting value at line 1 column 13"),
+    ("inference", "configs/inference.json: not valid JSON: Expecting property name enclosed in double quotes at "
+                  "line 1 column 9"),
+])
+def test_broken_bundle_is_one_line_not_a_traceback(tmp_path, capsys, damage, expected):
+    """A truncated or foreign checkpoint, or a config that is not JSON: one line naming the file
+    (no MONAI 'Failed to instantiate component', no PyTorch weights_only=False advice), exit 1."""
+    b = _bundle_copy(tmp_path)
+    coarse = b / "models" / "coarse_model.pt"
+    if damage == "truncated":
+        coarse.write_bytes(coarse.read_bytes()[:100_000])
+    elif damage == "empty":
+        coarse.write_bytes(b"")
+    elif damage == "fine_weights":
+        shutil.copy(b / "models" / "model.pt", coarse)
+    elif damage == "pickle":
+        _malicious_pickle(coarse)
+    elif damage == "metadata":
+        (b / "configs" / "metadata.json").write_text('{"version": ')
+    else:
+        (b / "configs" / "inference.json").write_text('{"a": 1,}')
+    ct = tmp_path / "ct.nii.gz"
+    save_nifti(_ct(), AFFINE, ct)
+    code, err = _cli(["segment", "-i", str(ct), "-o", str(tmp_path / "out"), "--device", "cpu",
+                      "--bundle_dir", str(b)], capsys)
+    assert code == 1
+    ours = [ln for ln in err.splitlines() if ln.startswith("abdoseg segment: error: ")]
+    assert len(ours) == 1 and "Traceback" not in err and "Failed to instantiate" not in err, err
+    assert ours[0].startswith(f"abdoseg segment: error: {b}/") and expected in ours[0], ours[0]
+    assert "weights_only" not in err and "will likely succeed" not in err and "pickle protocol" not in err
+    assert not (tmp_path / "PWNED").exists() and not (tmp_path / "out").exists()
+
+
+def test_file_name_starting_with_a_dash(tmp_path, stand_in, capsys, caplog, monkeypatch):
+    """``-i -x.nii.gz`` is the file -x.nii.gz, not fire's flag -x (it gave a TypeError traceback)."""
+    from abdoseg.cli import join_dash_values
+    from abdoseg.segment import segment
+
+    assert join_dash_values(segment, ["-i", "-x.nii.gz", "-o", "out", "--force"]) == [
+        "--input=-x.nii.gz", "-o", "out", "--force"]
+    assert join_dash_values(segment, ["-i", "a.nii.gz", "--output", "--force"]) == [
+        "-i", "a.nii.gz", "--output", "--force"]  # a flag is never eaten as a value
+    monkeypatch.chdir(tmp_path)
+    save_nifti(_ct(), AFFINE, tmp_path / "-x.nii.gz")
+    code, err = _cli(["segment", "-i", "-x.nii.gz", "-o", "-masks", "--device", "cpu"], capsys, caplog)
+    assert code == 0, err
+    assert sorted(p.name for p in (tmp_path / "-masks").iterdir()) == ["-x.nii.gz"]
+    code, err = _cli(["segment", "-o", "masks", "--device", "cpu", "-i"], capsys, caplog)
+    assert code == 1 and "Traceback" not in err
+    assert "abdoseg segment: error: --input: needs a path (for a file name starting with '-', write ./-x.nii.gz)" in err

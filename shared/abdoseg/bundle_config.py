@@ -9,10 +9,30 @@ from typing import Any
 from abdoseg.io import InputError
 
 
+def check_json_file(path: str | Path) -> Any:
+    """The parsed content of the JSON file ``path`` (``.yaml``/``.yml`` files are left to MONAI and
+    return ``None``). Raises :class:`InputError` naming the file, line and column when it is not
+    valid JSON (MONAI's parser would end in a long ``JSONDecodeError`` traceback)."""
+    import json
+
+    path = Path(path)
+    if path.suffix.lower() in (".yaml", ".yml"):
+        return None
+    try:
+        text = path.read_text(encoding="utf-8")
+    except UnicodeDecodeError as exc:
+        raise InputError(path, f"not a text file (byte {exc.start} is not UTF-8); expected JSON") from exc
+    try:
+        return json.loads(text)
+    except json.JSONDecodeError as exc:
+        raise InputError(path, f"not valid JSON: {exc.msg} at line {exc.lineno} column {exc.colno}") from exc
+
+
 def load_bundle_config(bundle_dir: str | Path, config: str | Sequence[str] = "configs/inference.json") -> Any:
     """``monai.bundle.ConfigParser`` of ``<bundle_dir>/<config>`` (a list is merged in order, as
     ``--config_file "['a.json','b.json']"`` does) with its metadata (when present) and
-    ``bundle_root`` set to ``bundle_dir``. Raises :class:`InputError` if a config is missing."""
+    ``bundle_root`` set to ``bundle_dir``. Raises :class:`InputError` naming the file if a config
+    is missing or is not valid JSON (nor is ``configs/metadata.json``)."""
     from monai.bundle import ConfigParser
 
     bundle_dir = Path(bundle_dir)
@@ -20,10 +40,12 @@ def load_bundle_config(bundle_dir: str | Path, config: str | Sequence[str] = "co
     for cfg in files:
         if not cfg.is_file():
             raise InputError(cfg, "bundle config not found")
+        check_json_file(cfg)
     parser = ConfigParser()
     parser.read_config([str(f) for f in files])
     meta = bundle_dir / "configs" / "metadata.json"
     if meta.is_file():
+        check_json_file(meta)
         parser.read_meta(str(meta))
     parser["bundle_root"] = str(bundle_dir)
     return parser

@@ -10,6 +10,7 @@ mismatch into one :class:`~abdoseg.io.InputError` line naming the file (instead 
 from __future__ import annotations
 
 import os
+import warnings
 from collections.abc import Mapping
 from pathlib import Path
 
@@ -17,7 +18,7 @@ import torch
 
 from abdoseg.io import InputError
 
-__all__ = ["load_state_dict_file", "load_weights", "inference_state_dict", "InferenceWeights"]
+__all__ = ["load_state_dict_file", "load_weights", "torch_load_problem", "inference_state_dict", "InferenceWeights"]
 
 #: Keys under which trainers commonly nest the network's state dict.
 _WRAPPER_KEYS = ("state_dict", "model", "network")
@@ -33,15 +34,33 @@ def load_state_dict_file(path: str | os.PathLike, map_location: str | torch.devi
     if not path.is_file():
         raise InputError(path, "checkpoint not found")
     try:
-        sd = torch.load(str(path), map_location=map_location, weights_only=True)
+        with warnings.catch_warnings():  # torch's note on the pickle protocol of a file it then refuses
+            warnings.filterwarnings("ignore", message=r"Detected pickle protocol", category=UserWarning)
+            sd = torch.load(str(path), map_location=map_location, weights_only=True)
     except Exception as exc:  # pickle errors, truncated zip, ...
-        raise InputError(path, f"not a readable PyTorch state dict ({type(exc).__name__}: {str(exc).splitlines()[0]})") from exc
+        raise InputError(path, torch_load_problem(exc)) from exc
     for key in _WRAPPER_KEYS:
         if isinstance(sd, Mapping) and key in sd and isinstance(sd[key], Mapping):
             sd = sd[key]
     if not isinstance(sd, Mapping) or not all(isinstance(v, torch.Tensor) for v in sd.values()):
         raise InputError(path, "does not hold a state dict (a mapping of parameter names to tensors)")
     return {(k[len("module."):] if k.startswith("module.") else k): v for k, v in sd.items()}
+
+
+def torch_load_problem(exc: BaseException) -> str:
+    """One line for a failed ``torch.load(weights_only=True)``: what is wrong with the file, without
+    PyTorch's advice to retry with ``weights_only=False`` (which runs whatever the file holds)."""
+    text = str(exc).strip()
+    if "Weights only load failed" in text:
+        detail = text.split("WeightsUnpickler error:", 1)[1].strip().splitlines()[0].strip() \
+            if "WeightsUnpickler error:" in text else ""
+        return ("not a plain PyTorch state dict: it holds Python objects that the safe loader refuses"
+                + (f" ({detail})" if detail else "") + "; use a checkpoint saved as torch.save(network.state_dict())")
+    if "PytorchStreamReader" in text or "central directory" in text or isinstance(exc, EOFError):
+        first = text.splitlines()[0].split(". ")[0] if text else type(exc).__name__
+        return f"truncated or corrupt checkpoint ({first}); copy or download it again"
+    first = text.splitlines()[0] if text else ""
+    return f"not a readable PyTorch state dict ({type(exc).__name__}: {first[:200]})"
 
 
 def _mismatch_summary(network: torch.nn.Module, sd: Mapping[str, torch.Tensor]) -> str:

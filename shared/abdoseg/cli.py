@@ -10,6 +10,7 @@ import importlib
 import sys
 import warnings
 from pathlib import Path
+from typing import Any
 
 COMMANDS: dict[str, tuple[str, str]] = {
     # name: ("module:function", one-line help)
@@ -29,6 +30,71 @@ def _usage() -> str:
     lines = ["usage: abdoseg <command> [--help | flags]", "", "commands:"]
     lines += [f"  {name.ljust(width)}  {help_}" for name, (_, help_) in COMMANDS.items()]
     return "\n".join(lines)
+
+
+def input_error_in_chain(exc: BaseException) -> Exception | None:
+    """The :class:`~abdoseg.io.InputError` that ``exc`` wraps (``raise ... from``, or raised while
+    handling it), or ``None``: its one line is all a user needs."""
+    from abdoseg.io import InputError
+
+    seen: set[int] = set()
+    cause: BaseException | None = exc
+    while cause is not None and id(cause) not in seen:
+        if isinstance(cause, InputError):
+            return cause
+        seen.add(id(cause))
+        cause = cause.__cause__ or cause.__context__
+    return None
+
+
+def join_dash_values(func: Any, args: list[str]) -> list[str]:
+    """``args`` with a value that starts with ``-`` (a file named ``-x.nii.gz``) glued to its flag:
+    ``-i -x.nii.gz`` -> ``--input=-x.nii.gz``. Fire would read ``-x.nii.gz`` as a flag and pass
+    ``input=True``. Only for parameters that are not booleans, and only when the value is not
+    itself a flag of ``func``; a negative number stays as it is (fire reads it as a value)."""
+    import inspect
+
+    params = {n: p for n, p in inspect.signature(func).parameters.items()
+              if p.kind in (p.POSITIONAL_OR_KEYWORD, p.KEYWORD_ONLY)}
+    spellings: dict[str, str] = {}
+    for n in params:
+        spellings[f"--{n}"] = n
+        spellings[f"--{n.replace('_', '-')}"] = n
+        spellings[f"-{n}"] = n
+    initials: dict[str, list[str]] = {}
+    for n in params:
+        initials.setdefault(n[0], []).append(n)
+    for letter, names in initials.items():  # fire's short flags: a unique first letter
+        if len(names) == 1:
+            spellings.setdefault(f"-{letter}", names[0])
+    flags = set(spellings) | {f"--no{n}" for n in params}
+
+    def takes_value(name: str) -> bool:
+        p = params[name]
+        return not isinstance(p.default, bool) and p.annotation not in (bool, "bool")
+
+    out: list[str] = []
+    i = 0
+    while i < len(args):
+        a = args[i]
+        name = spellings.get(a)
+        if name is not None and takes_value(name) and i + 1 < len(args):
+            nxt = args[i + 1]
+            if nxt.startswith("-") and nxt.split("=", 1)[0] not in flags and nxt != "--" and not _is_number(nxt):
+                out.append(f"--{name}={nxt}")
+                i += 2
+                continue
+        out.append(a)
+        i += 1
+    return out
+
+
+def _is_number(text: str) -> bool:
+    try:
+        float(text)
+    except ValueError:
+        return False
+    return True
 
 
 def main(argv: list[str] | None = None) -> None:
@@ -63,9 +129,17 @@ def main(argv: list[str] | None = None) -> None:
 
     warnings.showwarning = show
     try:
-        fire.Fire(quiet, command=argv[1:], name=f"abdoseg {name}")
+        fire.Fire(quiet, command=join_dash_values(func, argv[1:]), name=f"abdoseg {name}")
     except InputError as exc:
         print(f"abdoseg {name}: error: {exc}", file=sys.stderr)
+        raise SystemExit(1) from exc
+    except (SystemExit, KeyboardInterrupt):
+        raise
+    except Exception as exc:  # e.g. MONAI's "Failed to instantiate component" around our InputError
+        inner = input_error_in_chain(exc)
+        if inner is None:
+            raise
+        print(f"abdoseg {name}: error: {inner}", file=sys.stderr)
         raise SystemExit(1) from exc
     except OSError as exc:  # a read-only folder, a file where a folder should be, a full disk: no traceback
         where = f"{exc.filename}: " if getattr(exc, "filename", None) else ""

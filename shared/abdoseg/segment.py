@@ -649,6 +649,10 @@ def segment(input: str, output: str, bundle_dir: str = str(DEFAULT_BUNDLE), devi
 
     from abdoseg.batch import run_batch
 
+    for flag, value in (("--input", input), ("--output", output)):
+        if isinstance(value, bool) or value in (None, ""):  # fire's reading of a bare -i
+            raise InputError(flag, "needs a path (for a file name starting with '-', write ./-x.nii.gz)")
+    input, output = str(input), str(output)
     cases = find_cases(input, exclude=[output])  # the output may lie inside the input folder
     out_dir, cases = output_layout(cases, input, output)
     if dicom_seg:
