@@ -13,16 +13,24 @@
 # 2.0, see LICENSE. Changes (abdoseg): BundleInferTask comes from lib/infers/bundle.py, an unchanged
 # copy that does not import torchvision (see there); the infer and train tasks are the subclasses in
 # lib/abdoseg_tasks.py (only weight files that fit network_def offered, training stats, displayable
-# defaults); everything else is the sample app as shipped.
+# defaults); the datastores are lib/datastores.py's (stay in their folder, labels checked against
+# their image, DICOM SEG with FLARE23 ids, no dcmqi download) and lib/http_guards.py checks /infer
+# and /train (unknown model -> 404, image ids only); everything else is the sample app as shipped.
 
 import logging
 import os
 from typing import Dict
 
+from dicomweb_client import DICOMwebClient
+from dicomweb_client.ext.gcp.session_utils import create_session_from_gcp_credentials
+from dicomweb_client.session_utils import create_session_from_user_pass
 from monai.transforms import Invertd, SaveImaged
 
 import monailabel
+from monailabel.config import settings
+from monailabel.datastore.dicom import DICOMwebClientX
 from monailabel.interfaces.app import MONAILabelApp
+from monailabel.interfaces.datastore import Datastore
 from monailabel.interfaces.tasks.infer_v2 import InferTask, InferType
 from monailabel.interfaces.tasks.scoring import ScoringMethod
 from monailabel.interfaces.tasks.strategy import Strategy
@@ -34,7 +42,9 @@ from monailabel.tasks.scoring.epistemic_v2 import EpistemicScoring
 from monailabel.tasks.train.bundle import BundleTrainTask
 from monailabel.utils.others.generic import get_bundle_models, strtobool
 
+from lib import http_guards  # abdoseg
 from lib.abdoseg_tasks import AbdosegBundleInferTask, AbdosegBundleTrainTask  # abdoseg
+from lib.datastores import AbdosegDICOMWebDatastore, AbdosegLocalDatastore, refuse  # abdoseg
 from lib.infers.bundle import BundleInferTask  # abdoseg: local copy, see lib/infers/bundle.py
 
 logger = logging.getLogger(__name__)
@@ -55,6 +65,7 @@ class MyApp(MONAILabelApp):
             self.epistemic_dropout = float(conf.get("epistemic_dropout", "0.2"))
 
         self.sam = strtobool(conf.get("sam2", "true"))
+        http_guards.install()  # abdoseg
         super().__init__(
             app_dir=app_dir,
             studies=studies,
@@ -63,6 +74,66 @@ class MyApp(MONAILabelApp):
             description="DeepLearning models provided via MONAI Zoo/Bundle",
             version=monailabel.__version__,
         )
+
+    # ----- abdoseg: datastores that stay in their folder, DICOM SEG with FLARE23 ids, no dcmqi
+    def init_datastore(self) -> Datastore:
+        if self.studies.startswith("http://") or self.studies.startswith("https://"):
+            return super().init_datastore()  # -> init_remote_datastore -> _init_dicomweb_datastore below
+        logger.info(f"Init Datastore for: {self.studies}")
+        return AbdosegLocalDatastore(
+            self.studies,
+            extensions=settings.MONAI_LABEL_DATASTORE_FILE_EXT,
+            auto_reload=settings.MONAI_LABEL_DATASTORE_AUTO_RELOAD,
+            read_only=settings.MONAI_LABEL_DATASTORE_READ_ONLY,
+        )
+
+    def _init_dicomweb_datastore(self) -> Datastore:
+        # MONAILabelApp._init_dicomweb_datastore of MONAI Label 0.8.5 with abdoseg's datastore class and
+        # without the dcmqi download (this app writes and reads DICOM SEG with highdicom/pydicom)
+        logger.info(f"Using DICOM WEB: {self.studies}")
+        dw_session = None
+        if "googleapis.com" in self.studies:
+            logger.info("Creating DICOM Credentials for Google Cloud")
+            dw_session = create_session_from_gcp_credentials()
+            dw_client = DICOMwebClient(url=self.studies, session=dw_session)
+        else:
+            if settings.MONAI_LABEL_DICOMWEB_USERNAME and settings.MONAI_LABEL_DICOMWEB_PASSWORD:
+                dw_session = create_session_from_user_pass(
+                    settings.MONAI_LABEL_DICOMWEB_USERNAME, settings.MONAI_LABEL_DICOMWEB_PASSWORD
+                )
+            dw_client = DICOMwebClientX(
+                url=self.studies,
+                session=dw_session,
+                qido_url_prefix=settings.MONAI_LABEL_QIDO_PREFIX,
+                wado_url_prefix=settings.MONAI_LABEL_WADO_PREFIX,
+                stow_url_prefix=settings.MONAI_LABEL_STOW_PREFIX,
+            )
+        cache_path = settings.MONAI_LABEL_DICOMWEB_CACHE_PATH
+        cache_path = cache_path.strip() if cache_path else ""
+        return AbdosegDICOMWebDatastore(
+            client=dw_client,
+            search_filter=settings.MONAI_LABEL_DICOMWEB_SEARCH_FILTER,
+            cache_path=cache_path if cache_path else None,
+            fetch_by_frame=settings.MONAI_LABEL_DICOMWEB_FETCH_BY_FRAME,
+            convert_to_nifti=True,  # labels are checked against, and SEGs read onto, the image's NIfTI grid
+        )
+
+    def _download_dcmqi_tools(self):
+        logger.info("dcmqi not needed: DICOM SEG is written and read by abdoseg.dicom_seg (highdicom/pydicom)")
+
+    def infer(self, request, datastore=None):
+        # abdoseg: unknown model -> 404; "image" is an image id of the datastore, a path only for the
+        # endpoint's own upload / a session's image (http_guards.PATH_ALLOWED)
+        model = request.get("model")
+        if model not in self._infers:
+            raise http_guards.unknown_model(model, self._infers, "inference")
+        image = request.get("image")
+        if isinstance(image, str) and not (http_guards.PATH_ALLOWED.get() and os.path.isabs(image)):
+            ds = datastore if datastore else self.datastore()
+            uri = ds.get_image_uri(image)  # 400 for a name that is not a plain id inside the datastore
+            if not uri or not os.path.exists(uri):
+                raise refuse(404, f"image {image!r} not found in the datastore {ds.name()}")
+        return super().infer(request, datastore)
 
     def init_infers(self) -> Dict[str, InferTask]:
         infers: Dict[str, InferTask] = {}

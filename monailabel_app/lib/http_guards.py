@@ -1,0 +1,93 @@
+# abdoseg additions to MONAI Label's HTTP endpoints (Apache-2.0, see ../LICENSE).
+"""Checks in front of MONAI Label 0.8.5's ``/infer`` and ``/train`` endpoints, and its DICOM SEG
+writer replaced.
+
+MONAI Label's route functions call module-level helpers (``monailabel.endpoints.infer.run_inference``,
+``monailabel.endpoints.train.run_model``) by name; :func:`install` wraps those helpers once, when the
+app is created (``MyApp.__init__``, before the server answers any request):
+
+* an unknown model is ``404`` naming the models there are (stock: ``500`` from a
+  ``MONAILabelException``, or a background training that fails);
+* ``/infer?image=`` is an image id of the datastore, never a path: MONAI Label's ``infer`` treats
+  any existing path as the image (``image=../../../etc/passwd`` opened that file). Only the
+  temporary file that the endpoint itself writes for an uploaded ``file`` (or a session's image)
+  passes as a path (:data:`PATH_ALLOWED`, set by the wrapper for that request only);
+* ``monailabel.endpoints.infer.nifti_to_dicom_seg`` (``/infer?output=dicom_seg``) is
+  :func:`flare23_nifti_to_dicom_seg`: highdicom, segment number = FLARE23 id, no dcmqi.
+"""
+
+from __future__ import annotations
+
+import contextvars
+import logging
+import os
+import tempfile
+from typing import Any, Iterable
+
+from lib.datastores import refuse
+
+logger = logging.getLogger(__name__)
+
+#: True while the wrapped ``/infer`` handles a request whose image is the endpoint's own upload
+#: or a session's image: only then may ``MyApp.infer`` get a file path as ``image``.
+PATH_ALLOWED: contextvars.ContextVar[bool] = contextvars.ContextVar("abdoseg_infer_path_allowed", default=False)
+
+_INSTALLED = False
+
+
+def unknown_model(model: Any, known: Iterable[str], what: str):
+    known = sorted(known)
+    return refuse(404, f"model {model!r} not found for {what}; this app has {known}")
+
+
+def flare23_nifti_to_dicom_seg(series_dir, label, label_info=None, file_ext="*", use_itk=True) -> str:
+    """Drop-in for ``monailabel.datastore.utils.convert.nifti_to_dicom_seg``: the label NIfTI of
+    the DICOM series in ``series_dir`` -> a DICOM SEG file (a temporary file, as the stock one) with
+    segment number = FLARE23 id and label = class name whatever ``label_info`` lists (it named
+    segments by their position in that list)."""
+    from abdoseg.dicom_seg import series_seg
+
+    fd, out = tempfile.mkstemp(suffix=".dcm")
+    os.close(fd)
+    os.unlink(out)
+    return str(series_seg(label, series_dir, out))
+
+
+def install() -> None:
+    """Wrap the endpoint helpers (idempotent)."""
+    global _INSTALLED
+    if _INSTALLED:
+        return
+    import monailabel.endpoints.infer as infer_ep
+    import monailabel.endpoints.train as train_ep
+    from monailabel.interfaces.utils.app import app_instance
+
+    stock_run_inference = infer_ep.run_inference
+    stock_run_model = train_ep.run_model
+
+    def run_inference(background_tasks, model, image="", session_id="", params="{}", file=None, label=None,
+                      output=None):
+        instance = app_instance()
+        infers = instance._infers
+        if model not in infers:
+            raise unknown_model(model, infers, "inference")
+        token = PATH_ALLOWED.set(bool(file) or bool(session_id))
+        try:
+            return stock_run_inference(background_tasks, model, image, session_id, params, file, label, output)
+        finally:
+            PATH_ALLOWED.reset(token)
+
+    def run_model(model, params=None, run_sync=False, enqueue=False):
+        trainers = app_instance()._trainers
+        if model and model not in trainers:
+            raise unknown_model(model, trainers, "training")
+        return stock_run_model(model, params, run_sync, enqueue)
+
+    infer_ep.run_inference = run_inference
+    train_ep.run_model = run_model
+    infer_ep.nifti_to_dicom_seg = flare23_nifti_to_dicom_seg
+    _INSTALLED = True
+    logger.info("abdoseg HTTP guards installed (unknown model -> 404, image ids only, FLARE23 DICOM SEG)")
+
+
+__all__ = ["install", "PATH_ALLOWED", "flare23_nifti_to_dicom_seg", "unknown_model"]
