@@ -849,3 +849,119 @@ def test_file_name_starting_with_a_dash(tmp_path, stand_in, capsys, caplog, monk
     code, err = _cli(["segment", "-o", "masks", "--device", "cpu", "-i"], capsys, caplog)
     assert code == 1 and "Traceback" not in err
     assert "abdoseg segment: error: --input: needs a path (for a file name starting with '-', write ./-x.nii.gz)" in err
+
+
+def test_dcm2niix_sidecars_are_skipped_other_files_still_fail_once(tmp_path, stand_in, capsys, caplog):
+    """``ct.nii.gz`` + ``ct.json`` (dcm2niix) is one case; a stray file is one failure, its reason
+    printed once (it was printed three times: log, batch summary, final list)."""
+    inp = tmp_path / "in"
+    save_nifti(_ct(), AFFINE, inp / "ct.nii.gz")
+    (inp / "ct.json").write_text('{"Modality": "CT"}')
+    save_nifti(_ct(), AFFINE, inp / "B_0000.nii.gz")
+    (inp / "B_0000.json").write_text("{}")
+    (inp / "orphan.json").write_text("{}")  # no NIfTI of that name: not a sidecar
+    code, err = _segment(inp, tmp_path / "out", capsys, caplog)
+    assert code == 1
+    assert sorted(p.name for p in (tmp_path / "out").iterdir()) == ["B.nii.gz", "ct.nii.gz"]
+    assert "ct.json" not in err and "B_0000.json" not in err
+    assert "1 problem(s) (2 of 3 case(s) segmented)" in err
+    assert err.count(f"{inp / 'orphan.json'}: not a NIfTI file") == 1, err
+    assert "FAILED" not in err and "written, " not in err  # no second per-batch summary
+
+
+def test_library_noise_is_silenced_our_warnings_are_not(tmp_path):
+    """A real ``abdoseg segment`` run prints only its own lines (no nvImageCodec, Orientationd or
+    'Setting affine' lines from the libraries); the filters are targeted, not wholesale."""
+    from abdoseg.cli import LIBRARY_NOISE, quiet_library_noise
+
+    ct = tmp_path / "ct.nii.gz"
+    save_nifti(_ct(), np.diag([10.0, 10.0, 10.0, 1.0]), ct)  # 10 mm voxels: our own warning must show
+    proc = subprocess.run([sys.executable, "-m", "abdoseg.cli", "segment", "-i", str(ct), "-o",
+                           str(tmp_path / "m.nii.gz"), "--device", "cpu"], capture_output=True, text=True,
+                          timeout=600, env={**os.environ, "PYTHONWARNINGS": ""})
+    assert proc.returncode == 0, proc.stderr
+    lines = [ln for ln in proc.stderr.splitlines() if ln.strip()]
+    ours = [ln for ln in lines if ln.startswith(("abdoseg segment: warning:", "masks in "))]
+    assert lines == ours, proc.stderr
+    assert any("voxel size 10 x 10 x 10 mm is above 8 mm" in ln for ln in lines), proc.stderr
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        quiet_library_noise()
+        warnings.warn("Setting affine, but the applied meta contains an affine. This will be overwritten.")
+        warnings.warn("Setting something else")
+        warnings.warn("abdoseg: a warning of ours", UserWarning)
+    assert [str(w.message) for w in caught] == ["Setting something else", "abdoseg: a warning of ours"]
+    assert len(LIBRARY_NOISE) == 3
+
+
+def test_two_series_warning_names_the_series_used(tmp_path):
+    from test_segment import _write_dicom_series
+
+    from abdoseg.segment import read_dicom_series
+
+    series = tmp_path / "two"
+    _write_dicom_series(_ct((40, 40, 12)), AFFINE, series, series=1)
+    _write_dicom_series(_ct((40, 40, 6)), AFFINE, series, series=2)
+    with pytest.warns(UserWarning) as rec:
+        arr, _ = read_dicom_series(series)
+    assert arr.shape == (40, 40, 12)
+    msg = [str(w.message) for w in rec if "DICOM series found" in str(w.message)]
+    assert msg == [f"{series}: 2 DICOM series found; segmenting the largest, (UID 1.2.826.0.1.3680043.2.1.1, "
+                   "12 files); not segmented: (UID 1.2.826.0.1.3680043.2.1.2, 6 files) (put each series in its own "
+                   "folder to segment it)"], msg
+
+
+def test_many_junk_files_in_a_series_folder_name_five_and_count(tmp_path):
+    series = tmp_path / "series"
+    _write_series(series)
+    for i in range(12):
+        (series / f"junk{i:02d}.dcm").write_bytes(b"not dicom at all" * 4)
+    from abdoseg.segment import read_dicom_series
+
+    with pytest.raises(InputError) as ei:
+        read_dicom_series(series)
+    msg = str(ei.value)
+    assert msg.startswith(f"{series / 'junk00.dcm'}: not a DICOM file") and "\n" not in msg
+    assert ("12 files there are not readable DICOM slices: junk00.dcm, junk01.dcm, junk02.dcm, junk03.dcm, "
+            "junk04.dcm and 7 more; move them out of the series folder") in msg
+
+
+def test_full_disk_while_writing_the_preview_names_the_preview(tmp_path, stand_in, capsys, caplog, monkeypatch):
+    import errno
+
+    import matplotlib.figure
+
+    def full_disk(self, fname, *a, **k):
+        Path(fname).write_bytes(b"\x89PNG half")
+        raise OSError(errno.ENOSPC, os.strerror(errno.ENOSPC))
+
+    monkeypatch.setattr(matplotlib.figure.Figure, "savefig", full_disk)
+    inp = tmp_path / "ct_0000.nii.gz"
+    save_nifti(_ct(), AFFINE, inp)
+    out = tmp_path / "out"
+    code, err = _segment(inp, out, capsys, caplog, "--preview", "--statistics")
+    assert code == 1
+    line = [ln for ln in err.splitlines() if "preview" in ln]
+    assert line == [f"  {out / 'ct_preview.png'}: not written (No space left on device); the mask ct.nii.gz is "
+                    "complete, free space and rerun to add it"], err
+    assert sorted(p.name for p in out.iterdir()) == ["ct.nii.gz", "ct_statistics.json"]  # no half-written PNG
+
+
+def test_all_background_ground_truth_warns_in_evaluate(tmp_path, capsys):
+    from abdoseg.evaluate import EmptyGroundTruthWarning, evaluate
+
+    pred, gt = _eval_case(tmp_path, "GOOD")
+    save_nifti(np.zeros(SHAPE, np.uint8), AFFINE, tmp_path / "gt" / "EMPTY.nii.gz")
+    shutil.copy(pred, tmp_path / "pred" / "EMPTY.nii.gz")
+    with pytest.warns(EmptyGroundTruthWarning) as rec:
+        s = evaluate(str(tmp_path / "pred"), str(tmp_path / "gt"), str(tmp_path / "ev"), workers=1, classes="1,14")
+    assert s["empty_ground_truth"] == ["EMPTY"]
+    assert len(rec) == 1 and str(rec[0].message).startswith(f"{tmp_path / 'gt' / 'EMPTY.nii.gz'}: ground truth is "
+                                                            "all background")
+    assert s["per_class"]["1"]["dsc"] == 0.5  # GOOD scores 1, EMPTY 0: the warning explains the drop
+    with warnings.catch_warnings():
+        warnings.simplefilter("error", EmptyGroundTruthWarning)
+        (tmp_path / "gt" / "EMPTY.nii.gz").unlink()
+        (tmp_path / "pred" / "EMPTY.nii.gz").unlink()
+        assert evaluate(str(tmp_path / "pred"), str(tmp_path / "gt"), str(tmp_path / "ev2"),
+                        workers=1)["empty_ground_truth"] == []

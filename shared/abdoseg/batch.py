@@ -80,6 +80,7 @@ def run_batch(
     rank: int | None = None,
     world_size: int | None = None,
     output_dtype: type = np.uint8,
+    verbose: bool = True,
 ) -> BatchReport:
     """Run ``segment(item) -> (mask, affine)`` on this rank's share of ``items``.
 
@@ -89,6 +90,9 @@ def run_batch(
         output_dir: masks go to ``<output_dir>/<case_id>.nii.gz``, written atomically.
         overwrite: recompute cases whose output already exists (default: skip them = resume).
         rank, world_size: shard selection; default from torch.distributed / torchrun env.
+        verbose: log each failure as it happens and print :meth:`BatchReport.summary` at the
+            end; ``False`` for callers that list the failures themselves (each reason once;
+            tracebacks of unexpected errors go to the debug log).
     Returns:
         :class:`BatchReport` for this rank. Per-case errors never stop the batch.
     """
@@ -114,17 +118,20 @@ def run_batch(
             save_nifti(np.asarray(mask).astype(output_dtype, copy=False), affine, out)
         except InputError as exc:
             report.failed.append((case_id, str(item.get("image")), str(exc)))
-            logger.error("%s", exc)
+            if verbose:
+                logger.error("%s", exc)
         except OSError as exc:  # unreadable input, full disk, read-only output: the reason is enough
             where = exc.filename if getattr(exc, "filename", None) else item.get("image")
             reason = f"{where}: {exc.strerror or type(exc).__name__} ({out.name} not written)"
             report.failed.append((case_id, str(item.get("image")), reason))
-            logger.error("%s", reason)
+            if verbose:
+                logger.error("%s", reason)
         except Exception as exc:  # keep the batch going; the reason is reported at the end
             reason = f"{item.get('image')}: {type(exc).__name__}: {exc}"
             report.failed.append((case_id, str(item.get("image")), reason))
-            logger.error("%s\n%s", reason, traceback.format_exc())
+            (logger.error if verbose else logger.debug)("%s\n%s", reason, traceback.format_exc())
         else:
             report.done.append(case_id)
-    print(report.summary(), file=sys.stderr)
+    if verbose:
+        print(report.summary(), file=sys.stderr)
     return report

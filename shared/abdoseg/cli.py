@@ -25,6 +25,32 @@ COMMANDS: dict[str, tuple[str, str]] = {
 }
 
 
+#: Library messages that every run printed and that say nothing about the user's data, silenced
+#: one by one (message regex, warning category); anything else still shows.
+LIBRARY_NOISE: tuple[tuple[str, type[Warning]], ...] = (
+    # MONAI's DICOM reader is built by every LoadImaged without a reader; this machine has no nvImageCodec
+    (r"NvImgCodecPydicomReader: nvImageCodec decoder plugin did not register", UserWarning),
+    # MONAI 1.6 announces a future default of Orientation(d)'s labels; the configs give axcodes explicitly
+    (r"monai\.transforms\.spatial\.(array|dictionary) Orientationd?\.__init__:labels: Current default value",
+     FutureWarning),
+    # MetaTensor(x, affine=...) on a tensor whose meta already has one (MONAI's own inverse transforms)
+    (r"Setting affine, but the applied meta contains an affine\. This will be overwritten\.", UserWarning),
+)
+#: Loggers whose warnings are library noise (MONAI logs the missing nvImageCodec on every reader).
+NOISY_LOGGERS: tuple[str, ...] = ("monai.data.nvimgcodec_pydicom_plugin",)
+
+
+def quiet_library_noise() -> None:
+    """Silence exactly :data:`LIBRARY_NOISE` and the warnings of :data:`NOISY_LOGGERS` (errors
+    still show); every other warning, and every one of this package, is shown."""
+    import logging
+
+    for pattern, category in LIBRARY_NOISE:
+        warnings.filterwarnings("ignore", message=pattern, category=category)
+    for name in NOISY_LOGGERS:
+        logging.getLogger(name).setLevel(logging.ERROR)
+
+
 def _usage() -> str:
     width = max(len(k) for k in COMMANDS)
     lines = ["usage: abdoseg <command> [--help | flags]", "", "commands:"]
@@ -106,6 +132,7 @@ def main(argv: list[str] | None = None) -> None:
     if name not in COMMANDS:
         print(f"abdoseg: unknown command {name!r}\n\n{_usage()}", file=sys.stderr)
         raise SystemExit(2)
+    quiet_library_noise()
     module_name, func_name = COMMANDS[name][0].split(":")
     func = getattr(importlib.import_module(module_name), func_name)
     import functools

@@ -25,6 +25,7 @@ import json
 import multiprocessing as mp
 import sys
 import time
+import warnings
 from pathlib import Path
 from typing import Any, Iterable, Sequence
 
@@ -43,6 +44,11 @@ CHART_PNG = "per_class.png"
 _EXTS = (".nii.gz", ".nii")
 #: A prediction's affine may differ from its ground truth's by this much (mm, entry-wise).
 AFFINE_TOL_MM = 0.01
+
+
+class EmptyGroundTruthWarning(UserWarning):
+    """A ground-truth label map holds no foreground at all: its scores say nothing about the
+    prediction (the message names the files)."""
 
 
 def _case_id(path: Path) -> str:
@@ -175,7 +181,7 @@ def _evaluate_one(task: tuple) -> tuple:
         detection = lesion_detection(gt, pred, spacing, LESION_ID) if LESION_ID in classes else None
     except InputError as exc:
         return ("error", exc.path, exc.problem)
-    return ("ok", case, results, detection, time.perf_counter() - t0, time.process_time() - c0)
+    return ("ok", case, results, detection, time.perf_counter() - t0, time.process_time() - c0, not np.any(gt))
 
 
 def _mean4(values: Sequence[float]) -> float | None:
@@ -383,12 +389,15 @@ def evaluate(pred_dir: str, gt_dir: str, out_dir: str, nsd_dsc_threshold: float 
     case_seconds: list[float] = []
     case_cpu: list[float] = []
     detections: dict[str, dict[str, Any]] = {}
+    empty_gt: list[str] = []
 
     def consume(results: Iterable[tuple]) -> None:
         for out in tqdm(results, total=len(tasks), desc="evaluate", unit="case", file=sys.stderr):
             if out[0] == "error":
                 raise InputError(out[1], out[2])
-            _, case, res, detection, secs, cpu = out
+            _, case, res, detection, secs, cpu, gt_empty = out
+            if gt_empty:
+                empty_gt.append(case)
             if detection is not None:
                 detections[case] = detection
             case_seconds.append(secs)
@@ -404,6 +413,13 @@ def evaluate(pred_dir: str, gt_dir: str, out_dir: str, nsd_dsc_threshold: float 
             consume(pool.imap(_evaluate_one, tasks, chunksize=1))
 
     detections = dict(sorted(detections.items()))
+    empty_gt.sort()
+    if empty_gt:
+        names = ", ".join(str(gts[c]) for c in empty_gt[:5]) + (f" and {len(empty_gt) - 5} more" if len(empty_gt) > 5
+                                                               else "")
+        warnings.warn(f"{names}: ground truth is all background (no class 1..14 anywhere): each class scores 0 "
+                      "wherever the prediction has it and 1 where it does not, whatever the segmentation quality; "
+                      "check that these are the right label files, or leave the cases out", EmptyGroundTruthWarning, stacklevel=2)
     detection_summary = summarize_detection(detections, rows)
     summary: dict[str, Any] = {
         "n_cases": len(tasks),
@@ -414,6 +430,7 @@ def evaluate(pred_dir: str, gt_dir: str, out_dir: str, nsd_dsc_threshold: float 
         "lesion_detection": detection_summary,
         "missing_predictions": missing,
         "unmatched_predictions": unmatched,
+        "empty_ground_truth": empty_gt,
         "timing": {
             "workers": workers,
             "wall_s": round(time.perf_counter() - t_start, 2),

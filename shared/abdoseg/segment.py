@@ -11,8 +11,9 @@ failures are reported at the end; every file is written atomically).
 Inputs:
 - ``ct.nii.gz`` -> one case; ``-o mask.nii.gz`` (a file) or ``-o folder`` (``folder/<case>.nii.gz``).
 - a folder with ``*.nii.gz``/``*.nii`` files -> one case per file (``X_0000.nii.gz`` -> case ``X``);
-  sub-folders are read as DICOM series (one case each, named after the sub-folder); any other
-  file is reported as a failure.
+  sub-folders are read as DICOM series (one case each, named after the sub-folder); converter
+  sidecars beside a NIfTI of the same name (dcm2niix's ``ct.json``) are skipped; any other file
+  is reported as a failure.
 - a folder that holds a DICOM series (and no NIfTI files) -> one case named after the folder.
   Every file is first checked with pydicom (:func:`check_dicom_series`: an unreadable or
   truncated slice, a gap, uneven or duplicate positions, mixed orientations or sizes are errors
@@ -33,6 +34,7 @@ organ volumes in mL, mean HU, lesion count and per-lesion volumes) and ``<case>_
 
 from __future__ import annotations
 
+import contextlib
 import logging
 import os
 import sys
@@ -163,6 +165,33 @@ def _written_precision_mm(value: Any) -> float:
     return 10.0 ** -(len(text.split(".", 1)[1]) if "." in text else 0)
 
 
+#: Problems that concern many files name this many of them, then the count of the others.
+MAX_NAMED_FILES = 5
+
+
+def bad_files_problem(errors: Sequence[InputError], folder: Path) -> str:
+    """One line for the unreadable files of a DICOM series folder: the first's reason, then up to
+    :data:`MAX_NAMED_FILES` file names and how many more there are."""
+    first = errors[0].problem
+    if len(errors) == 1:
+        return f"{first} (in DICOM series folder {folder})"
+    names = ", ".join(Path(e.path).name for e in errors[:MAX_NAMED_FILES])
+    more = f" and {len(errors) - MAX_NAMED_FILES} more" if len(errors) > MAX_NAMED_FILES else ""
+    return (f"{first} (in DICOM series folder {folder}); {len(errors)} files there are not readable DICOM slices: "
+            f"{names}{more}; move them out of the series folder")
+
+
+def series_name(ds: Any, n_files: int) -> str:
+    """``series 3 'ABD 5mm' (UID 1.2.3..., 120 files)`` from a slice's header; absent tags left out."""
+    parts = []
+    if ds.get("SeriesNumber") not in (None, ""):
+        parts.append(f"series {ds.get('SeriesNumber')}")
+    if str(ds.get("SeriesDescription", "") or "").strip():
+        parts.append(repr(str(ds.get("SeriesDescription")).strip()))
+    uid = str(ds.get("SeriesInstanceUID", "") or "?")
+    return " ".join(parts + [f"(UID {uid}, {n_files} files)"])
+
+
 def check_dicom_series(folder: str | os.PathLike) -> list[str]:
     """Check every file of the DICOM series folder ``folder`` with pydicom and return the files of
     its largest series (SeriesInstanceUID) sorted along the slice normal, ready for ITK.
@@ -170,29 +199,38 @@ def check_dicom_series(folder: str | os.PathLike) -> list[str]:
     Errors (:class:`InputError` naming the series folder and the slice): a file that is not
     readable DICOM or is truncated (other than ``DICOM_FOLDER_IGNORED_SUFFIXES``), a slice without
     position/orientation, slices of different size, orientation or pixel spacing, two slices at one
-    position, a gap (missing slice) or uneven spacing, slices shifted in plane (gantry tilt). Several
-    series in the folder: the largest is returned, with a warning.
+    position, a gap (missing slice) or uneven spacing, slices shifted in plane (gantry tilt); all
+    unreadable files are found and the first :data:`MAX_NAMED_FILES` named. Several series in the
+    folder: the largest is returned, with a warning naming the series used and the others.
     """
     folder = Path(folder)
     headers: dict[str, list[tuple[Path, Any]]] = {}
+    bad: list[InputError] = []  # every unreadable file is found, the first few are named
     for path in _visible(folder):
         if path.is_dir() or path.name.lower().endswith(DICOM_FOLDER_IGNORED_SUFFIXES):
             continue
         problem = _link_problem(path)
         if problem:
-            raise InputError(path, f"{problem} (in DICOM series folder {folder})")
+            bad.append(InputError(path, problem))
+            continue
         try:
             ds = _dicom_header(path)
         except InputError as exc:
-            raise InputError(exc.path, f"{exc.problem} (in DICOM series folder {folder})") from exc
+            bad.append(exc)
+            continue
         if ds is not None:
             headers.setdefault(str(ds.get("SeriesInstanceUID", "")), []).append((path, ds))
+    if bad:
+        raise InputError(bad[0].path, bad_files_problem(bad, folder))
     if not headers:
         return []
     groups = sorted(headers.values(), key=len, reverse=True)
     if len(groups) > 1:
-        warnings.warn(f"{folder}: {len(groups)} DICOM series found; segmenting the largest ({len(groups[0])} files)",
-                      stacklevel=3)
+        others = "; ".join(series_name(g[0][1], len(g)) for g in groups[1:MAX_NAMED_FILES + 1])
+        more = f" and {len(groups) - 1 - MAX_NAMED_FILES} more" if len(groups) - 1 > MAX_NAMED_FILES else ""
+        warnings.warn(f"{folder}: {len(groups)} DICOM series found; segmenting the largest, "
+                      f"{series_name(groups[0][0][1], len(groups[0]))}; not segmented: {others}{more} "
+                      "(put each series in its own folder to segment it)", stacklevel=3)
     slices = groups[0]
     first_path, first = slices[0]
 
@@ -310,6 +348,29 @@ def read_dicom_series(folder: str | os.PathLike) -> tuple[np.ndarray, np.ndarray
 # ----------------------------------------------------------------------------------------------
 # inputs and outputs
 # ----------------------------------------------------------------------------------------------
+#: Files that converters write beside a NIfTI of the same name (dcm2niix: ``ct.nii.gz`` + ``ct.json``
+#: BIDS sidecar; ``.bval``/``.bvec`` for diffusion): metadata, never cases.
+SIDECAR_SUFFIXES = (".json", ".bval", ".bvec")
+
+
+def is_sidecar(path: Path, niftis: Sequence[Path]) -> bool:
+    """True when ``path`` is a converter's sidecar (:data:`SIDECAR_SUFFIXES`) of one of ``niftis``
+    (same name up to the extension, as dcm2niix writes them)."""
+    name = path.name
+    if not name.lower().endswith(SIDECAR_SUFFIXES) or not path.is_file():
+        return False
+    stem = name[: name.rfind(".")]
+    return any(_nifti_stem(n) == stem for n in niftis)
+
+
+def _nifti_stem(path: Path) -> str:
+    name = path.name
+    for ext in NIFTI_SUFFIXES:
+        if name.lower().endswith(ext):
+            return name[: -len(ext)]
+    return name
+
+
 def find_cases(input_path: str | os.PathLike, exclude: Any = ()) -> list[dict[str, str]]:
     """Cases of ``input_path``: ``[{"case_id", "source", "kind": "nifti" | "dicom" | "unknown"}]``;
     a case that cannot be opened (symbolic link loop, dangling link) also has a ``"problem"``.
@@ -338,6 +399,7 @@ def find_cases(input_path: str | os.PathLike, exclude: Any = ()) -> list[dict[st
 
     entries = [p for p in _visible(src) if not is_excluded(p)]
     niftis = [p for p in entries if p.is_file() and _is_nifti(p)]
+    entries = [p for p in entries if not is_sidecar(p, niftis)]
     if not niftis and dicom_series_files(src):
         return [{"case_id": src.resolve().name, "source": str(src), "kind": "dicom"}]
     if not entries:
@@ -574,12 +636,27 @@ def write_extras(case_id: str, image_file: Path, mask_file: Path, out_dir: Path,
     if statistics:
         stats = label_statistics(mask, image, voxel_spacing_mm(header))
         stats = {"case": case_id, "image": str(source), "mask": str(mask_file), **stats}
-        written.append(save_json(stats, out_dir / f"{case_id}_statistics.json"))
+        target = out_dir / f"{case_id}_statistics.json"
+        with _names_output(target, mask_file):
+            written.append(save_json(stats, target))
     if preview:
         from abdoseg.viz import overlay_png
 
-        written.append(overlay_png(image, mask, affine, out_dir / f"{case_id}_preview.png", title=case_id))
+        target = out_dir / f"{case_id}_preview.png"
+        with _names_output(target, mask_file):
+            written.append(overlay_png(image, mask, affine, target, title=case_id))
     return written
+
+
+@contextlib.contextmanager
+def _names_output(target: Path, mask_file: Path):
+    """An OSError while writing ``target`` (a full disk, a read-only file) becomes one
+    :class:`InputError` naming ``target`` (not the input CT); the mask is already complete."""
+    try:
+        yield
+    except OSError as exc:
+        raise InputError(target, f"not written ({exc.strerror or type(exc).__name__}); the mask {mask_file.name} "
+                                 "is complete, free space and rerun to add it") from exc
 
 
 def _check_dicom_seg_request(cases: list[dict[str, str]], input_path: str, out_dir: Path) -> None:
@@ -615,7 +692,6 @@ def _write_dicom_segs(cases: list[dict[str, str]], failed: set[str], done: list[
         except Exception as exc:
             problems.append(str(exc) if isinstance(exc, InputError) else f"{c['source']}: DICOM SEG not written "
                                                                          f"({type(exc).__name__}: {exc})")
-            logger.error("%s", problems[-1])
     return problems
 
 
@@ -662,7 +738,8 @@ def segment(input: str, output: str, bundle_dir: str = str(DEFAULT_BUNDLE), devi
     with tempfile.TemporaryDirectory(prefix="abdoseg_segment_") as tmp:
         runner = _CaseRunner(segmenter, Path(tmp))
         items = [{"image": c["source"], "case_id": c["case_id"], "case": c} for c in cases]
-        report = run_batch(items, runner, out_dir, overwrite=force, desc="segment", rank=0, world_size=1)
+        report = run_batch(items, runner, out_dir, overwrite=force, desc="segment", rank=0, world_size=1,
+                           verbose=False)  # each failure is listed once, at the end
         failed = {cid for cid, _, _ in report.failed}
         extra_failures: list[str] = []
         if statistics or preview:
@@ -683,7 +760,6 @@ def segment(input: str, output: str, bundle_dir: str = str(DEFAULT_BUNDLE), devi
                                  want_png, c["source"])
                 except Exception as exc:
                     extra_failures.append(f"{c['source']}: {exc}" if not isinstance(exc, InputError) else str(exc))
-                    logger.error("%s", extra_failures[-1])
         if dicom_seg:
             extra_failures += _write_dicom_segs(cases, failed, report.done, out_dir, force)
     n_ok = len(report.done) + len(report.skipped)
