@@ -176,6 +176,54 @@ def _wait_for_training(url: str, log: Path) -> dict:
     pytest.fail(f"training did not finish in {TRAIN_TIMEOUT_S} s:\n{log.read_text()[-4000:]}")
 
 
+def _tree(root: Path) -> set[str]:
+    return {str(p) for p in root.rglob("*")}
+
+
+def _refusals_over_http(url: str, app_setup: dict, tmp_path: Path) -> None:
+    """Unknown models 404; ids, tags and paths leaving the studies folder 400; a label that does not
+    fit its image 422 naming both; nothing written outside the studies folder or stored for them."""
+    studies, root = app_setup["studies"], app_setup["root"]
+    outside = root / "outside"
+    outside.mkdir(exist_ok=True)
+    save_nifti(app_setup["hu"], app_setup["affine"], outside / "private.nii.gz")  # a valid CT, not in studies
+    before = _tree(root) - _tree(studies)
+    label_bytes = (studies / "SMALL_0001.nii.gz").read_bytes()  # any NIfTI on the image's grid
+    ok_label = tmp_path / "zeros.nii.gz"
+    save_nifti(np.zeros(app_setup["hu"].shape, np.uint8), app_setup["affine"], ok_label)
+
+    r = httpx.post(f"{url}/infer/no_such_model", params={"image": "SMALL_0001"}, timeout=60)
+    assert r.status_code == 404 and "no_such_model" in r.text and MODEL in r.text, (r.status_code, r.text)
+    r = httpx.post(f"{url}/train/no_such_model", json={"max_epochs": 1}, timeout=60)
+    assert r.status_code == 404 and "no_such_model" in r.text, (r.status_code, r.text)
+
+    for image in ("../../../etc/passwd", str(outside / "private.nii.gz"), "../outside/private", "/etc/passwd"):
+        r = httpx.post(f"{url}/infer/{MODEL}", params={"image": image, "output": "image"}, timeout=60)
+        assert r.status_code == 400 and "refused" in r.text, (image, r.status_code, r.text[:500])
+        r = httpx.get(f"{url}/datastore/image", params={"image": image}, timeout=60)
+        assert r.status_code == 400, (image, r.status_code, r.text[:500])
+    r = httpx.post(f"{url}/infer/{MODEL}", params={"image": "NO_SUCH_IMAGE"}, timeout=60)
+    assert r.status_code == 404 and "NO_SUCH_IMAGE" in r.text, (r.status_code, r.text)
+    for params in ({"image": "SMALL_0001", "tag": "../../escapetag"}, {"image": "SMALL_0001", "tag": "/tmp/abs"},
+                   {"image": "../../escapeimage", "tag": "final"}):
+        r = httpx.put(f"{url}/datastore/label", params=params,
+                      files={"label": ("x.nii.gz", ok_label.read_bytes())}, timeout=60)
+        assert r.status_code == 400 and "refused" in r.text, (params, r.status_code, r.text)
+    r = httpx.put(f"{url}/datastore/image", params={"image": "../../escapeimage"},
+                  files={"file": ("x.nii.gz", label_bytes)}, timeout=60)
+    assert r.status_code == 400, (r.status_code, r.text)
+    # a label of the wrong shape: refused at PUT, naming the image and both shapes
+    wrong = tmp_path / "wrong.nii.gz"
+    save_nifti(np.zeros((10, 10, 10), np.uint8), app_setup["affine"], wrong)
+    r = httpx.put(f"{url}/datastore/label", params={"image": "SMALL_0001", "tag": "final"},
+                  files={"label": ("wrong.nii.gz", wrong.read_bytes())}, timeout=60)
+    assert r.status_code == 422, (r.status_code, r.text)
+    shape = tuple(app_setup["hu"].shape)
+    assert "'SMALL_0001'" in r.text and "(10, 10, 10)" in r.text and str(shape) in r.text, r.text
+    assert _tree(root) - _tree(studies) == before, "files written outside the studies folder"
+    assert not list(studies.rglob("*escape*")) and not list((studies / "labels").rglob("*.nii*"))
+
+
 def test_infer_label_train_infer_loop_over_http(server, app_setup, tmp_path):
     """One test (one server start) so that pytest-xdist cannot start a second server on another worker."""
     from abdoseg.inference.segmenter import segmenter_from_bundle
@@ -211,6 +259,10 @@ def test_infer_label_train_infer_loop_over_http(server, app_setup, tmp_path):
     same = np.asarray(_infer(url, tmp_path, "coarse_requested", {"model_filename": "coarse_model.pt"}).dataobj)
     assert np.array_equal(same, before)
 
+    # 1b. the server stays in its folder and names what it refuses (monailabel_app/lib/datastores.py,
+    # http_guards.py); nothing is written outside the studies folder
+    _refusals_over_http(url, app_setup, tmp_path)
+
     # 2. the annotator's corrected label
     corrected = _corrected_label(app_setup["hu"])
     save_nifti(corrected, app_setup["affine"], tmp_path / "corrected.nii.gz")
@@ -240,3 +292,11 @@ def test_infer_label_train_infer_loop_over_http(server, app_setup, tmp_path):
     assert after.shape == before.shape
     assert (after != before).any()
     assert (after == corrected).mean() > (before == corrected).mean()
+
+    # 5. a training that fails ends with train_stats saying so (not "RUNNING" forever)
+    r = httpx.post(f"{url}/train/{MODEL}", json={"max_epochs": 1, "device": "cpu", "model_filename": "coarse_model.pt"},
+                   timeout=60)
+    assert r.status_code == 200, r.text[-2000:]
+    assert _wait_for_training(url, server["log"])["status"] == "ERROR"
+    stats = httpx.get(f"{url}/info/", timeout=30).json()["train_stats"][MODEL]
+    assert stats["status"] == "ERROR" and "coarse_model.pt" in stats["error"], stats

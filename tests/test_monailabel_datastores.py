@@ -293,3 +293,35 @@ def test_dicomweb_datastore_takes_uids_only(dicomweb):
         ds.save_label(series, str(label), "final", {})
     assert _status(e)[0] == 422 and "shape (2, 2, 2) does not match" in _status(e)[1]
     assert server.stored == []
+
+
+def test_app_uses_these_datastores_without_dcmqi(tmp_path, monkeypatch):
+    """MyApp's datastore for a studies folder and for a DICOMweb URL are the guarded ones, and the
+    DICOMweb one is made without downloading dcmqi (no network: any download attempt fails the test)."""
+    import importlib.util
+
+    import monailabel.interfaces.app as ml_app
+    from monailabel.config import settings
+
+    def no_download(*args, **kwargs):
+        raise AssertionError(f"download attempted: {args} {kwargs}")
+
+    monkeypatch.setattr(ml_app, "download_and_extract", no_download)
+    monkeypatch.setattr(settings, "MONAI_LABEL_DICOMWEB_CACHE_PATH", str(tmp_path / "cache"))
+    spec = importlib.util.spec_from_file_location("abdoseg_monailabel_main", APP / "main.py")
+    main = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(main)
+    app = main.MyApp.__new__(main.MyApp)  # only the datastore part of __init__
+    app.app_dir = str(tmp_path / "app")
+    app.studies = "http://127.0.0.1:9/dicom-web/"
+    ds = app.init_datastore()
+    try:
+        assert isinstance(ds, AbdosegDICOMWebDatastore) and ds.name() == "http://127.0.0.1:9/dicom-web"
+        assert not (tmp_path / "app" / "bin").exists()  # where MONAI Label would put dcmqi's tools
+    finally:
+        ds._observer.stop()
+    app.studies = str(tmp_path / "studies")
+    local = app.init_datastore()
+    assert isinstance(local, AbdosegLocalDatastore)
+    if getattr(local, "_observer", None) is not None:
+        local._observer.stop()

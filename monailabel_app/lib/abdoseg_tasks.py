@@ -14,7 +14,8 @@
 * **Training progress reaches the viewer.** The stock ``BundleTrainTask.stats()`` is empty; here
   it returns the JSON that the bundle's ``abdoseg.handlers.TrainStatsWriter`` (in
   ``train#handlers``) keeps up to date during training (``train_stats`` in ``/info/`` and
-  ``/model/<name>``).
+  ``/model/<name>``). A run that fails or is stopped (the writer's last word would stay
+  ``RUNNING``) shows ``status`` ``ERROR`` / ``STOPPED`` with the error line.
 * **MONAI Label's ``image_path`` vs ``Spacingd``.** MONAI's ``Spacingd`` updates every
   ``image_*`` entry of the data as a meta dict; MONAI Label puts the path string in
   ``image_path``, so the fine bundle's preprocessing failed (HTTP 500) under MONAI Label. The path
@@ -176,18 +177,37 @@ class AbdosegBundleTrainTask(BundleTrainTask):
                     logger.warning(f"train stats path of {self.bundle_path} not resolved ({exc}); using the default")
         return os.path.join(self.bundle_path, DEFAULT_STATS_FILE)
 
+    def last_run(self) -> Optional[Dict[str, Any]]:
+        """MONAI Label's record of the last training run of this bundle in this server process
+        (status SUBMITTED / RUNNING / DONE / ERROR / STOPPED, start/end time, last output lines)."""
+        try:
+            from monailabel.utils.async_tasks.utils import tasks
+        except ImportError:
+            return None
+        mine = [t for t in tasks("train") if (t.get("request") or {}).get("bundle_path") == self.bundle_path]
+        return mine[-1] if mine else None
+
     def stats(self) -> Dict[str, Any]:
+        """The ``TrainStatsWriter`` JSON; when the last run of this server ended in ERROR or was
+        STOPPED (the handler never wrote its end: it was killed, or failed before its first event),
+        ``status`` says so, with ``error`` (the run's last output lines) and ``end_ts``."""
         import json
 
         path = self.stats_path()
-        if not os.path.isfile(path):
-            return {}
-        try:
-            with open(path) as f:
-                return json.load(f)
-        except (OSError, ValueError) as exc:
-            logger.warning(f"{path}: training stats not readable ({exc})")
-            return {}
+        out: Dict[str, Any] = {}
+        if os.path.isfile(path):
+            try:
+                with open(path) as f:
+                    out = json.load(f)
+            except (OSError, ValueError) as exc:
+                logger.warning(f"{path}: training stats not readable ({exc})")
+        run = self.last_run()
+        if run and run.get("status") in ("ERROR", "STOPPED"):
+            details = [str(line) for line in list(run.get("details") or [])]
+            errors = [line for line in details if "Error" in line or "Exception" in line]
+            out = {**out, "status": run["status"], "end_ts": run.get("end_ts"),
+                   "error": (errors[-1] if errors else "\n".join(details[-3:])) or "training process failed"}
+        return out
 
     def _load_checkpoint(self, model_pytorch, pretrained, train_handlers):
         # the stock method calls os.path.exists(None) when pretrained is False
