@@ -18,11 +18,11 @@ import torch
 
 from abdoseg.checkpoints import load_weights
 from abdoseg.roi import EmptyRoiWarning, RoiBox
+from shared_files import MONAI_SCHEMA, require
 
 REPO = Path(__file__).resolve().parents[1]
 BUNDLE = REPO / "bundles" / "coarse_roi"
 CONFIGS = BUNDLE / "configs"
-SCHEMA = Path("/work/shared/monai/meta_schema_20240725.json")
 # tiny-data overrides: the real defaults are 64^3 patches and 80x80x96 windows at 6 mm
 FINE_CONFIGS = REPO / "bundles" / "fine_organ_tumor" / "configs"
 HU_WINDOW = (-325.0, 325.0)
@@ -151,9 +151,8 @@ def test_fine_bundle_coarse_stage_sees_what_the_coarse_bundle_sees(dataset):
 def test_metadata_and_network_io():
     from monai.bundle import verify_metadata, verify_net_in_out
 
-    if not SCHEMA.is_file():
-        pytest.skip("local MONAI metadata schema not available")
-    verify_metadata(meta_file=str(CONFIGS / "metadata.json"), filepath=str(SCHEMA))
+    schema = require(MONAI_SCHEMA, "the MONAI bundle metadata schema")
+    verify_metadata(meta_file=str(CONFIGS / "metadata.json"), filepath=str(schema))
     verify_net_in_out(net_id="network_def", meta_file=str(CONFIGS / "metadata.json"),
                       config_file=str(CONFIGS / "inference.json"))
     meta = json.loads((CONFIGS / "metadata.json").read_text())

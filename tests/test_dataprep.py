@@ -19,13 +19,12 @@ from abdoseg.dataprep import (
     prepare,
 )
 from abdoseg.io import InputError, save_nifti
+from shared_files import REAL_CT, require
 
 SHAPE = (6, 5, 4)
 AFF = np.diag([1.5, 1.5, 2.5, 1.0])
 AFF[:3, 3] = [-10.0, 5.0, 30.0]
-REAL = Path(__file__).resolve().parents[2] / "shared" / "data" / "real_ct"
-if not REAL.is_dir():
-    REAL = Path("/work/shared/data/real_ct")
+REAL = REAL_CT
 
 # labeled case id -> classes drawn in its label, and the group prepare must give it
 GOOD_LABELED = {
@@ -439,8 +438,7 @@ def test_real_cases_merged_labels_and_prepare(tmp_path):
     One test (not a shared fixture) so that pytest-xdist merges the IRCAD masks only once. The
     merged labels live in memory and, for prepare, in tmp_path only (never in the repository).
     """
-    if not REAL.is_dir():
-        pytest.skip(f"real CT folder {REAL} absent")
+    require(REAL, "the real CT cases (data/real_ct)")
     import nibabel as nib
 
     root = tmp_path / "real"
@@ -484,7 +482,7 @@ def test_real_cases_merged_labels_and_prepare(tmp_path):
 
 # --------------------------------------------------------------------------- phantom dataset
 def test_prepare_on_phantom(tmp_path):
-    phantom = pytest.importorskip("abdoseg.phantom")
+    import abdoseg.phantom as phantom
     root = tmp_path / "phantom"
     phantom.generate(str(root), preset="small", seed=0, n_labeled=6, n_unlabeled=1, n_val=1, slices=12)
     t0 = time.perf_counter()

@@ -202,7 +202,7 @@ def test_cli_runs_monai_bundle_verbs(tmp_path):
     out = tmp_path / "out"
     exe = [sys.executable, "-m", "abdoseg.cli", "export"]
     proc = subprocess.run(exe + ["--bundle_dir", str(b), "--out_dir", str(out), "--formats", "torchscript,onnx"],
-                          capture_output=True, text=True)
+                          capture_output=True, text=True, timeout=600)
     assert proc.returncode == 0, proc.stderr[-3000:]
     report = json.loads((out / "export.json").read_text())
     assert report["runner"] == "cli"
@@ -211,7 +211,7 @@ def test_cli_runs_monai_bundle_verbs(tmp_path):
     assert files["torchscript"]["command"].startswith("-m monai.bundle ckpt_export network_def")
     assert sorted(p.name for p in out.iterdir()) == ["export.json", "model.onnx", "model.ts"]
     assert all(c["max_abs_diff"] <= ATOL for f in files.values() for c in f["checks"])
-    bad = subprocess.run(exe + ["--bundle_dir", str(tmp_path / "missing")], capture_output=True, text=True)
+    bad = subprocess.run(exe + ["--bundle_dir", str(tmp_path / "missing")], capture_output=True, text=True, timeout=120)
     assert bad.returncode == 1 and "bundle folder not found" in bad.stderr
 
 

@@ -269,7 +269,7 @@ def test_killed_writer_leftover_is_ignored_then_removed(tmp_path, stand_in, caps
     proc = subprocess.Popen([sys.executable, "-c", code, str(out / "A.nii.gz")], stdout=subprocess.PIPE, text=True)
     leftover = Path(proc.stdout.readline().strip())
     proc.send_signal(signal.SIGKILL)
-    proc.wait()
+    proc.wait(timeout=60)
     assert leftover.is_file() and leftover.parent == out and not (out / "A.nii.gz").exists()
     # evaluate: the leftover in the prediction (and ground-truth) folder is not a case
     from abdoseg.evaluate import evaluate
@@ -472,7 +472,8 @@ def readonly_dir(tmp_path, monkeypatch):
         folder.chmod(0o755)
         return
     mounted = shutil.which("mount") and subprocess.run(
-        ["mount", "-t", "tmpfs", "-o", "ro,size=64k", "tmpfs", str(folder)], capture_output=True).returncode == 0
+        ["mount", "-t", "tmpfs", "-o", "ro,size=64k", "tmpfs", str(folder)], capture_output=True,
+        timeout=30).returncode == 0
     if not mounted:
         import abdoseg.io
 
@@ -486,7 +487,7 @@ def readonly_dir(tmp_path, monkeypatch):
         monkeypatch.setattr(abdoseg.io.os, "open", fake_open)
     yield folder
     if mounted:
-        subprocess.run(["umount", str(folder)], check=False)
+        subprocess.run(["umount", str(folder)], check=False, timeout=30)
 
 
 def test_readonly_output_folder_is_one_error(tmp_path, readonly_dir, stand_in, capsys, caplog):

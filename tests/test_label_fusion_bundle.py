@@ -210,15 +210,14 @@ def test_bundle_configs_run_with_monai_bundle(tmp_path):
 def test_metadata_is_valid_against_schema():
     import jsonschema
 
-    schema = json.loads(Path("/work/shared/monai/meta_schema_20240725.json").read_text()) \
-        if Path("/work/shared/monai/meta_schema_20240725.json").is_file() else None
+    from shared_files import MONAI_SCHEMA, require
+
+    schema = json.loads(require(MONAI_SCHEMA, "the MONAI bundle metadata schema").read_text())
     meta = json.loads((BUNDLE / "configs/metadata.json").read_text())
     assert meta["version"] in meta["changelog"]
     assert meta["required_packages_version"]["abdoseg"] == "0.1.0"
     assert meta["network_data_format"]["inputs"]["image"]["num_channels"] == 1
     assert meta["network_data_format"]["outputs"]["pred"]["num_channels"] == 15
-    if schema is None:
-        pytest.skip("MONAI schema copy not available")
     jsonschema.validate(meta, schema)
 
 

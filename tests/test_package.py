@@ -20,10 +20,10 @@ from monai.bundle import ConfigParser
 
 from abdoseg.io import InputError, save_nifti
 from abdoseg.package import pack, referenced_model_files
+from shared_files import MODEL_ZOO_CI, MONAI_SCHEMA, require
 
 REPO = Path(__file__).resolve().parents[1]
 FINE = REPO / "bundles" / "fine_organ_tumor"
-SCHEMA = Path("/work/shared/monai/meta_schema_20240725.json")
 NAME = "fine_organ_tumor"
 
 
@@ -109,7 +109,7 @@ def test_download_verify_and_infer_from_downloaded_copy(packed, tmp_path):
     env = {**os.environ, "PYTHONWARNINGS": "ignore"}
     subprocess.run([sys.executable, "-m", "monai.bundle", "download", "--name", NAME,
                     "--url", zip_path.resolve().as_uri(), "--bundle_dir", str(dl)],
-                   check=True, capture_output=True, text=True, env=env)
+                   check=True, capture_output=True, text=True, env=env, timeout=300)
     b = dl / NAME
     assert (b / "models" / "model.pt").is_file() and (b / "models" / "coarse_model.pt").is_file()
 
@@ -127,7 +127,7 @@ def test_download_verify_and_infer_from_downloaded_copy(packed, tmp_path):
         [sys.executable, "-m", "monai.bundle", "run", "--config_file", str(b / "configs" / "inference.json"),
          "--meta_file", str(b / "configs" / "metadata.json"), "--logging_file", str(b / "configs" / "logging.conf"),
          "--bundle_root", str(b), "--input_dir", str(images), "--output_dir", str(out), "--amp", "False"],
-        capture_output=True, text=True, env=env)
+        capture_output=True, text=True, env=env, timeout=600)
     assert proc.returncode == 0, proc.stderr[-3000:]
     pred = nib.load(str(out / "SMALL_0001.nii.gz"))
     arr = np.asarray(pred.dataobj)
@@ -174,12 +174,11 @@ def test_bad_weights_and_metadata_are_named(tmp_path):
 def test_cli_exit_code_and_message(tmp_path):
     bundle = bundle_copy(tmp_path / "src", with_weights=False)
     proc = subprocess.run([sys.executable, "-m", "abdoseg.cli", "pack", "--bundle_dir", str(bundle),
-                           "--out_dir", str(tmp_path / "dist")], capture_output=True, text=True)
+                           "--out_dir", str(tmp_path / "dist")], capture_output=True, text=True, timeout=120)
     assert proc.returncode == 1
     assert "abdoseg pack: error:" in proc.stderr and "trained weights missing" in proc.stderr
 
 
-MODEL_ZOO_CI = REPO.parent / "shared" / "peers" / "model-zoo-ci"  # Project-MONAI/model-zoo ci/, see README
 BUNDLES = ("coarse_roi", "fine_organ_tumor", "label_fusion")
 
 
@@ -192,8 +191,8 @@ def test_model_zoo_verify_bundle_passes_on_the_committed_bundles(mode, tmp_path)
     """model-zoo's own acceptance check, `ci/verify_bundle.py` in min and full mode, on the three
     bundles exactly as committed (their phantom-trained weights included), offline: the bundles
     under one parent with `model_info.json`, the metadata schema in `eval/schema.json`."""
-    if not (MODEL_ZOO_CI / "verify_bundle.py").is_file() or not SCHEMA.is_file():
-        pytest.skip(f"model-zoo ci/ ({MODEL_ZOO_CI}) or the metadata schema ({SCHEMA}) not available")
+    require(MODEL_ZOO_CI / "verify_bundle.py", "model-zoo's ci/verify_bundle.py")
+    schema = require(MONAI_SCHEMA, "the MONAI bundle metadata schema")
     parent = tmp_path / "models"
     parent.mkdir()
     (parent / "model_info.json").write_text("{}")
@@ -203,7 +202,7 @@ def test_model_zoo_verify_bundle_passes_on_the_committed_bundles(mode, tmp_path)
         b = parent / name
         shutil.copytree(REPO / "bundles" / name, b, ignore=shutil.ignore_patterns("eval", "cache", "__pycache__"))
         (b / "eval").mkdir()
-        shutil.copy(SCHEMA, b / "eval" / "schema.json")
+        shutil.copy(schema, b / "eval" / "schema.json")
     env = {**os.environ, "PYTHONWARNINGS": "ignore"}
     for name in BUNDLES:
         proc = subprocess.run([sys.executable, "verify_bundle.py", "-b", name, "-p", str(parent), "-m", mode],
