@@ -4,6 +4,8 @@ from __future__ import annotations
 
 import json
 
+import pytest
+
 from abdoseg.steps import MarkedSteps
 
 
@@ -31,9 +33,10 @@ def test_failed_step_leaves_no_marker(tmp_path):
     def boom() -> None:
         raise RuntimeError("interrupted")
 
-    try:
+    with pytest.raises(RuntimeError, match="interrupted"):  # the step's error reaches the caller
         steps.run("x", boom)
-    except RuntimeError:
-        pass
     assert not (tmp_path / "steps" / "x.done").exists()
     assert "x" not in steps.timings
+    calls: list[str] = []
+    MarkedSteps(tmp_path, "job").run("x", lambda: calls.append("x"))  # the rerun does the step
+    assert calls == ["x"] and (tmp_path / "steps" / "x.done").is_file()
