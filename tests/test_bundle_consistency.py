@@ -32,3 +32,30 @@ def test_fine_and_coarse_use_the_same_coarse_preprocessing():
     fine = json.loads((ROOT / "bundles/fine_organ_tumor/configs/inference.json").read_text())
     assert fine["coarse_spacing_mm"] == coarse["pixdim"]
     assert fine["hu_window"] == coarse["hu_window"]
+
+
+def test_documented_bundle_zip_names_are_what_pack_writes():
+    """Every ``<bundle>_v<version>.zip`` in the README and the bundle docs is the name ``abdoseg
+    pack`` gives today (``<name>_v<metadata version>.zip``); a stale version makes the documented
+    ``monai.bundle download`` fail."""
+    import re
+
+    repo = ROOT
+    versions = {b.name: json.loads((b / "configs" / "metadata.json").read_text())["version"]
+                for b in (repo / "bundles").iterdir() if (b / "configs" / "metadata.json").is_file()}
+    docs = [repo / "README.md", *sorted((repo / "bundles").glob("*/docs/README.md"))]
+    found = []
+    for doc in docs:
+        for name, version in re.findall(r"\b(" + "|".join(versions) + r")_v(\d+\.\d+\.\d+)\.zip", doc.read_text()):
+            found.append((doc.name, name, version))
+            assert version == versions[name], f"{doc}: {name}_v{version}.zip, but pack writes {name}_v{versions[name]}.zip"
+    assert found, "no documented zip name found: the check would check nothing"
+
+
+def test_training_docs_say_to_run_prepare_first():
+    """A fresh ``abdoseg generate`` folder has no datalist.json: the documented training command
+    needs ``abdoseg prepare`` first, and the docs say so where training is described."""
+    repo = ROOT
+    for doc in (repo / "README.md", repo / "bundles" / "fine_organ_tumor" / "docs" / "README.md"):
+        text = doc.read_text()
+        assert "abdoseg prepare --data_dir" in text and "datalist.json does not exist" in text, doc
