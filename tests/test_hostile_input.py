@@ -3,12 +3,14 @@ ended in a traceback. Now each is an error (exit 1, one line naming the file and
 partial output, inputs untouched) or, for implausible but usable input, a one-line warning.
 
 Small synthetic volumes (40 x 40 x 30 voxels of 6 mm); ``abdoseg segment`` runs with a stand-in
-segmenter (LoadImaged + EnsureChannelFirstd + ValidateCTd, the head of the real inference chain,
-then a threshold), so these tests do not depend on trained weights or on the cascade.
+segmenter (the head of the real inference chain up to its input check ``ValidateCTd``, built from
+the fine bundle's ``inference.json``, then a threshold), so these tests do not depend on trained
+weights or on the cascade.
 """
 
 from __future__ import annotations
 
+import functools
 import json
 import os
 import shutil
@@ -44,18 +46,34 @@ def _ct(shape=SHAPE) -> np.ndarray:
     return hu + (np.arange(shape[2], dtype=np.int16)[None, None, :] % 3)  # slices differ
 
 
+@functools.lru_cache(maxsize=1)
+def _inference_head() -> tuple:
+    """The fine bundle's inference chain up to and including its input check (``ValidateCTd``),
+    built from ``configs/inference.json`` itself (``roi_transforms``), so it cannot drift."""
+    from monai.bundle import ConfigParser
+
+    from abdoseg.segment import DEFAULT_BUNDLE
+
+    parser = ConfigParser()
+    parser.read_config(str(DEFAULT_BUNDLE / "configs" / "inference.json"))
+    parser["bundle_root"] = str(DEFAULT_BUNDLE)
+    raw = parser["roi_transforms"]
+    n = 1 + next(i for i, t in enumerate(raw) if str(t.get("_target_", "")).endswith("ct_checks.ValidateCTd"))
+    head = tuple(parser.get_parsed_content(f"roi_transforms#{i}") for i in range(n))
+    assert type(head[0]).__name__ == "LoadImaged" and type(head[-1]).__name__ == "ValidateCTd", head
+    return head
+
+
 class _StandInSegmenter:
-    """The head of the real inference chain (reader + input checks), then a threshold."""
+    """The head of the real inference chain (reader + input checks, from the bundle's config),
+    then a threshold."""
 
     calls: list[str] = []
 
     def __call__(self, item: dict):
-        from monai.transforms import EnsureChannelFirstd, LoadImaged
-
-        from abdoseg.inference.ct_checks import ValidateCTd
-
-        d = LoadImaged("image", reader="NibabelReader", image_only=True)(dict(item))
-        d = ValidateCTd("image")(EnsureChannelFirstd("image")(d))
+        d = dict(item)
+        for t in _inference_head():
+            d = t(d)
         self.calls.append(item["image"])
         arr = np.asarray(d["image"][0])
         return (arr > 0).astype(np.uint8), nib.load(item["image"]).affine
