@@ -713,6 +713,10 @@ def test_air_painted_classes_finds_organs_on_air():
     assert air_painted_classes(mask, ct, SPACING, min_ml=0.1)[0][0] == 3
     assert [c for c, _, _ in air_painted_classes(mask, ct, SPACING, min_ml=0.1)] == [3, 5]
     assert air_painted_classes(np.zeros(SHAPE, np.uint8), ct, SPACING) == []
+    gas = np.zeros(SHAPE, np.uint8)
+    gas[0:10, 0:10, 0:10] = 11  # a gas-filled stomach (esophagus, duodenum) is anatomy, not a wrong answer
+    assert air_painted_classes(gas, ct, SPACING) == []
+    assert air_painted_classes(gas, ct, SPACING, classes=(11,))[0][0] == 11
     with pytest.raises(ValueError, match="voxels"):
         air_painted_classes(mask[:-1], ct, SPACING)
 

@@ -51,6 +51,10 @@ FOV_EDGE_INSET: float = 0.04
 #: least this large (mL).
 AIR_ORGAN_MEAN_HU: float = -800.0
 AIR_ORGAN_MIN_ML: float = 1.0
+#: Classes checked for air: solid organs, vessels, gallbladder, lesion. The esophagus (10),
+#: stomach (11) and duodenum (12) are left out: their lumen may be filled with gas (an
+#: air-filled esophagus of 7 mL at -908 HU is normal anatomy, not a wrong answer).
+AIR_CHECKED_CLASSES: tuple[int, ...] = (1, 2, 3, 4, 5, 6, 7, 8, 9, 13, 14)
 
 
 class ImplausibleCTWarning(UserWarning):
@@ -141,11 +145,12 @@ def fov_padding_value(array: Any) -> float | None:
 
 def air_painted_classes(mask: np.ndarray, image: np.ndarray, spacing_mm: Sequence[float],
                         max_mean_hu: float = AIR_ORGAN_MEAN_HU, min_ml: float = AIR_ORGAN_MIN_ML,
-                        ) -> list[tuple[int, float, float]]:
-    """``[(class id, volume mL, mean HU)]`` of the predicted classes (``mask`` > 0) of at least
-    ``min_ml`` whose mean CT value lies below ``max_mean_hu``: organs painted on air, as happens
-    when a small body lies in a large field of view or the values are not HU. Pure; ``mask`` and
-    ``image`` share one grid."""
+                        classes: Sequence[int] = AIR_CHECKED_CLASSES) -> list[tuple[int, float, float]]:
+    """``[(class id, volume mL, mean HU)]`` of the predicted ``classes`` of at least ``min_ml``
+    whose mean CT value lies below ``max_mean_hu``: organs painted on air, as happens when a small
+    body lies in a large field of view or the values are not HU. Gas-filled hollow organs are not
+    in the default ``classes`` (:data:`AIR_CHECKED_CLASSES`). Pure; ``mask`` and ``image`` share
+    one grid."""
     m = np.asarray(mask)
     img = np.asarray(image)
     if m.size != img.size:
@@ -156,7 +161,10 @@ def air_painted_classes(mask: np.ndarray, image: np.ndarray, spacing_mm: Sequenc
     counts = np.bincount(labels, minlength=1)
     sums = np.bincount(labels, weights=img.reshape(-1)[fg].astype(np.float64), minlength=1)
     out = []
+    checked = {int(c) for c in classes}
     for c in np.flatnonzero(counts[1:]) + 1:
+        if int(c) not in checked:
+            continue
         ml, mean = counts[c] * voxel_ml, sums[c] / counts[c]
         if ml >= min_ml and mean < max_mean_hu:
             out.append((int(c), round(float(ml), 1), round(float(mean), 1)))
