@@ -1019,3 +1019,21 @@ def test_committed_cascade_never_paints_organs_on_air_silently(tmp_path, capsys,
         assert len(lines) == (1 if found else 0), (name, found, err)
         for c, ml, mean in found:
             assert f"{LABELS[c]} {ml:g} mL at a mean of {mean:.0f} HU" in lines[0]
+
+
+def test_uppercase_extension_in_evaluate_and_junk_only_folder_named(tmp_path, capsys):
+    from abdoseg.evaluate import evaluate
+    from abdoseg.segment import find_cases
+
+    pred, _ = _eval_case(tmp_path, "CASE_A")
+    pred.rename(pred.with_name("CASE_A.NII.GZ"))
+    s = evaluate(str(tmp_path / "pred"), str(tmp_path / "gt"), str(tmp_path / "ev"), workers=1, classes="1")
+    assert s["missing_predictions"] == [] and s["per_class"]["1"]["dsc"] == 1.0
+    junk = tmp_path / "junk"
+    junk.mkdir()
+    for i in range(8):
+        (junk / f"notes{i}.txt").write_text("x")
+    with pytest.raises(InputError, match=r"no NIfTI files \(\.nii/\.nii\.gz\) and no DICOM series in this folder; it "
+                                         r"holds 8 other file\(s\): notes0\.txt, notes1\.txt, notes2\.txt, "
+                                         r"notes3\.txt, notes4\.txt and 3 more$"):
+        find_cases(junk)

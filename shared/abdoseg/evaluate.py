@@ -54,16 +54,19 @@ class EmptyGroundTruthWarning(UserWarning):
 def _case_id(path: Path) -> str:
     name = path.name
     for ext in _EXTS:
-        if name.endswith(ext):
+        if name.lower().endswith(ext):  # any letter case, as segment and prepare read them
             return name[: -len(ext)]
     return name
 
 
 def _list_cases(folder: Path) -> dict[str, Path]:
+    """``{case: file}`` of the ``.nii.gz``/``.nii`` files of ``folder`` (any letter case; hidden and
+    half-written files never); ``.nii.gz`` wins when both exist."""
     files: dict[str, Path] = {}
-    for ext in _EXTS:  # "*.nii" does not match "*.nii.gz"; .nii.gz wins when both exist
-        for p in sorted(folder.glob(f"*{ext}")):
-            if p.is_file() and not is_hidden_or_partial(p):  # never a half-written or hidden file
+    entries = sorted(p for p in folder.iterdir() if p.is_file() and not is_hidden_or_partial(p))
+    for ext in _EXTS:
+        for p in entries:
+            if p.name.lower().endswith(ext):
                 files.setdefault(_case_id(p), p)
     return dict(sorted(files.items()))
 

@@ -416,7 +416,10 @@ def find_cases(input_path: str | os.PathLike, exclude: Any = ()) -> list[dict[st
         else:
             cases.append({"case_id": p.name, "source": str(p), "kind": "unknown"})
     if not any(c["kind"] != "unknown" for c in cases):
-        raise InputError(src, "no NIfTI files (.nii/.nii.gz) and no DICOM series in this folder")
+        names = ", ".join(Path(c["source"]).name for c in cases[:MAX_NAMED_FILES])
+        more = f" and {len(cases) - MAX_NAMED_FILES} more" if len(cases) > MAX_NAMED_FILES else ""
+        raise InputError(src, f"no NIfTI files (.nii/.nii.gz) and no DICOM series in this folder; it holds "
+                              f"{len(cases)} other file(s): {names}{more}")
     seen: dict[str, str] = {}
     for c in cases:
         if c["case_id"] in seen:
