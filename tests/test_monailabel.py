@@ -87,7 +87,12 @@ def app_setup(tmp_path_factory) -> dict:
         import monailabel  # noqa: F401
     except ImportError:
         pytest.fail("monailabel is not installed: run `bash scripts/setup.sh`")
-    root = tmp_path_factory.mktemp("monailabel")
+    return make_app(tmp_path_factory.mktemp("monailabel"))
+
+
+def make_app(root: Path, studies: bool = True) -> dict:
+    """A copy of monailabel_app/ under ``root`` serving a fast copy of the fine bundle with freshly
+    initialised weights; with ``studies``, a studies folder holding the small CT."""
     app = root / "app"
     shutil.copytree(APP, app, ignore=shutil.ignore_patterns("model", "__pycache__"))
     bundle = app / "model" / MODEL
@@ -102,6 +107,8 @@ def app_setup(tmp_path_factory) -> dict:
         net = _parser(bundle).get_parsed_content(net_id, instantiate=True)
         (bundle / "models").mkdir(exist_ok=True)
         torch.save(net.state_dict(), str(bundle / "models" / fname))
+    if not studies:
+        return {"root": root, "app": app, "bundle": bundle}
     studies = root / "studies"
     hu, affine = _small_ct(studies / "SMALL_0001.nii.gz")
     return {"root": root, "app": app, "bundle": bundle, "studies": studies, "hu": hu, "affine": affine}
