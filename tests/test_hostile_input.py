@@ -1037,3 +1037,41 @@ def test_uppercase_extension_in_evaluate_and_junk_only_folder_named(tmp_path, ca
                                          r"holds 8 other file\(s\): notes0\.txt, notes1\.txt, notes2\.txt, "
                                          r"notes3\.txt, notes4\.txt and 3 more$"):
         find_cases(junk)
+
+
+@pytest.mark.slow
+def test_real_segment_killed_mid_run_resumes_to_the_clean_result(tmp_path):
+    """A real ``abdoseg segment`` (committed weights) killed with SIGKILL after its first mask, in
+    the middle of the next case: the rerun keeps the finished mask, computes the rest and ends with
+    masks byte-identical to an uninterrupted run, and no temporary file is left."""
+    from abdoseg.phantom import make_case
+
+    inp = tmp_path / "in"
+    for i in range(3):
+        hu, _, affine = make_case(i, shape=(72, 64, 24), spacing_mm=(5.0, 5.0, 7.0), axcodes="RAS")
+        save_nifti(hu, affine, inp / f"P{i}_0000.nii.gz")
+
+    def cmd(out: Path) -> list[str]:
+        return [sys.executable, "-m", "abdoseg.cli", "segment", "-i", str(inp), "-o", str(out), "--device", "cpu"]
+
+    clean = tmp_path / "clean"
+    subprocess.run(cmd(clean), check=True, capture_output=True, timeout=600)
+    out = tmp_path / "out"
+    proc = subprocess.Popen(cmd(out), stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, start_new_session=True)
+    try:
+        deadline = time.time() + 300
+        while not (out / "P0.nii.gz").exists() and proc.poll() is None and time.time() < deadline:
+            time.sleep(0.05)
+        assert (out / "P0.nii.gz").exists() and proc.poll() is None, "the run ended before it could be killed"
+        os.killpg(proc.pid, signal.SIGKILL)
+    finally:
+        proc.wait(timeout=60)
+    assert not (out / "P2.nii.gz").exists()  # really interrupted mid-run
+    first = (out / "P0.nii.gz").stat().st_mtime_ns
+    res = subprocess.run(cmd(out), capture_output=True, text=True, timeout=600)
+    assert res.returncode == 0, res.stderr
+    assert "kept from before" in res.stderr and (out / "P0.nii.gz").stat().st_mtime_ns == first
+    assert sorted(p.name for p in out.iterdir()) == sorted(p.name for p in clean.iterdir()) == [
+        "P0.nii.gz", "P1.nii.gz", "P2.nii.gz"]  # no hidden leftovers
+    for p in clean.iterdir():
+        assert (out / p.name).read_bytes() == p.read_bytes(), p.name
