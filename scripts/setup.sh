@@ -15,3 +15,18 @@ fi
 # downgrade numpy), see monailabel_app/requirements.txt; then monailabel itself without deps.
 .venv/bin/python -m pip install -q -c constraints.txt -r monailabel_app/requirements.txt
 .venv/bin/python -m pip install -q -c constraints.txt --no-deps monailabel==0.8.5 pydicom-seg==0.4.1
+# The browser loop (scripts/stack.sh, tests/test_browser_loop.py): selenium in the venv; Orthanc with
+# its DICOMweb plugin, Chromium and its WebDriver from Debian (as root, or with password-less sudo;
+# otherwise the command to run is printed and that test fails naming the missing package).
+.venv/bin/python -m pip install -q -c constraints.txt selenium==4.27.1
+BROWSER_PKGS="orthanc orthanc-dicomweb chromium chromium-driver"
+if ! { [ -x /usr/sbin/Orthanc ] && [ -f /usr/share/orthanc/plugins/libOrthancDicomWeb.so ] \
+       && [ -x /usr/bin/chromium ] && [ -x /usr/bin/chromedriver ]; }; then
+  if [ "$(id -u)" = 0 ]; then APT="apt-get"; elif sudo -n true 2>/dev/null; then APT="sudo -n apt-get"; else APT=""; fi
+  if [ -n "$APT" ] && command -v apt-get >/dev/null; then
+    DEBIAN_FRONTEND=noninteractive $APT update -q >/dev/null
+    DEBIAN_FRONTEND=noninteractive $APT install -y -q --no-install-recommends $BROWSER_PKGS >/dev/null
+  else
+    echo "setup.sh: cannot install $BROWSER_PKGS (needs root and apt-get); run: sudo apt-get install --no-install-recommends $BROWSER_PKGS" >&2
+  fi
+fi
