@@ -234,6 +234,23 @@ def test_radiologist_loop_in_the_browser(stack, tmp_path):
         for p in shots.iterdir():
             shutil.copy(p, dest / p.name)
 
+    # 3b. /infer?output=dicom_seg (what a DICOM client asks for): FLARE23 segment numbers too, no dcmqi
+    r = httpx.post(f"{stack['url']}/infer/{MODEL}", params={"image": series, "output": "dicom_seg"},
+                   data={"params": json.dumps({"label_info": [{"name": "spleen"}, {"name": "liver"}]})}, timeout=300)
+    assert r.status_code == 200, r.text[-2000:]
+    inferred = pydicom.dcmread(__import__("io").BytesIO(r.content))
+    assert inferred.Modality == "SEG" and inferred.ReferencedSeriesSequence[0].SeriesInstanceUID == series
+    assert [(int(x.SegmentNumber), x.SegmentLabel) for x in inferred.SegmentSequence] == \
+        [(i, LABELS[i]) for i in FOREGROUND_IDS]
+    # the DICOMweb datastore takes DICOM UIDs only: nothing leaves its cache folder
+    for params in ({"image": series, "tag": "../../escapetag"}, {"image": "../../../etc/passwd", "tag": "final"}):
+        r = httpx.put(f"{stack['url']}/datastore/label", params=params,
+                      files={"label": ("x.nii.gz", b"not read")}, timeout=60)
+        assert r.status_code == 400 and "refused" in r.text, (params, r.status_code, r.text)
+    r = httpx.post(f"{stack['url']}/infer/{MODEL}", params={"image": "../../../etc/passwd"}, timeout=60)
+    assert r.status_code == 400, (r.status_code, r.text)
+    assert not list(stack["root"].rglob("*escapetag*"))
+
     # 4. save a corrected label with classes missing (the save call of MONAI Label's clients)
     corrected = _corrected_label(stack["hu"])
     assert set(np.unique(corrected)) == {0, *KEPT}
