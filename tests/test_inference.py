@@ -431,11 +431,23 @@ def _bad_files(tmp_path):
     return out
 
 
+def _library_noise_off_our_warnings_errors() -> None:
+    """Inside ``warnings.catch_warnings()``: the library notices the CLI silences are off, and a
+    warning of this package is an error (a bad file must be refused, not warned about)."""
+    from abdoseg.cli import quiet_library_noise
+    from abdoseg.inference.ct_checks import ImplausibleCTWarning
+    from abdoseg.roi import EmptyRoiWarning
+
+    quiet_library_noise()
+    for category in (ImplausibleCTWarning, EmptyRoiWarning):
+        warnings.simplefilter("error", category)
+
+
 def test_bad_inputs_raise_input_error_naming_file(tmp_path):
     seg = bundle_segmenter()
     for name, (path, msg) in _bad_files(tmp_path).items():
         with pytest.raises(InputError) as ei, warnings.catch_warnings():
-            warnings.simplefilter("ignore")
+            _library_noise_off_our_warnings_errors()
             seg({"image": str(path)})
         assert str(path) in str(ei.value), name
         assert msg in str(ei.value), (name, str(ei.value))
@@ -448,9 +460,15 @@ def test_batch_continues_and_reports_bad_inputs(tmp_path):
     good = tmp_path / "in" / "good_0000.nii.gz"
     save_nifti(phantom(), _affine((0.8, 1.2, 2.5), "RAS"), good)
     items = [{"image": str(p)} for p, _ in bad.values()] + [{"image": str(good)}]
-    with warnings.catch_warnings():
-        warnings.simplefilter("ignore")
+    from abdoseg.cli import quiet_library_noise
+    from abdoseg.inference.ct_checks import ImplausibleCTWarning
+
+    with warnings.catch_warnings(), pytest.warns(ImplausibleCTWarning) as rec:
+        quiet_library_noise()
         report = run_batch(items, bundle_segmenter(), tmp_path / "out", rank=0, world_size=1)
+    # the small test volume is the one warning of this package: its 38 mm field of view
+    ours = [str(w.message) for w in rec if w.category.__module__.startswith("abdoseg")]
+    assert len(ours) == 1 and ours[0].startswith(f"{good}: unusual for an abdominal CT: field of view"), ours
     assert report.done == ["good"]
     assert sorted(c for c, _, _ in report.failed) == sorted(p.name[: -len("_0000.nii.gz")] for p, _ in bad.values())
     assert sorted(p.name for p in (tmp_path / "out").iterdir()) == ["good.nii.gz"]

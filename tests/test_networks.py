@@ -110,8 +110,12 @@ def test_onnx_export_matches_onnxruntime(tmp_path):
     net = PocketUNet(**SMALL).eval()
     x = torch.randn(1, 1, 16, 16, 8)
     path = tmp_path / "net.onnx"
-    with warnings.catch_warnings():
-        warnings.simplefilter("ignore")
+    with warnings.catch_warnings():  # the legacy exporter's notices, each named (dynamo=False is deliberate)
+        for message in (r"You are using the legacy TorchScript-based ONNX export",
+                        r"The feature will be removed\. Please remove usage of this function",
+                        r"ONNX export mode is set to TrainingMode\.EVAL, but operator 'instance_norm'",
+                        r"Converting a tensor to a Python boolean might cause the trace to be incorrect"):
+            warnings.filterwarnings("ignore", message=message)
         torch.onnx.export(net, (x,), str(path), input_names=["image"], output_names=["pred"], opset_version=17,
                           dynamo=False, dynamic_axes={"image": {0: "b", 2: "x", 3: "y", 4: "z"}})
     sess = ort.InferenceSession(str(path), providers=["CPUExecutionProvider"])
