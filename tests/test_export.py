@@ -165,8 +165,12 @@ def test_onnx_cascade_matches_torch_cascade(exported, tmp_path):
     o_seg = onnx_cascade(bundle, overrides=overrides)
     rec = Recorder(t_seg.network)
     t_seg.network = rec
+    from abdoseg.cli import quiet_library_noise
+    from abdoseg.inference.ct_checks import ImplausibleCTWarning
+
     with warnings.catch_warnings(), torch.no_grad():
-        warnings.simplefilter("ignore")
+        quiet_library_noise()  # MONAI's per-run notices only; a warning of this package is an error
+        warnings.simplefilter("error", ImplausibleCTWarning)
         t_mask, t_aff = t_seg({"image": str(path)})
         o_mask, o_aff = o_seg({"image": str(path)})
         # the ORT coarse net gives the same ROI (the crop recorded in the preprocessing trace)
