@@ -1075,3 +1075,32 @@ def test_real_segment_killed_mid_run_resumes_to_the_clean_result(tmp_path):
         "P0.nii.gz", "P1.nii.gz", "P2.nii.gz"]  # no hidden leftovers
     for p in clean.iterdir():
         assert (out / p.name).read_bytes() == p.read_bytes(), p.name
+
+
+def test_cli_error_lines_wrapped_input_error_oserror_and_real_bugs(monkeypatch, capsys):
+    """The CLI's last line of defence: an InputError wrapped by a library (MONAI's instantiate) and
+    an OSError are one line each; any other exception is a bug and keeps its traceback."""
+    import errno
+
+    import abdoseg.segment
+
+    def wrapped(**kwargs):
+        try:
+            raise InputError("models/x.pt", "truncated or corrupt checkpoint")
+        except InputError as exc:
+            raise RuntimeError("Failed to instantiate component 'X'") from exc
+
+    def full_disk(**kwargs):
+        raise OSError(errno.ENOSPC, os.strerror(errno.ENOSPC), "out/ct.nii.gz")
+
+    def bug(**kwargs):
+        raise ZeroDivisionError("a bug")
+
+    for fn, expected in ((wrapped, "abdoseg segment: error: models/x.pt: truncated or corrupt checkpoint"),
+                         (full_disk, "abdoseg segment: error: out/ct.nii.gz: No space left on device")):
+        monkeypatch.setattr(abdoseg.segment, "segment", fn)
+        code, err = _cli(["segment", "-i", "a.nii.gz", "-o", "b"], capsys)
+        assert code == 1 and err.strip() == expected, err
+    monkeypatch.setattr(abdoseg.segment, "segment", bug)
+    with pytest.raises(ZeroDivisionError):
+        _cli(["segment", "-i", "a.nii.gz", "-o", "b"], capsys)

@@ -160,17 +160,15 @@ def main(argv: list[str] | None = None) -> None:
     except InputError as exc:
         print(f"abdoseg {name}: error: {exc}", file=sys.stderr)
         raise SystemExit(1) from exc
-    except (SystemExit, KeyboardInterrupt):
-        raise
+    except OSError as exc:  # a read-only folder, a file where a folder should be, a full disk: no traceback
+        where = f"{exc.filename}: " if getattr(exc, "filename", None) else ""
+        print(f"abdoseg {name}: error: {where}{exc.strerror or exc}", file=sys.stderr)
+        raise SystemExit(1) from exc
     except Exception as exc:  # e.g. MONAI's "Failed to instantiate component" around our InputError
         inner = input_error_in_chain(exc)
         if inner is None:
             raise
         print(f"abdoseg {name}: error: {inner}", file=sys.stderr)
-        raise SystemExit(1) from exc
-    except OSError as exc:  # a read-only folder, a file where a folder should be, a full disk: no traceback
-        where = f"{exc.filename}: " if getattr(exc, "filename", None) else ""
-        print(f"abdoseg {name}: error: {where}{exc.strerror or exc}", file=sys.stderr)
         raise SystemExit(1) from exc
     finally:
         warnings.showwarning = show_default
