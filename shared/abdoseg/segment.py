@@ -41,7 +41,7 @@ import sys
 import tempfile
 import warnings
 from pathlib import Path
-from typing import Any, Sequence
+from typing import Any, Iterator, Sequence
 
 import numpy as np
 
@@ -652,7 +652,7 @@ def write_extras(case_id: str, image_file: Path, mask_file: Path, out_dir: Path,
 
 
 @contextlib.contextmanager
-def _names_output(target: Path, mask_file: Path):
+def _names_output(target: Path, mask_file: Path) -> Iterator[None]:
     """An OSError while writing ``target`` (a full disk, a read-only file) becomes one
     :class:`InputError` naming ``target`` (not the input CT); the mask is already complete."""
     try:
