@@ -51,11 +51,10 @@ case "${1:-}" in
     setsid Orthanc "$STACK_DIR/orthanc/orthanc.json" >"$STACK_DIR/orthanc.log" 2>&1 &
     echo $! >"$STACK_DIR/orthanc.pid"
     wait_http "http://127.0.0.1:$ORTHANC_PORT/system" Orthanc "$STACK_DIR/orthanc.pid"
-    if [ ! -d "$STACK_DIR/app" ]; then
-      mkdir -p "$STACK_DIR/app"
-      (cd monailabel_app && tar --exclude=model --exclude=__pycache__ --exclude=logs --exclude=bin -cf - .) \
-        | (cd "$STACK_DIR/app" && tar -xf -)
-    fi
+    # the app's code is refreshed from monailabel_app/ on every start; its model/ (trained weights) is kept
+    mkdir -p "$STACK_DIR/app"
+    (cd monailabel_app && tar --exclude=./model --exclude=__pycache__ --exclude=./logs --exclude=./bin -cf - .) \
+      | (cd "$STACK_DIR/app" && tar -xf -)
     if [ ! -d "$STACK_DIR/app/model/$NAME" ]; then
       mkdir -p "$STACK_DIR/app/model"
       cp -r "$BUNDLE" "$STACK_DIR/app/model/$NAME"

@@ -208,6 +208,20 @@ def _run_auto_segmentation_in_ohif(stack: dict, shots: Path) -> None:
     assert re.search(rf"Infer Request \(final\): .*'model': '{MODEL}'.*{re.escape(stack['SeriesInstanceUID'])}", log)
 
 
+def _raw_get(base: str, path: str) -> int:
+    """HTTP status of GET ``path`` sent as is (no client-side removal of dot segments)."""
+    import http.client
+    from urllib.parse import urlsplit
+
+    u = urlsplit(base)
+    conn = http.client.HTTPConnection(u.hostname, u.port, timeout=60)
+    try:
+        conn.request("GET", path)
+        return conn.getresponse().status
+    finally:
+        conn.close()
+
+
 def _corrected_label(hu: np.ndarray) -> np.ndarray:
     """Body = liver (1), the 200 HU blob = spleen (3), the 130 HU blob = gallbladder (9), a small
     lesion (14) inside the liver: every other class missing."""
@@ -250,6 +264,10 @@ def test_radiologist_loop_in_the_browser(stack, tmp_path):
     r = httpx.post(f"{stack['url']}/infer/{MODEL}", params={"image": "../../../etc/passwd"}, timeout=60)
     assert r.status_code == 400, (r.status_code, r.text)
     assert not list(stack["root"].rglob("*escapetag*"))
+    # OHIF's proxy to the PACS stays inside the DICOMweb root (stock: Orthanc's whole REST API)
+    for path in ("/proxy/dicom/../../patients", "/proxy/dicom/wado/%2e%2e/%2e%2e/patients"):
+        assert _raw_get(stack["url"], path) == 400, path
+    assert _raw_get(stack["url"], "/proxy/dicom/qido/studies") == 200
 
     # 4. save a corrected label with classes missing (the save call of MONAI Label's clients)
     corrected = _corrected_label(stack["hu"])

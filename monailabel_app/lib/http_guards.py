@@ -12,6 +12,9 @@ app is created (``MyApp.__init__``, before the server answers any request):
   any existing path as the image (``image=../../../etc/passwd`` opened that file). Only the
   temporary file that the endpoint itself writes for an uploaded ``file`` (or a session's image)
   passes as a path (:data:`PATH_ALLOWED`, set by the wrapper for that request only);
+* ``/proxy/dicom/...`` (how OHIF reaches the PACS through MONAI Label) forwards only paths inside
+  the DICOMweb root: a ``..`` or ``.`` segment (also percent-encoded) is ``400`` (stock MONAI
+  Label forwarded ``/proxy/dicom/../../patients`` to Orthanc's REST API outside ``/dicom-web``);
 * ``monailabel.endpoints.infer.nifti_to_dicom_seg`` (``/infer?output=dicom_seg``) is
   :func:`flare23_nifti_to_dicom_seg`: highdicom, segment number = FLARE23 id, no dcmqi.
 """
@@ -53,12 +56,30 @@ def flare23_nifti_to_dicom_seg(series_dir, label, label_info=None, file_ext="*",
     return str(series_seg(label, series_dir, out))
 
 
+def check_proxy_path(path: str) -> str:
+    """``path`` (relative to the DICOMweb root) when no segment of it steps out; else HTTP 400."""
+    from urllib.parse import unquote
+
+    text = str(path)
+    for _ in range(3):  # %252e%252e -> %2e%2e -> ..
+        decoded = unquote(text)
+        if decoded == text:
+            break
+        text = decoded
+    segments = text.replace("\\", "/").split("/")
+    if text.startswith("/") or any(seg in (".", "..") for seg in segments) or "\x00" in text:
+        raise refuse(400, f"proxy path {path!r} refused: it must stay inside the DICOMweb root "
+                          "(no '.' or '..' segments, no absolute path)")
+    return path
+
+
 def install() -> None:
     """Wrap the endpoint helpers (idempotent)."""
     global _INSTALLED
     if _INSTALLED:
         return
     import monailabel.endpoints.infer as infer_ep
+    import monailabel.endpoints.proxy as proxy_ep
     import monailabel.endpoints.train as train_ep
     from monailabel.interfaces.utils.app import app_instance
 
@@ -83,6 +104,13 @@ def install() -> None:
             raise unknown_model(model, trainers, "training")
         return stock_run_model(model, params, run_sync, enqueue)
 
+    stock_proxy_dicom = proxy_ep.proxy_dicom
+
+    async def proxy_dicom(request, op, path):
+        check_proxy_path(path)
+        return await stock_proxy_dicom(request, op, path)
+
+    proxy_ep.proxy_dicom = proxy_dicom
     infer_ep.run_inference = run_inference
     train_ep.run_model = run_model
     infer_ep.nifti_to_dicom_seg = flare23_nifti_to_dicom_seg
@@ -90,4 +118,4 @@ def install() -> None:
     logger.info("abdoseg HTTP guards installed (unknown model -> 404, image ids only, FLARE23 DICOM SEG)")
 
 
-__all__ = ["install", "PATH_ALLOWED", "flare23_nifti_to_dicom_seg", "unknown_model"]
+__all__ = ["install", "check_proxy_path", "PATH_ALLOWED", "flare23_nifti_to_dicom_seg", "unknown_model"]
