@@ -46,7 +46,8 @@ def test_documented_bundle_zip_names_are_what_pack_writes():
     docs = [repo / "README.md", *sorted((repo / "bundles").glob("*/docs/README.md"))]
     found = []
     for doc in docs:
-        for name, version in re.findall(r"\b(" + "|".join(versions) + r")_v(\d+\.\d+\.\d+)\.zip", doc.read_text()):
+        text = doc.read_text(encoding="utf-8")
+        for name, version in re.findall(r"\b(" + "|".join(versions) + r")_v(\d+\.\d+\.\d+)\.zip", text):
             found.append((doc.name, name, version))
             assert version == versions[name], f"{doc}: {name}_v{version}.zip, but pack writes {name}_v{versions[name]}.zip"
     assert found, "no documented zip name found: the check would check nothing"
@@ -57,5 +58,5 @@ def test_training_docs_say_to_run_prepare_first():
     needs ``abdoseg prepare`` first, and the docs say so where training is described."""
     repo = ROOT
     for doc in (repo / "README.md", repo / "bundles" / "fine_organ_tumor" / "docs" / "README.md"):
-        text = doc.read_text()
+        text = doc.read_text(encoding="utf-8")
         assert "abdoseg prepare --data_dir" in text and "datalist.json does not exist" in text, doc
