@@ -325,3 +325,30 @@ def test_app_uses_these_datastores_without_dcmqi(tmp_path, monkeypatch):
     assert isinstance(local, AbdosegLocalDatastore)
     if getattr(local, "_observer", None) is not None:
         local._observer.stop()
+
+
+def test_dicomweb_datastore_trains_on_the_newest_seg(dicomweb):
+    """A label corrected and saved twice: two SEGs reference the image; training reads the newer one
+    (ContentDate/ContentTime), whatever order the server lists them in; a SEG deleted from the
+    server takes its cached label with it."""
+    from abdoseg.dicom_seg import mask_to_dicom_seg
+
+    server, series, make, tmp_path = dicomweb
+    ds = make("cache")
+    image = nib.load(ds.get_image_uri(series))
+    sources = sorted((d for d in server.instances if str(d.SeriesInstanceUID) == series),
+                     key=lambda d: int(d.InstanceNumber))
+    old, new = _sparse_label(image.shape), _sparse_label(image.shape)
+    new[new == 9] = 0  # the second correction removed the gallbladder
+    segs = []
+    for mask, time_of_day in ((new, "120000"), (old, "090000")):  # the newer listed first
+        seg = mask_to_dicom_seg(mask, image.affine, sources)
+        seg.ContentDate, seg.ContentTime = "20261204", time_of_day
+        segs.append(seg)
+    server.store_instances(segs)
+    items = make("cache2").datalist()
+    assert len(items) == 1 and np.array_equal(np.asarray(nib.load(items[0]["label"]).dataobj), new)
+    ds3 = make("cache3")
+    assert len(ds3.datalist()) == 1
+    server.instances = [d for d in server.instances if d.Modality != "SEG"]
+    assert ds3.datalist() == []

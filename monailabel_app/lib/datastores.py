@@ -300,6 +300,45 @@ class AbdosegDICOMWebDatastore(_FolderGuard, DICOMWebDatastore):
             os.unlink(tmp)
         return LocalDatastore.get_label_uri(self, image_id, label_tag)
 
+    def _download_labeled_data(self):
+        """The stock method, except that when several SEGs reference one image series (a label
+        corrected and saved twice) the newest one (ContentDate/ContentTime, else SeriesDate/
+        SeriesTime) is the training label; the stock method let the last in the server's answer
+        order win."""
+        from pydicom.dataset import Dataset
+
+        newest: Dict[str, tuple[str, str]] = {}  # image series -> (time stamp, SEG series)
+        images = set(self.list_images())
+        for seg in (Dataset.from_json(d) for d in self._client.search_for_series(search_filters={"Modality": "SEG"})):
+            seg_uid = str(seg["SeriesInstanceUID"].value)
+            meta = Dataset.from_json(self._client.retrieve_series_metadata(str(seg["StudyInstanceUID"].value),
+                                                                           seg_uid)[0])
+            ref = meta.get("ReferencedSeriesSequence")
+            if not ref:
+                logger.warning(f"Label Ignored:: ReferencedSeriesSequence is NOT found: {seg_uid}")
+                continue
+            image = str(ref[0].SeriesInstanceUID)
+            if image not in images:
+                logger.warning(f"Label Ignored:: ReferencedSeriesSequence is NOT in filtered image list: {seg_uid}")
+                continue
+            stamp = "".join(str(meta.get(k, "") or "") for k in ("ContentDate", "ContentTime")) or \
+                "".join(str(meta.get(k, "") or "") for k in ("SeriesDate", "SeriesTime"))
+            if image not in newest or (stamp, seg_uid) > newest[image]:
+                newest[image] = (stamp, seg_uid)
+        stale = set(LocalDatastore.get_labeled_images(self)) - set(newest)
+        for image in stale:  # labels whose SEG is gone from the server
+            uri = LocalDatastore.get_label_uri(self, image, DefaultLabelTag.FINAL)
+            if uri and os.path.exists(uri):
+                logger.info(f"Label {image} not on the server any more; removed from the cache")
+                os.unlink(uri)
+            obj = self._datastore.objects.get(image)
+            if obj and DefaultLabelTag.FINAL in obj.labels:
+                obj.labels.pop(DefaultLabelTag.FINAL)
+                self._update_datastore_file()
+        for image, (_, seg_uid) in newest.items():
+            self.get_image_uri(image)
+            self.get_label_uri(seg_uid, DefaultLabelTag.FINAL, image)
+
     def save_label(self, image_id: str, label_filename: str, label_tag: str, label_info: Dict[str, Any],
                    label_id: str = "") -> str:
         from abdoseg.dicom_seg import series_seg
