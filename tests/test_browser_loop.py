@@ -20,6 +20,7 @@ chromium-driver).
 
 from __future__ import annotations
 
+import io
 import json
 import os
 import re
@@ -127,8 +128,6 @@ def stack(tmp_path_factory):
 
 def _coloured_pixels(png: bytes) -> int:
     """Pixels in the viewports (the screen between the side panels) that are clearly not grey."""
-    import io
-
     from PIL import Image
 
     img = np.asarray(Image.open(io.BytesIO(png)).convert("RGB")).astype(np.int16)
@@ -252,7 +251,7 @@ def test_radiologist_loop_in_the_browser(stack, tmp_path):
     r = httpx.post(f"{stack['url']}/infer/{MODEL}", params={"image": series, "output": "dicom_seg"},
                    data={"params": json.dumps({"label_info": [{"name": "spleen"}, {"name": "liver"}]})}, timeout=300)
     assert r.status_code == 200, r.text[-2000:]
-    inferred = pydicom.dcmread(__import__("io").BytesIO(r.content))
+    inferred = pydicom.dcmread(io.BytesIO(r.content))
     assert inferred.Modality == "SEG" and inferred.ReferencedSeriesSequence[0].SeriesInstanceUID == series
     assert [(int(x.SegmentNumber), x.SegmentLabel) for x in inferred.SegmentSequence] == \
         [(i, LABELS[i]) for i in FOREGROUND_IDS]

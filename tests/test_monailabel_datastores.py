@@ -13,7 +13,9 @@
 from __future__ import annotations
 
 import copy
+import io
 import os
+import re
 import sys
 from pathlib import Path
 
@@ -117,7 +119,7 @@ def test_local_datastore_refuses_labels_that_do_not_fit(local, tmp_path):
         with pytest.raises(HTTPException) as e:
             ds.save_label("CASE_1", str(path), "final", {})
         code, msg = _status(e)
-        assert code == 422 and __import__("re").search(pattern, msg), (name, msg)
+        assert code == 422 and re.search(pattern, msg), (name, msg)
     (tmp_path / "junk.nii.gz").write_bytes(b"not an image")
     with pytest.raises(HTTPException) as e:
         ds.save_label("CASE_1", str(tmp_path / "junk.nii.gz"), "final", {})
@@ -167,15 +169,13 @@ class MemoryDICOMweb:
 
     def store_instances(self, datasets, **_):
         for d in datasets:
-            d = pydicom.dcmread(__import__("io").BytesIO(_to_bytes(d)))  # as it travels: written and parsed
+            d = pydicom.dcmread(io.BytesIO(_to_bytes(d)))  # as it travels: written and parsed
             self.instances.append(d)
             self.stored.append(d)
         return pydicom.Dataset()
 
 
 def _to_bytes(ds) -> bytes:
-    import io
-
     buf = io.BytesIO()
     ds.save_as(buf, write_like_original=False)
     return buf.getvalue()
@@ -249,8 +249,6 @@ def test_dicomweb_datastore_seg_keeps_flare23_ids(dicomweb):
 def test_dicomweb_datastore_reads_positional_seg_by_label(dicomweb):
     """A SEG numbered 1..N by another tool (dcmqi / stock MONAI Label): trained with the right ids."""
     from test_dicom_seg import _positional_seg
-
-    from abdoseg.dicom_seg import read_source_datasets  # noqa: F401
 
     server, series, make, tmp_path = dicomweb
     ds = make("cache")

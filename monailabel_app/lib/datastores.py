@@ -34,7 +34,7 @@ import re
 import shutil
 import tempfile
 from enum import Enum
-from typing import Any, Dict, Optional
+from typing import Any, Dict
 
 import numpy as np
 from fastapi import HTTPException
