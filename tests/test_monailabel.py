@@ -12,7 +12,12 @@ loop a user runs from a viewer:
 3. ``PUT /datastore/label`` stores a corrected label;
 4. ``POST /train`` (1 epoch, fewer than ``val_interval``: no validation) finishes, the served
    ``models/model.pt`` is new weights and ``train_stats`` reports the finished epoch;
-5. ``POST /infer`` again gives a different mask, closer to the corrected label.
+5. ``POST /infer`` again gives a different mask, closer to the corrected label;
+6. a training that fails ends with ``train_stats`` status ERROR and its error.
+
+Between 2 and 3 the server's refusals: unknown model 404 on ``/infer`` and ``/train``; image ids,
+paths and tags leaving the studies folder 400 (nothing written outside); a label of the wrong shape
+422 naming the image and both shapes (monailabel_app/lib/datastores.py, http_guards.py).
 
 To keep it fast the copied bundle runs the fine stage at the CT's own 4 x 4 x 5 mm with 32 x 32 x 16
 training patches (both configs changed alike); the network is the bundle's.
