@@ -1,8 +1,8 @@
 #!/usr/bin/env python
 """Measure what each post-processing rule of ``abdoseg.postprocess`` does to FLARE23 DSC/NSD.
 
-Runs the fine_organ_tumor inference config (its network + cascade inferer, post-processing off)
-over the cases of a datalist key once, then applies each rule set to the same raw masks and
+Runs the fine_organ_tumor bundle's inference (``segmenter_from_bundle``: its preprocessing, network,
+inferer and postprocessing with the organ component rule off) over the cases of a datalist key once, then applies each rule set to the same raw masks and
 scores them against the ground truth with ``abdoseg.metrics.evaluate_case``. Prints a table of
 organ mean DSC/NSD and lesion DSC/NSD per rule set and writes ``postprocess_effect.json``.
 
@@ -45,7 +45,10 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--dataset_dir", required=True)
     ap.add_argument("--datalist", default=None, help="default: <dataset_dir>/datalist.json")
     ap.add_argument("--key", default="validation")
-    ap.add_argument("--model", default=None, help="fine network state dict (source 'model')")
+    ap.add_argument("--model", default=None, help="fine network state dict (source 'model'), loaded strictly "
+                    "into the inference network_def; for one with deep-supervision heads add "
+                    "deep_supervision=true to --overrides")
+    ap.add_argument("--bundle_dir", default=None, help=f"fine bundle (default: {BUNDLE})")
     ap.add_argument("--source", default="model", choices=["model", "pseudo_A", "pseudo_B"],
                     help="raw masks: the fine network's output, or the phantom's pseudo labels of the "
                          "training cases scored against groundtruth/labelsTr (realistic organ errors)")
@@ -54,12 +57,12 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--out_dir", default=str(REPO / "runs" / "postprocess_effect"))
     ap.add_argument("--threads", type=int, default=2)
     args = ap.parse_args(argv)
+    bundle_dir = Path(args.bundle_dir) if args.bundle_dir else None
 
     import torch
-    from monai.bundle import ConfigParser
     from monai.data import load_decathlon_datalist
 
-    from abdoseg.checkpoints import load_state_dict_file
+    from abdoseg.inference.segmenter import segmenter_from_bundle
     from abdoseg.io import load_nifti
 
     torch.set_num_threads(args.threads)
@@ -70,21 +73,12 @@ def main(argv: list[str] | None = None) -> int:
                       lambda it: str(Path(args.dataset_dir) / "groundtruth" / "labelsTr" / Path(it["label"]).name))
     if not args.model:
         ap.error("--model is required with --source model")
-    parser = ConfigParser()
-    parser.read_config(str(BUNDLE / "configs" / "inference.json"))
-    parser.update({"bundle_root": str(BUNDLE), "device": "cpu", **json.loads(args.overrides)})
-    net = parser.get_parsed_content("network")
-    sd = load_state_dict_file(args.model)  # older checkpoints may still hold deep-supervision heads
-    net.load_state_dict({k: v for k, v in sd.items() if "deep_supervision_heads." not in k and "super_head." not in k})
-    net.eval()
-    inferer = parser.get_parsed_content("inferer")
-    if args.coarse_model:
-        inferer.coarse_checkpoint = args.coarse_model
-        inferer._coarse_loaded = False
-    else:
-        inferer.coarse_network = None
-    segment = parser.get_parsed_content("segment")
-    segment.inferer, segment.network, segment.postprocessing = inferer, net, None
+    # the bundle's own inference (one builder, one checkpoint loader); the organ rule off, the
+    # lesion rules are off by default in the config: the raw masks on the CT's grid
+    overrides = {"largest_organ_component": False, "single_stage": not args.coarse_model,
+                 **({"coarse_checkpoint": str(args.coarse_model)} if args.coarse_model else {}),
+                 **json.loads(args.overrides)}
+    segment = segmenter_from_bundle(bundle_dir or BUNDLE, device="cpu", overrides=overrides, model_path=args.model)
 
     items = load_decathlon_datalist(datalist, True, args.key, base_dir=args.dataset_dir)
     return _score(items, args, lambda it: segment({"image": it["image"]})[0], lambda it: it["label"])

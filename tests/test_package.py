@@ -161,11 +161,11 @@ def test_missing_weights_clear_error_nothing_written(tmp_path):
 def test_bad_weights_and_metadata_are_named(tmp_path):
     bundle = bundle_copy(tmp_path / "src")
     wrong = init_weights(bundle, "coarse_network_def", tmp_path / "wrong.pt")  # 2-class coarse net as the fine net
-    with pytest.raises(InputError, match=r"wrong\.pt: does not match network_def"):
+    with pytest.raises(InputError, match=r"wrong\.pt: weights do not fit the network_def"):
         pack(str(bundle), out_dir=str(tmp_path / "dist"), weights=str(wrong))
     junk = tmp_path / "junk.pt"
     junk.write_bytes(b"not a checkpoint")
-    with pytest.raises(InputError, match=r"junk\.pt: not a plain PyTorch state dict"):
+    with pytest.raises(InputError, match=r"junk\.pt: not a (plain|readable) PyTorch state dict"):
         pack(str(bundle), out_dir=str(tmp_path / "dist"), weights=str(junk))
     meta_path = bundle / "configs" / "metadata.json"
     meta = json.loads(meta_path.read_text())

@@ -139,11 +139,10 @@ def bundle_networks(bundle_dir: str | os.PathLike) -> list[NetSpec]:
 
 
 def _eager_network(bundle: Path, spec: NetSpec) -> torch.nn.Module:
-    from abdoseg.checkpoints import load_state_dict_file
+    from abdoseg.checkpoints import load_weights
 
     net = _parser(bundle).get_parsed_content(spec.net_id, instantiate=True)
-    net.load_state_dict(load_state_dict_file(spec.checkpoint))
-    return net.eval()
+    return load_weights(net, spec.checkpoint, what=spec.net_id).eval()
 
 
 # ----------------------------------------------------------------------------------------------

@@ -67,32 +67,24 @@ def _read_metadata(bundle: Path) -> dict:
 
 
 def _check_state_dict(path: Path) -> dict:
-    """Load ``path`` as a plain state dict (``weights_only=True``) or raise InputError naming it."""
-    import torch
-
+    """Load ``path`` with :func:`abdoseg.checkpoints.load_state_dict_file` (``weights_only=True``)
+    and require a non-empty state dict; raises InputError naming the file."""
     from abdoseg.checkpoints import load_state_dict_file
 
-    try:
-        sd = load_state_dict_file(path, map_location="cpu")
-    except Exception as exc:  # torch raises many types for non-checkpoints
-        raise InputError(path, f"not a plain PyTorch state dict readable with weights_only=True ({exc})") from exc
-    if not isinstance(sd, dict) or not sd or not all(isinstance(v, torch.Tensor) for v in sd.values()):
-        raise InputError(path, "not a plain state dict (expected a non-empty {name: tensor} mapping)")
+    sd = load_state_dict_file(path, map_location="cpu")
+    if not sd:
+        raise InputError(path, "empty state dict (expected a non-empty {name: tensor} mapping)")
     return sd
 
 
 def _check_network_weights(bundle: Path, weights: Path) -> None:
-    """``weights`` must load strictly into ``network_def`` of the bundle's inference.json."""
+    """``weights`` must load strictly into ``network_def`` of the bundle's inference.json
+    (:func:`abdoseg.checkpoints.load_weights`, the one loader)."""
     from abdoseg.bundle_config import load_bundle_config
+    from abdoseg.checkpoints import load_weights
 
-    sd = _check_state_dict(weights)
-    parser = load_bundle_config(bundle)
-    net = parser.get_parsed_content("network_def", instantiate=True)
-    try:
-        net.load_state_dict(sd, strict=True)
-    except RuntimeError as exc:
-        first = str(exc).splitlines()[:3]
-        raise InputError(weights, "does not match network_def of configs/inference.json: " + " ".join(first)) from exc
+    net = load_bundle_config(bundle).get_parsed_content("network_def", instantiate=True)
+    load_weights(net, weights, what="network_def of configs/inference.json")
 
 
 def pack(bundle_dir: str, out_dir: str = "dist", weights: str | None = None,
