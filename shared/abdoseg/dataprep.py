@@ -35,11 +35,10 @@ from typing import Any, Iterable, Mapping, Sequence
 import nibabel as nib
 import numpy as np
 
+from abdoseg.geometry import AFFINE_TOL_MM, affine_difference_mm, affines_match
 from abdoseg.io import InputError, atomic_path, case_id_from_image, is_hidden_or_partial, load_nifti, save_json
 from abdoseg.labels import LABELS, LESION_ID, NUM_CLASSES, ORGAN_IDS
 
-AFFINE_TOL_MM: float = 1e-3
-"""Largest allowed absolute difference between two affines (entries in mm) of one case."""
 
 GROUPS: tuple[str, ...] = (
     "unlabeled",
@@ -117,11 +116,6 @@ def label_class_counts(label: np.ndarray) -> tuple[np.ndarray | None, str | None
     return counts, None
 
 
-def affines_match(a: np.ndarray, b: np.ndarray, tol_mm: float = AFFINE_TOL_MM) -> bool:
-    """True when two 4x4 affines agree entry-wise within ``tol_mm`` (mm)."""
-    return bool(np.max(np.abs(np.asarray(a, np.float64) - np.asarray(b, np.float64))) <= tol_mm)
-
-
 # --------------------------------------------------------------------------- per-case checks
 @dataclass
 class _Task:
@@ -156,7 +150,7 @@ def _same_grid(img: Any, ref: Any, path: Path, what: str, res: _Result) -> bool:
     if tuple(img.shape) != tuple(ref.shape):
         res.problems.append((str(path), f"{what} shape {list(img.shape)} != image shape {list(ref.shape)}"))
         return False
-    diff = float(np.max(np.abs(np.asarray(img.affine, np.float64) - np.asarray(ref.affine, np.float64))))
+    diff = affine_difference_mm(img.affine, ref.affine)
     if diff > AFFINE_TOL_MM:
         res.problems.append((str(path), f"{what} affine differs from the image affine by {diff:.4g} mm "
                                         f"(tolerance {AFFINE_TOL_MM:g} mm)"))

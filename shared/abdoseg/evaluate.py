@@ -31,6 +31,7 @@ from typing import Any, Iterable, Sequence
 
 import numpy as np
 
+from abdoseg.geometry import AFFINE_TOL_MM, affine_difference_mm, affine_spacing_mm
 from abdoseg.io import InputError, atomic_path, is_hidden_or_partial, load_nifti, save_json, voxel_spacing_mm
 from abdoseg.labels import FOREGROUND_IDS, LESION_ID, NSD_TOLERANCE_MM, ORGAN_IDS, class_name
 from abdoseg.metrics import (LESION_MIN_COVERED_FRACTION, LESION_MIN_VOLUME_ML, _code_to_normals, evaluate_case,
@@ -42,8 +43,6 @@ SUMMARY_JSON = "summary.json"
 SUMMARY_MD = "summary.md"
 CHART_PNG = "per_class.png"
 _EXTS = (".nii.gz", ".nii")
-#: A prediction's affine may differ from its ground truth's by this much (mm, entry-wise).
-AFFINE_TOL_MM = 0.01
 
 
 class EmptyGroundTruthWarning(UserWarning):
@@ -95,12 +94,10 @@ def _header_shape(path: Path) -> tuple[int, ...]:
 def _check_same_grid(pred_path: Path, gt_path: Path) -> None:
     """Raise :class:`InputError` naming both files when the prediction is not on the ground truth's
     voxel grid (shape, spacing, orientation or origin): its scores would be meaningless."""
-    from abdoseg.geometry import affine_spacing_mm
-
     (p_shape, p_aff), (g_shape, g_aff) = _header(pred_path), _header(gt_path)
     if p_shape != g_shape:
         raise InputError(pred_path, f"shape {p_shape} differs from ground truth {gt_path} shape {g_shape}")
-    diff = float(np.max(np.abs(p_aff - g_aff)))
+    diff = affine_difference_mm(p_aff, g_aff)
     if diff > AFFINE_TOL_MM:
         fmt = lambda v: "(" + ", ".join(f"{x:.4g}" for x in v) + ")"  # noqa: E731
         raise InputError(pred_path, f"voxel grid differs from ground truth {gt_path} (affines differ by up to "

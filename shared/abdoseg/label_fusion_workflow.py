@@ -36,7 +36,7 @@ there.
 
 Bad input: a partial label or pseudo label whose header shape or affine differs from the
 image's is never resampled or fused -- the case is skipped and the reason names the files
-(header-level check with nibabel, affine tolerance :data:`abdoseg.dataprep.AFFINE_TOL_MM`).
+(header-level check with nibabel, affine tolerance :data:`abdoseg.geometry.AFFINE_TOL_MM`).
 """
 
 from __future__ import annotations
@@ -55,7 +55,8 @@ import nibabel as nib
 import numpy as np
 from tqdm.auto import tqdm
 
-from abdoseg.dataprep import AFFINE_TOL_MM, affines_match, group_of
+from abdoseg.dataprep import group_of
+from abdoseg.geometry import AFFINE_TOL_MM, affine_difference_mm, affines_match
 from abdoseg.fusion import fill_from_prediction, fuse_labeled, fuse_unlabeled, fusion_report, supplement_weak_label
 from abdoseg.io import InputError, atomic_path, save_json, save_nifti
 from abdoseg.labels import FOREGROUND_IDS, LABELS, LESION_ID, ORGAN_IDS
@@ -101,7 +102,7 @@ def geometry_problems(image: str | os.PathLike, others: Mapping[str, str | os.Pa
         if shape != ref_shape:
             problems.append(f"{path}: {role} shape {shape} differs from image {image} shape {ref_shape}")
         elif not affines_match(img.affine, ref.affine):
-            diff = float(np.max(np.abs(np.asarray(img.affine) - np.asarray(ref.affine))))
+            diff = affine_difference_mm(img.affine, ref.affine)
             problems.append(f"{path}: {role} affine differs from image {image} affine "
                             f"(max entry difference {diff:.4g} mm > {AFFINE_TOL_MM} mm)")
     return problems

@@ -628,11 +628,12 @@ def warn_organs_on_air(mask: np.ndarray, image_file: str | os.PathLike, source: 
 def write_extras(case_id: str, image_file: Path, mask_file: Path, out_dir: Path, statistics: bool,
                  preview: bool, source: str) -> list[Path]:
     """``<case>_statistics.json`` and/or ``<case>_preview.png`` from the written mask and its CT."""
+    from abdoseg.geometry import affines_match
     from abdoseg.statistics import label_statistics
 
     image, affine, header = load_nifti(image_file)
     mask, mask_affine, _ = load_nifti(mask_file)
-    if mask.shape != image.shape[: mask.ndim] or not np.allclose(mask_affine, affine, atol=1e-3):
+    if mask.shape != image.shape[: mask.ndim] or not affines_match(mask_affine, affine):
         raise InputError(mask_file, f"does not match its CT {source} (shape or affine); rerun with --force")
     image = np.asarray(image).reshape(mask.shape)
     written = []
