@@ -8,7 +8,7 @@ import pytest
 import abdoseg.dataprep as dataprep
 import abdoseg.evaluate as evaluate
 import abdoseg.label_fusion_workflow as label_fusion_workflow
-from abdoseg.geometry import AFFINE_TOL_MM, affine_difference_mm, affines_match
+from abdoseg.geometry import AFFINE_TOL_MM, affine_difference_mm, affine_spacing_mm, affines_match
 from abdoseg.io import InputError, save_nifti
 
 
@@ -37,3 +37,14 @@ def test_evaluate_grid_check_uses_the_tolerance(tmp_path, shift, ok):
     else:
         with pytest.raises(InputError, match="voxel grid differs"):
             evaluate._check_same_grid(pred, gt)
+
+
+def test_affine_spacing_mm_rotated_2d_and_degenerate():
+    c, s = np.cos(0.3), np.sin(0.3)
+    rot = np.array([[c, -s, 0.0], [s, c, 0.0], [0.0, 0.0, 1.0]])
+    affine = np.eye(4)
+    affine[:3, :3] = rot @ np.diag([0.8, 1.2, 2.5])
+    affine[:3, 3] = (-100.0, 20.0, 7.0)
+    assert affine_spacing_mm(affine) == pytest.approx((0.8, 1.2, 2.5))
+    assert affine_spacing_mm(np.diag([-4.0, 2.0, 1.0])) == pytest.approx((4.0, 2.0))  # 2-D grid
+    assert affine_spacing_mm(np.diag([1.0, 0.0, 3.0, 1.0])) == (1.0, 0.0, 3.0)  # a zero axis stays visible

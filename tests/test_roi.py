@@ -44,6 +44,22 @@ def test_min_component_fraction_keeps_big_second_component():
     assert largest_component(m, min_fraction=0.8).sum() == 64
 
 
+def test_largest_component_connectivity_2d_and_empty():
+    m = np.zeros((6, 6, 6), np.uint8)
+    m[0:2, 0:2, 0:2] = 7  # 8 voxels
+    m[2, 2, 2] = 7  # touches the cube at a corner only: one component with 26-connectivity
+    m[5, 5, 0:4] = 2  # 4 voxels apart
+    assert largest_component(m).sum() == 9
+    assert largest_component(m, connectivity=6).sum() == 8
+    assert largest_component(torch.as_tensor(m)).dtype == bool
+    flat = np.zeros((5, 5), bool)
+    flat[0:2, 0:2] = True
+    flat[2, 2] = True  # diagonal neighbour: joined with 8-connectivity (the 2-D default)
+    flat[4, 0] = True
+    assert largest_component(flat).sum() == 5 and largest_component(flat, connectivity=4).sum() == 4
+    assert not largest_component(np.zeros((3, 3, 3))).any()
+
+
 def test_margin_clipped_to_volume_and_asymmetric_margins():
     m = np.zeros((10, 10, 10), bool)
     m[0:2, 4:6, 8:10] = True

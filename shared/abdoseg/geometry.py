@@ -28,7 +28,10 @@ def affines_match(a: Any, b: Any, tol_mm: float = AFFINE_TOL_MM) -> bool:
     return affine_difference_mm(a, b) <= tol_mm
 
 
-def affine_spacing_mm(affine: Any) -> tuple[float, float, float]:
-    """Voxel spacing (mm) of the 3 axes = column norms of the 4x4 voxel->world affine."""
-    a = np.asarray(affine, dtype=np.float64)[:3, :3]
-    return tuple(float(v) for v in np.sqrt((a * a).sum(axis=0)))  # type: ignore[return-value]
+def affine_spacing_mm(affine: Any) -> tuple[float, ...]:
+    """Voxel spacing (mm) per axis of an (N+1)x(N+1) voxel->world affine: the norms of its direction
+    columns (MONAI's ``affine_to_spacing``; a zero column stays 0, it is not replaced by 1)."""
+    from monai.data.utils import affine_to_spacing
+
+    a = np.asarray(affine, dtype=np.float64)
+    return tuple(float(v) for v in affine_to_spacing(a, r=a.shape[0] - 1, dtype=np.float64, suppress_zeros=False))

@@ -32,8 +32,10 @@ from typing import Any
 
 import numpy as np
 
+from abdoseg.geometry import affine_spacing_mm
+
 __all__ = ["RoiBox", "EmptyRoiWarning", "roi_from_mask", "largest_component", "map_box_between_grids",
-           "scale_box", "margin_voxels", "spacing_from_affine", "CoarseRoiResult", "coarse_box_to_original",
+           "scale_box", "margin_voxels", "CoarseRoiResult", "coarse_box_to_original",
            "CoarseRoiBoxd", "SaveCoarseOutputsd"]
 
 _EPS = 1e-6
@@ -169,26 +171,20 @@ def _to_numpy(mask: Any) -> np.ndarray:
 
 
 def largest_component(mask: Any, connectivity: int = 26, min_fraction: float | None = None) -> np.ndarray:
-    """Boolean mask of the largest connected component of ``mask != 0`` (cc3d, 26-connectivity
-    in 3D). With ``min_fraction`` (0..1), keep every component at least that fraction of the
-    largest one's size. Empty input -> all False."""
-    import cc3d
+    """Boolean mask of the largest connected component of ``mask != 0`` (26-connectivity in 3D,
+    8 in 2D). With ``min_fraction`` (0..1), keep every component at least that fraction of the
+    largest one's size. Empty input -> all False. The binary case of
+    :func:`abdoseg.postprocess.keep_largest_organ_components`, the project's one component filter."""
+    from abdoseg.postprocess import keep_largest_organ_components
 
     fg = _to_numpy(mask) != 0
     if not fg.any():
         return fg
     if fg.ndim == 2:
         connectivity = 8 if connectivity == 26 else connectivity
-    labels, n = cc3d.connected_components(fg, connectivity=connectivity, return_N=True)
-    if n <= 1:
-        return fg
-    sizes = np.bincount(labels.reshape(-1))
-    sizes[0] = 0
-    if min_fraction is None:
-        return labels == int(np.argmax(sizes))
-    keep = np.flatnonzero(sizes >= float(min_fraction) * sizes.max())
-    keep = keep[keep > 0]
-    return np.isin(labels, keep)
+    kept = keep_largest_organ_components(fg.view(np.uint8), organ_ids=(1,), connectivity=connectivity,
+                                         min_fraction_of_largest=1.0 if min_fraction is None else float(min_fraction))
+    return kept != 0
 
 
 def roi_from_mask(
@@ -277,13 +273,6 @@ def scale_box(box: RoiBox, dst_shape: Sequence[int]) -> RoiBox:
     return map_box_between_grids(box, src_aff, np.eye(n + 1), dst_shape)
 
 
-def spacing_from_affine(affine: Any) -> tuple[float, ...]:
-    """Voxel spacing (mm) per axis: norms of the affine's direction columns."""
-    a = np.asarray(affine, dtype=np.float64)
-    n = a.shape[0] - 1
-    return tuple(float(v) for v in np.linalg.norm(a[:n, :n], axis=0))
-
-
 # --------------------------------------------------------------------------------------------
 # Coarse network inference (plain function + MONAI transforms)
 # --------------------------------------------------------------------------------------------
@@ -317,7 +306,7 @@ def coarse_box_to_original(mask: Any, coarse_affine: Any, original_affine: Any, 
                            margin_mm: float | Sequence[float], min_component_fraction: float | None = None,
                            ) -> tuple[RoiBox, RoiBox]:
     """ROI of a coarse-grid mask, on the coarse grid and mapped to the original grid."""
-    coarse_box = roi_from_mask(mask, spacing_from_affine(coarse_affine), margin_mm,
+    coarse_box = roi_from_mask(mask, affine_spacing_mm(coarse_affine), margin_mm,
                                min_component_fraction=min_component_fraction)
     box = map_box_between_grids(coarse_box, coarse_affine, original_affine, original_shape)
     return box, coarse_box
