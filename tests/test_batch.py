@@ -1,7 +1,7 @@
 import numpy as np
 import pytest
 
-from abdoseg.batch import run_batch, shard
+from abdoseg.batch import BatchReport, run_batch, shard
 from abdoseg.io import InputError, load_nifti, save_nifti
 
 
@@ -42,3 +42,22 @@ def test_run_batch_resumes_continues_and_reports(tmp_path):
         rep.raise_if_failed()
     rep2 = run_batch(items, _segment, out, rank=0, world_size=1)
     assert rep2.skipped == ["C00", "C01", "C03"] and rep2.done == []
+
+
+def test_one_failure_report_for_every_batch():
+    from abdoseg.io import exit_if_failed
+    from abdoseg.pseudo_label import raise_if_failed as pseudo_raise_if_failed
+
+    exit_if_failed([])  # nothing failed: returns
+    with pytest.raises(SystemExit) as ei:
+        exit_if_failed(["a.nii.gz: bad", "b.nii.gz: worse"], "problem(s)", prefix="tool: ")
+    assert str(ei.value.code) == "tool: 2 problem(s):\n  a.nii.gz: bad\n  b.nii.gz: worse"
+    # a batch's report lists each reason once (the reason already names the image)
+    rep = BatchReport(done=["A"], failed=[("B", "/in/B_0000.nii.gz", "/in/B_0000.nii.gz: not a CT")])
+    with pytest.raises(SystemExit) as ei:
+        rep.raise_if_failed()
+    assert str(ei.value.code) == "1 case(s) failed:\n  /in/B_0000.nii.gz: not a CT"
+    BatchReport(done=["A"]).raise_if_failed()
+    with pytest.raises(SystemExit) as ei:
+        pseudo_raise_if_failed({"A": rep, "B": BatchReport(done=["B"])})
+    assert str(ei.value.code) == "1 pseudo-label case(s) failed:\n  [A] /in/B_0000.nii.gz: not a CT"

@@ -19,7 +19,7 @@ from typing import Callable, Sequence
 import numpy as np
 from tqdm.auto import tqdm
 
-from abdoseg.io import InputError, case_id_from_image, remove_stale_partials, save_nifti
+from abdoseg.io import InputError, case_id_from_image, exit_if_failed, remove_stale_partials, save_nifti
 
 logger = logging.getLogger(__name__)
 
@@ -40,9 +40,8 @@ class BatchReport:
         return "\n".join(lines)
 
     def raise_if_failed(self) -> None:
-        """Exit non-zero (after everything else ran) when any case failed."""
-        if self.failed:
-            raise SystemExit(f"{len(self.failed)} case(s) failed:\n" + "\n".join(f"  {p}: {r}" for _, p, r in self.failed))
+        """Exit non-zero (after everything else ran) when any case failed (:func:`abdoseg.io.exit_if_failed`)."""
+        exit_if_failed([reason for _, _, reason in self.failed])
 
 
 def distributed_rank_world() -> tuple[int, int]:

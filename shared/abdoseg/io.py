@@ -62,6 +62,14 @@ class InputError(ValueError):
         super().__init__(f"{self.path}: {problem}")
 
 
+def exit_if_failed(problems: Sequence[str], what: str = "case(s) failed", prefix: str = "") -> None:
+    """The one failure report of every batch (segment, bundle inference, pseudo-labels, rounds):
+    after everything else ran, exit non-zero with ``<prefix><n> <what>:`` and one indented line
+    per problem (each already names its file). Returns quietly when ``problems`` is empty."""
+    if problems:
+        raise SystemExit(f"{prefix}{len(problems)} {what}:\n" + "\n".join(f"  {p}" for p in problems))
+
+
 def load_nifti(path: str | os.PathLike, dtype: Any = None) -> tuple[np.ndarray, np.ndarray, nib.Nifti1Header]:
     """Read a NIfTI file as ``(array, affine 4x4, header)``; array in file voxel order (i, j, k).
 

@@ -28,7 +28,7 @@ import nibabel as nib
 import numpy as np
 
 from abdoseg.batch import BatchReport, SegmentFn, run_batch
-from abdoseg.io import InputError, case_id_from_image
+from abdoseg.io import InputError, case_id_from_image, exit_if_failed
 
 logger = logging.getLogger(__name__)
 
@@ -179,8 +179,6 @@ def pseudo_label(items: Sequence[dict], teacher_factory: TeacherFactory,
 
 def raise_if_failed(reports: Mapping[str, BatchReport]) -> dict[str, dict[str, int]]:
     """Exit non-zero when any checkpoint's batch had a failed case; else counts per checkpoint."""
-    failed = [(name, f) for name, rep in reports.items() for f in rep.failed]
-    if failed:
-        raise SystemExit(f"{len(failed)} pseudo-label case(s) failed:\n"
-                         + "\n".join(f"  [{name}] {reason}" for name, (_, _, reason) in failed))
+    exit_if_failed([f"[{name}] {reason}" for name, rep in reports.items() for _, _, reason in rep.failed],
+                   "pseudo-label case(s) failed")
     return {name: {"written": len(r.done), "skipped": len(r.skipped)} for name, r in reports.items()}

@@ -48,7 +48,7 @@ import time
 from pathlib import Path
 from typing import Any, Callable, Mapping, Sequence
 
-from abdoseg.io import InputError, save_json
+from abdoseg.io import InputError, exit_if_failed, save_json
 
 logger = logging.getLogger(__name__)
 
@@ -248,10 +248,8 @@ def rounds(dataset_dir: str, work_dir: str, datalist: str | None = None, n_round
         if missing:
             raise InputError(rdir / "models" / CHECKPOINTS_JSON, f"trainer returned no checkpoint named {missing}")
         reports = pseudo_label(items, factory, {n: ckpts[n] for n in names}, rdir / "pseudo", rank=0, world_size=1)
-        failed = [f for rep in reports.values() for f in rep.failed]
-        if failed:
-            raise SystemExit(f"round {k}: {len(failed)} pseudo-label case(s) failed:\n"
-                             + "\n".join(f"  {reason}" for _, _, reason in failed))
+        exit_if_failed([reason for rep in reports.values() for _, _, reason in rep.failed],
+                       "pseudo-label case(s) failed", prefix=f"round {k}: ")
         fuse_datalist(src, rdir / "fused", rule, rdir / "pseudo", names, data, ("training", "unlabeled"),
                       seed004_unlabeled)
         history = [work / f"round_{j}" / "pseudo" / names[0] for j in range(1, k + 1)]

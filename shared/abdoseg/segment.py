@@ -45,8 +45,8 @@ from typing import Any, Iterator, Sequence
 
 import numpy as np
 
-from abdoseg.io import (InputError, case_id_from_image, ensure_writable_dir, is_hidden_or_partial, load_nifti,
-                        save_json, save_nifti, voxel_spacing_mm)
+from abdoseg.io import (InputError, case_id_from_image, ensure_writable_dir, exit_if_failed, is_hidden_or_partial,
+                        load_nifti, save_json, save_nifti, voxel_spacing_mm)
 
 logger = logging.getLogger(__name__)
 
@@ -769,7 +769,5 @@ def segment(input: str, output: str, bundle_dir: str = str(DEFAULT_BUNDLE), devi
     n_ok = len(report.done) + len(report.skipped)
     print(f"masks in {out_dir}: {len(report.done)} new, {len(report.skipped)} kept from before"
           f"{' (use --force to recompute)' if report.skipped else ''}", file=sys.stderr)
-    problems = [reason for _, _, reason in report.failed] + extra_failures
-    if problems:
-        raise SystemExit(f"abdoseg segment: {len(problems)} problem(s) ({n_ok} of {len(cases)} case(s) segmented):\n"
-                         + "\n".join(f"  {p}" for p in problems))
+    exit_if_failed([reason for _, _, reason in report.failed] + extra_failures,
+                   f"problem(s) ({n_ok} of {len(cases)} case(s) segmented)", prefix="abdoseg segment: ")

@@ -19,7 +19,7 @@ from monai.data import Dataset, MetaTensor
 from monai.transforms import Compose, SaveImaged
 
 from abdoseg.checkpoints import load_weights
-from abdoseg.io import InputError, case_id_from_image, check_items_exist, save_nifti, visible_entries
+from abdoseg.io import InputError, case_id_from_image, check_items_exist, exit_if_failed, save_nifti, visible_entries
 
 __all__ = ["CaseDataset", "skip_failed_cases", "raise_if_failed", "as_input_error", "BundleSegmenter", "segmenter_from_bundle", "list_images", "pending_items", "SaveMaskd", "output_path"]
 
@@ -221,6 +221,4 @@ def skip_failed_cases(engine: Any, batchdata: Mapping[str, Any]) -> dict:
 
 def raise_if_failed(engine: Any) -> None:
     """Exit non-zero, naming every failed case, after the whole batch ran."""
-    failed = getattr(engine.state, "failed_cases", [])
-    if failed:
-        raise SystemExit(f"{len(failed)} case(s) failed:\n" + "\n".join(f"  {r}" for r in failed))
+    exit_if_failed(getattr(engine.state, "failed_cases", []))
