@@ -304,10 +304,10 @@ def test_killed_writer_leftover_is_ignored_then_removed(tmp_path, stand_in, caps
     assert s["n_cases"] == 1 and s["unmatched_predictions"] == ["B"] and s["per_class"]["1"]["dsc"] == 1.0
     (out / "A.nii.gz").unlink()
     # segment and prepare do not list it either
-    from abdoseg.dataprep import _nifti_files
+    from abdoseg.io import nifti_cases
     from abdoseg.segment import find_cases
 
-    assert set(_nifti_files(out)[0]) == {"B"} and set(_nifti_files(gt)[0]) == {"A"}
+    assert set(nifti_cases(out)[0]) == {"B"} and set(nifti_cases(gt)[0]) == {"A"}
     assert [c["case_id"] for c in find_cases(out)] == ["B"]
     # the next run writing into the folder removes the leftover and writes the complete mask
     inp = tmp_path / "in"

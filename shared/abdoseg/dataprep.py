@@ -36,7 +36,8 @@ import nibabel as nib
 import numpy as np
 
 from abdoseg.geometry import AFFINE_TOL_MM, affine_difference_mm, affines_match
-from abdoseg.io import InputError, atomic_path, case_id_from_image, is_hidden_or_partial, load_nifti, save_json
+from abdoseg.io import (InputError, atomic_path, clash_reason, is_nifti, load_nifti, nifti_cases, nifti_stem, save_json,
+                        visible_entries)
 from abdoseg.labels import LABELS, LESION_ID, NUM_CLASSES, ORGAN_IDS
 
 
@@ -66,7 +67,6 @@ IRCAD_MAPPING: tuple[tuple[str, int], ...] = (
     ("tumor", 14),
 )
 
-_NIFTI_EXTS = (".nii.gz", ".nii")
 _CHUNK_VOXELS = 1 << 22  # label value checks run on 4M-voxel chunks to bound temporary memory
 
 
@@ -191,32 +191,6 @@ def _check_case(task: _Task) -> _Result:
 
 
 # --------------------------------------------------------------------------- folder scanning
-def _nifti_files(folder: Path) -> tuple[dict[str, Path], dict[str, list[Path]]]:
-    """``({case id: path}, {case id: [every file]} of the ids that several files map to)`` of the
-    NIfTI files of a folder (``.nii.gz``/``.nii`` in any letter case; hidden/temporary files
-    skipped). ``X.nii.gz`` and ``X_0000.nii.gz`` are both case ``X``: such a clash is returned, never
-    silently resolved."""
-    out: dict[str, Path] = {}
-    clashes: dict[str, list[Path]] = {}
-    if not folder.is_dir():
-        return out, clashes
-    for p in sorted(folder.iterdir()):
-        if is_hidden_or_partial(p) or not p.is_file() or not p.name.lower().endswith(_NIFTI_EXTS):
-            continue
-        cid = case_id_from_image(p)
-        if cid in out:
-            clashes.setdefault(cid, [out[cid]]).append(p)
-        else:
-            out[cid] = p
-    return out, clashes
-
-
-def clash_reason(case_id: str, files: Sequence[Path]) -> str:
-    """One line: which files of one folder all map to ``case_id`` and what to do."""
-    names = " and ".join(p.name for p in files)
-    return f"{names} in {files[0].parent.name}/ all map to case {case_id}; rename or remove all but one"
-
-
 def _pseudo_folders(pseudo: Sequence[str] | Mapping[str, str] | str | None) -> dict[str, str]:
     """Datalist key -> folder. A sequence of folder names gets keys pseudo_A, pseudo_B, ..."""
     if not pseudo:
@@ -296,7 +270,7 @@ def prepare(data_dir: str, out: str | None = None, strict: bool = False, workers
             present_pseudo[key] = root / folder
         else:
             notes.append(f"pseudo-label folder '{folder}' not found: key '{key}' omitted")
-    pseudo_scan = {key: _nifti_files(p) for key, p in present_pseudo.items()}
+    pseudo_scan = {key: nifti_cases(p) for key, p in present_pseudo.items()}
     pseudo_files = {key: files for key, (files, _) in pseudo_scan.items()}
     pseudo_clashes = {key: clashes for key, (_, clashes) in pseudo_scan.items()}
     declared = _declared_annotations(root) if dataset_json else {}
@@ -313,8 +287,8 @@ def prepare(data_dir: str, out: str | None = None, strict: bool = False, workers
         if not img_dir.is_dir():
             notes.append(f"folder '{img_folder}' not found: no {split} cases")
             return
-        imgs, img_clashes = _nifti_files(img_dir)
-        labs, lab_clashes = _nifti_files(root / lab_folder) if lab_folder else ({}, {})
+        imgs, img_clashes = nifti_cases(img_dir)
+        labs, lab_clashes = nifti_cases(root / lab_folder) if lab_folder else ({}, {})
         for cid, lab in labs.items():
             if cid not in imgs:
                 problem(cid, split, str(lab), f"label without image (no {img_folder}/{cid}_0000.nii.gz)")
@@ -504,14 +478,6 @@ def _summary_markdown(report: dict[str, Any]) -> str:
 
 
 # --------------------------------------------------------------------------- structure masks
-def _mask_name(path: Path) -> str:
-    name = path.name
-    for ext in _NIFTI_EXTS:
-        if name.lower().endswith(ext):
-            return name[: -len(ext)]
-    return name
-
-
 def merge_structure_masks(mask_dir: str | os.PathLike,
                           mapping: Sequence[tuple[str, int]] | Mapping[str, int] = IRCAD_MAPPING,
                           ) -> tuple[np.ndarray, np.ndarray, list[int]]:
@@ -535,13 +501,12 @@ def merge_structure_masks(mask_dir: str | os.PathLike,
     if not mask_dir.is_dir():
         raise InputError(mask_dir, "mask folder not found")
     pairs = list(mapping.items()) if isinstance(mapping, Mapping) else list(mapping)
-    files = sorted((p for p in mask_dir.iterdir() if p.is_file() and p.name.lower().endswith(_NIFTI_EXTS)
-                    and not is_hidden_or_partial(p)), key=lambda p: p.name)
+    files = [p for p in visible_entries(mask_dir) if p.is_file() and is_nifti(p)]
     plan: list[tuple[Path, int]] = []
     for pattern, cls in pairs:
         if not 1 <= int(cls) <= NUM_CLASSES - 1:
             raise InputError(mask_dir, f"mapping class {cls} for '{pattern}' outside 1..{NUM_CLASSES - 1}")
-        plan += [(p, int(cls)) for p in files if fnmatch.fnmatchcase(_mask_name(p), pattern)]
+        plan += [(p, int(cls)) for p in files if fnmatch.fnmatchcase(nifti_stem(p), pattern)]
     if not plan:
         raise InputError(mask_dir, f"no mask matches the mapping ({', '.join(p for p, _ in pairs)})")
     label: np.ndarray | None = None

@@ -32,7 +32,8 @@ from typing import Any, Iterable, Sequence
 import numpy as np
 
 from abdoseg.geometry import AFFINE_TOL_MM, affine_difference_mm, affine_spacing_mm
-from abdoseg.io import InputError, atomic_path, is_hidden_or_partial, load_nifti, save_json, voxel_spacing_mm
+from abdoseg.io import (InputError, atomic_path, clash_reason, load_nifti, nifti_cases, nifti_stem, save_json,
+                        voxel_spacing_mm)
 from abdoseg.labels import FOREGROUND_IDS, LESION_ID, NSD_TOLERANCE_MM, ORGAN_IDS, class_name
 from abdoseg.metrics import (LESION_MIN_COVERED_FRACTION, LESION_MIN_VOLUME_ML, _code_to_normals, evaluate_case,
                              lesion_detection)
@@ -42,7 +43,6 @@ LESION_CSV_NAME = "lesions_per_case.csv"
 SUMMARY_JSON = "summary.json"
 SUMMARY_MD = "summary.md"
 CHART_PNG = "per_class.png"
-_EXTS = (".nii.gz", ".nii")
 
 
 class EmptyGroundTruthWarning(UserWarning):
@@ -50,23 +50,12 @@ class EmptyGroundTruthWarning(UserWarning):
     prediction (the message names the files)."""
 
 
-def _case_id(path: Path) -> str:
-    name = path.name
-    for ext in _EXTS:
-        if name.lower().endswith(ext):  # any letter case, as segment and prepare read them
-            return name[: -len(ext)]
-    return name
-
-
 def _list_cases(folder: Path) -> dict[str, Path]:
-    """``{case: file}`` of the ``.nii.gz``/``.nii`` files of ``folder`` (any letter case; hidden and
-    half-written files never); ``.nii.gz`` wins when both exist."""
-    files: dict[str, Path] = {}
-    entries = sorted(p for p in folder.iterdir() if p.is_file() and not is_hidden_or_partial(p))
-    for ext in _EXTS:
-        for p in entries:
-            if p.name.lower().endswith(ext):
-                files.setdefault(_case_id(p), p)
+    """``{case: file}`` of the ``.nii.gz``/``.nii`` files of ``folder`` (:func:`abdoseg.io.nifti_cases`,
+    case = file name without the extension); two files of one case are an error naming both."""
+    files, clashes = nifti_cases(folder, case_id=nifti_stem)
+    for case, paths in clashes.items():
+        raise InputError(folder, clash_reason(case, paths))
     return dict(sorted(files.items()))
 
 

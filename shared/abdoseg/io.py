@@ -12,7 +12,7 @@ import threading
 import time
 from collections.abc import Mapping, Sequence
 from pathlib import Path
-from typing import Any, Iterator
+from typing import Any, Callable, Iterator
 
 import nibabel as nib
 import numpy as np
@@ -122,6 +122,56 @@ def is_hidden_or_partial(path: str | os.PathLike) -> bool:
 def visible_entries(folder: str | os.PathLike) -> list[Path]:
     """Sorted entries of ``folder`` that may be data (see :func:`is_hidden_or_partial`)."""
     return sorted(p for p in Path(folder).iterdir() if not is_hidden_or_partial(p))
+
+
+NIFTI_SUFFIXES = (".nii.gz", ".nii")
+
+
+def is_nifti(path: str | os.PathLike) -> bool:
+    """True for a ``.nii.gz`` / ``.nii`` name, in any letter case."""
+    return Path(path).name.lower().endswith(NIFTI_SUFFIXES)
+
+
+def nifti_stem(path: str | os.PathLike) -> str:
+    """File name without ``.nii.gz`` / ``.nii`` (any letter case): ``A.NII.GZ`` -> ``A``."""
+    name = Path(path).name
+    for ext in NIFTI_SUFFIXES:
+        if name.lower().endswith(ext):
+            return name[: -len(ext)]
+    return name
+
+
+def nifti_cases(folder: str | os.PathLike, case_id: Callable[[Path], str] | None = None
+                ) -> tuple[dict[str, Path], dict[str, list[Path]]]:
+    """The one case discovery of a folder of NIfTI files (prepare, evaluate, segment):
+    ``({case id: file}, {case id: [every file]} of the ids that several files map to)``.
+
+    Only the folder's own ``.nii.gz``/``.nii`` files (any letter case; hidden and half-written files
+    never, see :func:`visible_entries`), sorted. ``case_id`` maps a file to its case (default
+    :func:`case_id_from_image`: ``X_0000.nii.gz`` and ``X.nii.gz`` are both ``X``; label and mask
+    folders pass :func:`nifti_stem`). Two files of one case are returned as a clash, never silently
+    resolved (:func:`clash_reason` words it). A missing folder has no cases."""
+    folder = Path(folder)
+    case_of = case_id or case_id_from_image
+    out: dict[str, Path] = {}
+    clashes: dict[str, list[Path]] = {}
+    if not folder.is_dir():
+        return out, clashes
+    for p in visible_entries(folder):
+        if not p.is_file() or not is_nifti(p):
+            continue
+        cid = case_of(p)
+        if cid in out:
+            clashes.setdefault(cid, [out[cid]]).append(p)
+        else:
+            out[cid] = p
+    return out, clashes
+
+
+def clash_reason(case_id: str, files: Sequence[Path]) -> str:
+    """One line: which files of one folder all map to ``case_id`` and what to do."""
+    names = " and ".join(Path(p).name for p in files)
+    return f"{names} in {Path(files[0]).parent.name}/ all map to case {case_id}; rename or remove all but one"
 
 
 def partial_path(final_path: str | os.PathLike) -> Path:

@@ -45,25 +45,15 @@ from typing import Any, Iterator, Sequence
 
 import numpy as np
 
-from abdoseg.io import (InputError, case_id_from_image, ensure_writable_dir, exit_if_failed, is_hidden_or_partial,
-                        load_nifti, save_json, save_nifti, voxel_spacing_mm)
+from abdoseg.io import (InputError, case_id_from_image, ensure_writable_dir, exit_if_failed, is_nifti, load_nifti,
+                        nifti_stem, save_json, save_nifti, visible_entries, voxel_spacing_mm)
 
 logger = logging.getLogger(__name__)
 
 REPO_ROOT = Path(__file__).resolve().parents[2]
 DEFAULT_BUNDLE = REPO_ROOT / "bundles" / "fine_organ_tumor"
-NIFTI_SUFFIXES = (".nii.gz", ".nii")
 #: ITK (DICOM) world is LPS, NIfTI world is RAS: the two differ by negating x and y.
 LPS_TO_RAS = np.diag([-1.0, -1.0, 1.0, 1.0])
-
-
-def _is_nifti(path: Path) -> bool:
-    return path.name.lower().endswith(NIFTI_SUFFIXES)
-
-
-def _visible(folder: Path) -> list[Path]:
-    """Entries of ``folder`` that may be data: no hidden or temporary (``.partial``/``.tmp``) files."""
-    return sorted(p for p in folder.iterdir() if not is_hidden_or_partial(p))
 
 
 def _resolve(path: Path) -> Path | None:
@@ -97,7 +87,7 @@ def dicom_series_files(folder: str | os.PathLike) -> list[list[str]]:
     ``[]`` when there is none."""
     import itk
 
-    if not _visible(Path(folder)):
+    if not visible_entries(Path(folder)):
         return []
     names = itk.GDCMSeriesFileNames.New()
     names.SetGlobalWarningDisplay(False)  # "No Series were found" is reported by us, by file name
@@ -206,7 +196,7 @@ def check_dicom_series(folder: str | os.PathLike) -> list[str]:
     folder = Path(folder)
     headers: dict[str, list[tuple[Path, Any]]] = {}
     bad: list[InputError] = []  # every unreadable file is found, the first few are named
-    for path in _visible(folder):
+    for path in visible_entries(folder):
         if path.is_dir() or path.name.lower().endswith(DICOM_FOLDER_IGNORED_SUFFIXES):
             continue
         problem = _link_problem(path)
@@ -313,7 +303,7 @@ def read_dicom_series(folder: str | os.PathLike) -> tuple[np.ndarray, np.ndarray
         raise InputError(folder, "DICOM folder not found")
     files = check_dicom_series(folder)
     if not files:
-        what = "empty folder" if not _visible(folder) else "no readable DICOM series in this folder"
+        what = "empty folder" if not visible_entries(folder) else "no readable DICOM series in this folder"
         raise InputError(folder, f"{what} (expected the .dcm files of one CT series)")
     try:
         reader = itk.ImageSeriesReader[itk.Image[itk.F, 3]].New()
@@ -360,15 +350,7 @@ def is_sidecar(path: Path, niftis: Sequence[Path]) -> bool:
     if not name.lower().endswith(SIDECAR_SUFFIXES) or not path.is_file():
         return False
     stem = name[: name.rfind(".")]
-    return any(_nifti_stem(n) == stem for n in niftis)
-
-
-def _nifti_stem(path: Path) -> str:
-    name = path.name
-    for ext in NIFTI_SUFFIXES:
-        if name.lower().endswith(ext):
-            return name[: -len(ext)]
-    return name
+    return any(nifti_stem(n) == stem for n in niftis)
 
 
 def find_cases(input_path: str | os.PathLike, exclude: Any = ()) -> list[dict[str, str]]:
@@ -387,7 +369,7 @@ def find_cases(input_path: str | os.PathLike, exclude: Any = ()) -> list[dict[st
     if not src.exists():
         raise InputError(src, "input not found")
     if src.is_file():
-        if not _is_nifti(src):
+        if not is_nifti(src):
             raise InputError(src, "not a NIfTI file (.nii/.nii.gz); for DICOM give the folder of the series")
         return [{"case_id": case_id_from_image(src), "source": str(src), "kind": "nifti"}]
     excluded = [r for r in (_resolve(Path(e)) for e in ([exclude] if isinstance(exclude, (str, os.PathLike))
@@ -397,8 +379,8 @@ def find_cases(input_path: str | os.PathLike, exclude: Any = ()) -> list[dict[st
         r = _resolve(p)
         return r is not None and any(r == e or r in e.parents for e in excluded)
 
-    entries = [p for p in _visible(src) if not is_excluded(p)]
-    niftis = [p for p in entries if p.is_file() and _is_nifti(p)]
+    entries = [p for p in visible_entries(src) if not is_excluded(p)]
+    niftis = [p for p in entries if p.is_file() and is_nifti(p)]
     entries = [p for p in entries if not is_sidecar(p, niftis)]
     if not niftis and dicom_series_files(src):
         return [{"case_id": src.resolve().name, "source": str(src), "kind": "dicom"}]
@@ -411,7 +393,7 @@ def find_cases(input_path: str | os.PathLike, exclude: Any = ()) -> list[dict[st
             cases.append({"case_id": p.name, "source": str(p), "kind": "unknown", "problem": problem})
         elif p.is_dir():
             cases.append({"case_id": p.name, "source": str(p), "kind": "dicom"})
-        elif _is_nifti(p):
+        elif is_nifti(p):
             cases.append({"case_id": case_id_from_image(p), "source": str(p), "kind": "nifti"})
         else:
             cases.append({"case_id": p.name, "source": str(p), "kind": "unknown"})
