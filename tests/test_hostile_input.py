@@ -125,7 +125,7 @@ def _write_series(folder: Path, hu=None, affine=AFFINE) -> list[Path]:
 # 1. DICOM series with a missing, unreadable, duplicate or displaced slice
 # ----------------------------------------------------------------------------------------------
 def test_intact_dicom_series_reads_with_exact_geometry(tmp_path):
-    from abdoseg.segment import check_dicom_series, read_dicom_series
+    from abdoseg.dicom_series import check_dicom_series, read_dicom_series
 
     hu = _ct((40, 40, 12))
     files = _write_series(tmp_path / "s", hu)
@@ -136,7 +136,7 @@ def test_intact_dicom_series_reads_with_exact_geometry(tmp_path):
 
 
 def _expect_series_error(folder: Path, *fragments: str) -> str:
-    from abdoseg.segment import read_dicom_series
+    from abdoseg.dicom_series import read_dicom_series
 
     with pytest.raises(InputError) as err:
         read_dicom_series(folder)
@@ -214,7 +214,7 @@ def test_duplicate_uneven_and_mixed_slices_are_errors(tmp_path):
     del ds.ImagePositionPatient
     ds.save_as(files[1])
     with pytest.raises(InputError, match="ImagePositionPatient") as err:
-        from abdoseg.segment import read_dicom_series
+        from abdoseg.dicom_series import read_dicom_series
 
         read_dicom_series(folder)
     assert err.value.path == str(files[1])
@@ -222,7 +222,7 @@ def test_duplicate_uneven_and_mixed_slices_are_errors(tmp_path):
 
 def test_non_slice_files_in_a_series_folder_are_left_alone(tmp_path):
     """Our own outputs and notes next to the slices are not slices (and not errors)."""
-    from abdoseg.segment import read_dicom_series
+    from abdoseg.dicom_series import read_dicom_series
 
     hu = _ct((40, 40, 12))
     series = tmp_path / "series"
@@ -618,7 +618,7 @@ def test_dicom_positions_rounded_by_the_scanner_are_accepted_gaps_still_found(tm
     'uneven'; a missing slice in such a series still is an error."""
     import pydicom
 
-    from abdoseg.segment import read_dicom_series
+    from abdoseg.dicom_series import read_dicom_series
 
     hu = _ct((40, 40, 12))
     aff = np.diag([-0.8, -0.8, 0.625, 1.0])
@@ -920,7 +920,7 @@ def test_library_noise_is_silenced_our_warnings_are_not(tmp_path):
 def test_two_series_warning_names_the_series_used(tmp_path):
     from test_segment import _write_dicom_series
 
-    from abdoseg.segment import read_dicom_series
+    from abdoseg.dicom_series import read_dicom_series
 
     series = tmp_path / "two"
     _write_dicom_series(_ct((40, 40, 12)), AFFINE, series, series=1)
@@ -939,7 +939,7 @@ def test_many_junk_files_in_a_series_folder_name_five_and_count(tmp_path):
     _write_series(series)
     for i in range(12):
         (series / f"junk{i:02d}.dcm").write_bytes(b"not dicom at all" * 4)
-    from abdoseg.segment import read_dicom_series
+    from abdoseg.dicom_series import read_dicom_series
 
     with pytest.raises(InputError) as ei:
         read_dicom_series(series)

@@ -229,7 +229,8 @@ def test_folder_to_folder_resume_and_force(bundle, phantoms, tmp_path, capsys):
 
 
 def test_dicom_series_round_trip(bundle, phantoms, tmp_path, capsys):
-    from abdoseg.segment import read_dicom_series, segment
+    from abdoseg.dicom_series import read_dicom_series
+    from abdoseg.segment import segment
 
     import itk
 

@@ -174,6 +174,22 @@ def clash_reason(case_id: str, files: Sequence[Path]) -> str:
     return f"{names} in {Path(files[0]).parent.name}/ all map to case {case_id}; rename or remove all but one"
 
 
+def link_problem(path: str | os.PathLike) -> str | None:
+    """Why ``path`` cannot be opened when it is a symbolic link loop or a dangling link, else ``None``."""
+    import errno
+
+    path = Path(path)
+    try:
+        os.stat(path)
+    except OSError as exc:
+        if exc.errno == errno.ELOOP:
+            return "symbolic link loop (the link points back to itself); remove or fix it"
+        if path.is_symlink():
+            return f"broken symbolic link (its target {os.readlink(path)!r} does not exist)"
+        return f"cannot be opened ({exc.strerror or exc})"
+    return None
+
+
 def partial_path(final_path: str | os.PathLike) -> Path:
     """Where :func:`atomic_path` writes ``final_path`` before renaming it: a hidden name fixed by the
     target, this host and this process/thread, ending in the target's suffix (nibabel picks the
