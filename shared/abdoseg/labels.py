@@ -1,4 +1,5 @@
-"""FLARE23 label map and per-class evaluation constants (official order, see DESIGN.md section 1)."""
+"""FLARE23 label map (the challenge's official ids: 1-13 organs, 14 lesion) and per-class
+evaluation constants of its evaluation script ``FLARE23_DSC_NSD_Eval.py``."""
 
 from __future__ import annotations
 

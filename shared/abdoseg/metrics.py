@@ -1,8 +1,8 @@
 """Official FLARE23 segmentation metrics: Dice (DSC) and normalized surface Dice (NSD).
 
 Re-implements the rules of ``FLARE23/FLARE23_DSC_NSD_Eval.py`` (JunMa11/FLARE) and the
-surface-distance code it calls (DeepMind ``surface-distance``, ``SurfaceDice.py``); see
-DESIGN.md section 2. Per case and per class:
+surface-distance code it calls (DeepMind ``surface-distance``, ``SurfaceDice.py``). Per case
+and per class:
 
 * GT and prediction both empty: DSC = NSD = 1. Exactly one empty: DSC = NSD = 0.
 * Otherwise DSC = 2|G∩S| / (|G| + |S|); if DSC < ``nsd_dsc_threshold`` then NSD = 0, else NSD

@@ -1,7 +1,7 @@
 """Label derivation for the phantom: FLARE23-style partial labels and two imperfect pseudo labels.
 
-Pure functions on label arrays (uint8, FLARE ids). Proportions follow DESIGN.md section 1:
-of 2200 labeled FLARE23 cases ~40 % carry a single class (mostly tumor only), ~10 % all 13
+Pure functions on label arrays (uint8, FLARE ids). Proportions follow the FLARE23 training set:
+of its 2200 partially labeled cases ~40 % carry a single class (mostly tumor only), ~10 % all 13
 organs, the rest some organs; ~68 % have a tumor annotation.
 """
 
