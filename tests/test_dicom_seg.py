@@ -19,7 +19,7 @@ import pytest
 from abdoseg.dicom_seg import import_highdicom, mask_to_dicom_seg, read_source_datasets, write_dicom_seg
 from abdoseg.io import InputError, save_nifti
 from abdoseg.labels import FOREGROUND_IDS, LABELS
-from abdoseg.segment import check_dicom_series
+from abdoseg.dicom_series import check_dicom_series
 from test_segment import SHAPE, SPACING_MM, _cli, _nonzero, _tiny_bundle, _write_dicom_series
 
 FOR_UID = "1.2.826.0.1.3680043.2.1.77"

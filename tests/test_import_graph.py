@@ -6,9 +6,8 @@ import ast
 from pathlib import Path
 
 SHARED = Path(__file__).resolve().parents[1] / "shared"
-#: The one circle left: ``abdoseg.dicom_seg.series_seg`` imports ``check_dicom_series`` from
-#: ``abdoseg.segment``; importing it from ``abdoseg.dicom_series`` (its home) closes it.
-KNOWN_CIRCLES = [["abdoseg.dicom_seg", "abdoseg.segment"]]
+#: None left (``check_dicom_series`` lives in ``abdoseg.dicom_series``).
+KNOWN_CIRCLES: list[list[str]] = []
 
 
 def import_graph(root: Path = SHARED) -> dict[str, set[str]]:

@@ -311,7 +311,7 @@ def series_seg(mask_file: str | os.PathLike, series_folder: str | os.PathLike, o
     duplicate positions, ... are errors naming the series), and the SEG references exactly the
     slices the mask was computed from."""
     from abdoseg.io import load_nifti
-    from abdoseg.segment import check_dicom_series
+    from abdoseg.dicom_series import check_dicom_series
 
     files = check_dicom_series(series_folder)
     if not files:
