@@ -46,7 +46,6 @@ from typing import Any, Iterator, Sequence
 import numpy as np
 
 from abdoseg.dicom_series import MAX_NAMED_FILES, dicom_series_files, read_dicom_series
-from abdoseg.dicom_series import check_dicom_series
 from abdoseg.io import (InputError, case_id_from_image, ensure_writable_dir, exit_if_failed, is_nifti, link_problem,
                         load_nifti, nifti_stem, save_json, save_nifti, visible_entries, voxel_spacing_mm)
 
