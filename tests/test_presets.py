@@ -108,8 +108,6 @@ def test_paper_settings_are_in_the_preset_files():
     assert list(swift.filters) == [24, 48, 96, 192] and 2.5e6 < n_params < 3.5e6  # paper: 3.15 M
     assert p["seed003"].get_parsed_content("patch_size") == [192, 128, 32]
     assert p["seed004"].get_parsed_content("fine_input_size") == [192, 192, 192]
-    teacher = _parser(FINE, "inference.json", "seed003_teacher")
-    assert teacher.get_parsed_content("mirror_axes") == [0, 1, 2]
     train = _parser(FINE, "train.json", "seed004")
     assert type(train.get_parsed_content("optimizer")).__name__ == "AdamW"
     assert type(train.get_parsed_content("lr_scheduler")).__name__ == "WarmupCosineSchedule"
@@ -254,6 +252,96 @@ def test_mirror_axes_average_the_flipped_passes():
         assert not torch.allclose(plain, expect)
     with pytest.raises(ValueError, match="mirror_axes"):
         FitSlidingWindowInferer([16, 16, 16], mirror_axes=[3])
+
+
+FLIPS = ("RandFlipd", "monai.transforms.RandFlipd", "RandAxisFlipd", "monai.transforms.RandAxisFlipd")
+
+
+def _flipped_axes(train: ConfigParser) -> set[int]:
+    """Spatial axes that ``train#augmentation`` mirrors (image and label together)."""
+    axes: set[int] = set()
+    for t in train["train"]["augmentation"]:
+        if t["_target_"] in FLIPS:
+            a = t.get("spatial_axis")
+            axes |= {0, 1, 2} if a is None or "Axis" in t["_target_"] else set([a] if isinstance(a, int) else a)
+    return axes
+
+
+@pytest.mark.parametrize("preset", sorted(FINE_SMALL))
+def test_a_preset_mirrors_at_inference_only_on_axes_it_trains_flipped(preset):
+    """Mirroring TTA averages the network's logits over flipped copies of the CT, which is only
+    valid for a network that saw flipped training patches. No preset can add a flip (one file
+    serves train.json and inference.json, and inference.json has no ``train`` section to append
+    to), and the bundle's train.json has none, so no preset mirrors: seed 003's teacher runs
+    without the paper's TTA, a documented deviation."""
+    axes = set(_parser(FINE, "inference.json", preset).get_parsed_content("mirror_axes"))
+    assert axes <= _flipped_axes(_parser(FINE, "train.json", preset)), (preset, axes)
+    assert _flipped_axes(_parser(FINE, "train.json", preset)) == set()
+    # the label_fusion seed003 preset pseudo-labels with the teacher preset (S1-S3, no TTA)
+    lf = _parser(FUSION, "pseudo_label.json", "seed003", {"bundle_root": str(FUSION)})
+    assert [Path(c).name for c in lf.get_parsed_content("teacher_config")] == ["inference.json", "seed003_teacher.json"]
+
+
+def test_seed003_teacher_saves_s1_s2_s3_at_the_papers_epochs(tmp_path):
+    """Seed 003: S1, S2, S3 are the Fine nnU-Net "saved after 1000, 950, and 900 epochs"."""
+    from ignite.engine import Engine
+
+    from abdoseg.handlers import EpochCheckpointSaver
+
+    train = _parser(FINE, "train.json", "seed003_teacher")
+    spec = next(h for h in train["train"]["handlers"] if h["_target_"] == "abdoseg.handlers.EpochCheckpointSaver")
+    assert spec["epochs"] == "@checkpoint_epochs" and spec["filenames"] == "@checkpoint_filenames"
+    max_epochs = train.get_parsed_content("max_epochs")
+    saver = EpochCheckpointSaver(tmp_path, train.get_parsed_content("checkpoint_epochs"), torch.nn.Conv3d(1, 1, 1),
+                                 filenames=train.get_parsed_content("checkpoint_filenames"))
+    engine = Engine(lambda e, b: None)
+    saver.attach(engine)
+    engine.run([0], max_epochs=max_epochs)
+    assert max_epochs == 1000 and saver.saved == {"S1.pt": 1000, "S2.pt": 950, "S3.pt": 900}
+
+
+def _lrs(parser: ConfigParser, epochs: int) -> list[float]:
+    """The learning rate of each epoch 1..epochs under the config's ``lr_scheduler`` (stepped per epoch)."""
+    sched = parser.get_parsed_content("lr_scheduler")
+    out = []
+    for _ in range(epochs):
+        out.append(sched.optimizer.param_groups[0]["lr"])
+        sched.optimizer.step()
+        sched.step()
+    return out
+
+
+def test_coarse_presets_run_their_papers_lr_schedules():
+    """The coarse bundle steps ``lr_scheduler`` once per epoch (``LrScheduleHandler``); the default
+    recipe keeps a constant rate, each preset its paper's schedule (seed 000: halved every 20
+    epochs; seed 001: halved every 200; seed 004: 50 of 500 epochs warm-up, then cosine)."""
+    base = ConfigParser()
+    base.read_config(str(COARSE / "configs" / "train.json"))
+    handlers = base["train"]["handlers"]
+    assert handlers[0] == {"_target_": "LrScheduleHandler", "lr_scheduler": "@lr_scheduler", "print_lr": False}
+    base.update({"device": "cpu"})
+    assert set(_lrs(base, 30)) == {base.get_parsed_content("learning_rate")}
+    s000 = _lrs(_parser(COARSE, "train.json", "seed000", {"device": "cpu", **COARSE_SMALL["seed000"]}), 41)
+    assert s000[0] == s000[19] == 1e-4 and s000[20] == pytest.approx(5e-5) and s000[40] == pytest.approx(2.5e-5)
+    s001 = _lrs(_parser(COARSE, "train.json", "seed001", {"device": "cpu", **COARSE_SMALL["seed001"]}), 401)
+    assert s001[199] == 0.01 and s001[200] == pytest.approx(0.005) and s001[400] == pytest.approx(0.0025)
+    p004 = _parser(COARSE, "train.json", "seed004", {"device": "cpu", **COARSE_SMALL["seed004"]})
+    assert p004.get_parsed_content("max_epochs") == 500
+    s004 = _lrs(p004, 500)
+    assert s004[0] < s004[25] < s004[49] and s004[50] == pytest.approx(0.01)
+    assert all(a >= b for a, b in zip(s004[50:], s004[51:])) and s004[-1] < 1e-4
+
+
+def test_seed004_coarse_student_trains_on_the_supplemented_set(tmp_path):
+    """Seed 004's coarse model is retrained on every supplemented case (label_fusion's fused
+    datalist, key ``training``), not only on the fully labelled ones the default coarse recipe uses."""
+    items = [{"image": f"i{k}.nii.gz", "label": f"l{k}.nii.gz"} for k in range(3)]
+    (tmp_path / "fused_datalist.json").write_text(json.dumps({"training": items, "training_all_organs": items[:1],
+                                                              "validation": []}))
+    over = {"dataset_dir": str(tmp_path), "datalist": str(tmp_path / "fused_datalist.json")}
+    assert len(_parser(COARSE, "train.json", "seed004", over).get_parsed_content("train_data")) == 3
+    for seed in ("seed000", "seed001"):  # trained once on the fully labelled cases (seed 001: "only fully labeled data")
+        assert len(_parser(COARSE, "train.json", seed, over).get_parsed_content("train_data")) == 1
 
 
 def test_label_fusion_presets_set_the_rules():
