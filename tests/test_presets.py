@@ -351,6 +351,8 @@ def test_label_fusion_presets_set_the_rules():
     assert {k: Path(v).name for k, v in p.get_parsed_content("checkpoints").items()} == \
         {"S1": "S1.pt", "S2": "S2.pt", "S3": "S3.pt"}
     assert _parser(FUSION, "fuse.json", "seed003").get_parsed_content("teacher_names") == ["S1", "S2", "S3"]
+    # seed 001 selects "based on a pre-defined uncertainty score threshold" (value not given): 0.05
+    assert _parser(FUSION, "select.json", "seed001").get_parsed_content("threshold") == 0.05
 
 
 def test_key_metric_channels_select_the_lesion():

@@ -227,3 +227,74 @@ def test_round_1_of_another_rule_is_reused_by_seed001(tmp_path):
     assert CALLS == [("round_2", "training")]  # round 1 not retrained
     assert {c["rule"] for c in json.loads((dst / "report.json").read_text())["cases"]} == {"seed001_labeled",
                                                                                            "seed001_unlabeled"}
+
+
+def test_rounds_train_and_pseudo_label_with_the_preset(tmp_path, monkeypatch):
+    """Seed 001 as its paper runs it: ``--preset seed001 --n_rounds 3 --threshold 0.05
+    --max_epochs None``. Every training (3 rounds + the final one) merges the fine bundle's
+    train.json with presets/seed001.json and keeps the preset's own epochs and schedule (no CPU
+    budget), the teacher merges inference.json with the same preset, and the selection rejects
+    the unstable cases in round 3. ConfigWorkflow and the teacher are recorded stand-ins: what is
+    checked is what they are given."""
+    import monai.bundle
+
+    from abdoseg import pseudo_label
+    from abdoseg.bundle_config import load_bundle_config
+    from abdoseg.rounds import DEFAULT_FINE_BUNDLE
+
+    trainings: list[dict] = []
+    teachers: list[list[str]] = []
+
+    class RecordingWorkflow:
+        def __init__(self, config_file, **kw):
+            trainings.append({"config_file": config_file, **kw})
+            self.kw = kw
+
+        def initialize(self):
+            pass
+
+        def run(self):  # round 1 (2 full cases) -> offset 0, later rounds (6 cases) -> offset 1
+            n = len(json.loads(Path(self.kw["datalist"]).read_text())[self.kw["train_key"]])
+            torch.save({"offset": torch.tensor(0 if n <= 2 else 1)}, Path(self.kw["ckpt_dir"]) / "model.pt")
+
+        def finalize(self):
+            pass
+
+    def recording_teacher(checkpoint, inference_config, **kw):
+        teachers.append(list(inference_config))
+        return standin_teacher(checkpoint)
+
+    monkeypatch.setattr(monai.bundle, "ConfigWorkflow", RecordingWorkflow)
+    monkeypatch.setattr(pseudo_label, "bundle_teacher", recording_teacher)
+    data = tmp_path / "data"
+    make_dataset(data)
+    work = tmp_path / "work"
+    summary = rounds(str(data), str(work), rule="seed001", preset="seed001", n_rounds=3, threshold=0.05,
+                     max_epochs=None)
+
+    fine = Path(DEFAULT_FINE_BUNDLE)
+    want_train = [str(fine / "configs" / "train.json"), str(fine / "configs" / "presets" / "seed001.json")]
+    assert [t["config_file"] for t in trainings] == [want_train] * 4
+    assert [t["train_key"] for t in trainings] == ["training_all_organs", "training", "training", "training"]
+    assert all("max_epochs" not in t and "batch_size" not in t and "num_samples" not in t for t in trainings)
+    assert teachers == [[str(fine / "configs" / "inference.json"), str(fine / "configs" / "presets" / "seed001.json")]] * 3
+    # what those configs run: the preset's 1000 epochs, halved every 200, at the paper's grid
+    train = load_bundle_config(fine, ["configs/train.json", "configs/presets/seed001.json"])
+    assert train.get_parsed_content("max_epochs") == 1000
+    assert train["lr_scheduler"]["step_size"] == 200 and train["lr_scheduler"]["gamma"] == 0.5
+    assert train.get_parsed_content("fine_spacing_mm") == [0.8, 0.8, 2.5]
+    # selection: deferred in rounds 1-2, applied with the threshold in round 3 (scores ~0.46 >= 0.05)
+    assert [r["selection"] for r in summary["rounds"]] == ["deferred", "deferred", "applied"]
+    assert [r["preset"] for r in summary["rounds"]] == ["seed001"] * 3
+    r3 = json.loads((work / "round_3" / "report.json").read_text())
+    assert r3["counts"]["rejected"] == 4 and r3["counts"]["selected"] == 2
+    assert summary["final"] is not None
+
+
+def test_rounds_name_a_missing_preset(tmp_path):
+    from abdoseg.io import InputError
+
+    data = tmp_path / "data"
+    make_dataset(data)
+    with pytest.raises(InputError, match="presets: seed000, seed001"):
+        rounds(str(data), str(tmp_path / "w"), rule="seed001", preset="seed009", trainer=standin_trainer)

@@ -34,7 +34,16 @@ fusion and selection are recomputed (cheap, deterministic).
 Training uses the fine_organ_tumor bundle's ``configs/train.json`` through
 :class:`monai.bundle.ConfigWorkflow` with overrides (tiny CPU budget by default); the
 pseudo-labeling teacher is its ``configs/inference.json`` (:func:`abdoseg.pseudo_label.bundle_teacher`).
-Both are pluggable (``trainer``, ``teacher`` = ``"module:function"``) for tests and other networks.
+``preset`` merges ``configs/presets/<preset>.json`` after both, so every round trains and
+pseudo-labels with a seed system's network, grid and schedule; ``max_epochs=None`` keeps the
+config's own epochs, validation, batch and patch count instead of the CPU budget. Seed 001 as its
+paper runs it (three rounds, then the final training; the threshold value is not given in the
+paper, see the fine bundle's docs)::
+
+    abdoseg rounds D W --rule seed001 --preset seed001 --n_rounds 3 --threshold 0.05 --max_epochs None
+
+Trainer and teacher are pluggable (``trainer``, ``teacher`` = ``"module:function"``) for tests and
+other networks.
 """
 
 from __future__ import annotations
@@ -82,14 +91,30 @@ def _resolve(spec: str | Callable | None, default: Callable) -> Callable:
     return getattr(importlib.import_module(module), name)
 
 
+def bundle_configs(fine_bundle: str | os.PathLike, config: str, preset: str | None = None) -> list[str]:
+    """``[<bundle>/configs/<config>]``, then ``<bundle>/configs/presets/<preset>.json`` when a preset
+    is given (merged in this order, as ``--config_file "['a.json','b.json']"``)."""
+    fine = Path(fine_bundle)
+    files = [fine / "configs" / config]
+    if preset:
+        files.append(fine / "configs" / "presets" / f"{preset}.json")
+    for f in files:
+        if not f.is_file():
+            have = ", ".join(sorted(p.stem for p in (fine / "configs" / "presets").glob("*.json")))
+            raise InputError(f, "fine bundle config not found" + (f" (presets: {have})" if f.parent.name == "presets" else ""))
+    return [str(f) for f in files]
+
+
 def bundle_trainer(datalist: str, train_key: str, dataset_dir: str, models_dir: str, *,
                    fine_bundle: str | os.PathLike = DEFAULT_FINE_BUNDLE,
                    overrides: Mapping[str, Any] | None = None,
-                   checkpoint_names: Sequence[str] = ("model",)) -> dict[str, str]:
-    """Train the fine bundle (``configs/train.json``) and return ``{name: checkpoint path}``.
+                   checkpoint_names: Sequence[str] = ("model",), preset: str | None = None,
+                   cpu_budget: bool = True) -> dict[str, str]:
+    """Train the fine bundle (``configs/train.json``, then ``configs/presets/<preset>.json`` when
+    given) and return ``{name: checkpoint path}``.
 
     Overrides: ``bundle_root`` = the fine bundle, ``ckpt_dir`` = ``models_dir``, ``output_dir``
-    = ``models_dir/eval``, ``dataset_dir``, ``datalist``, ``train_key``, then
+    = ``models_dir/eval``, ``dataset_dir``, ``datalist``, ``train_key``, then (``cpu_budget``)
     :data:`DEFAULT_TRAIN_OVERRIDES`, then ``overrides``. A checkpoint name ``X`` is
     ``models_dir/X.pt``; ``model`` falls back to ``model_final.pt`` when no validation saved
     a best ``model.pt``.
@@ -97,17 +122,17 @@ def bundle_trainer(datalist: str, train_key: str, dataset_dir: str, models_dir: 
     from monai.bundle import ConfigWorkflow
 
     fine = Path(fine_bundle)
-    cfg = fine / "configs" / "train.json"
-    if not cfg.is_file():
-        raise InputError(cfg, "fine bundle training config not found")
+    configs = bundle_configs(fine, "train.json", preset)
     Path(models_dir).mkdir(parents=True, exist_ok=True)
     pairs: dict[str, Any] = {"bundle_root": str(fine), "ckpt_dir": str(models_dir),
                              "output_dir": str(Path(models_dir) / "eval"), "dataset_dir": str(dataset_dir),
                              "datalist": str(datalist), "train_key": train_key}
-    pairs.update(DEFAULT_TRAIN_OVERRIDES)
+    if cpu_budget:
+        pairs.update(DEFAULT_TRAIN_OVERRIDES)
     pairs.update(dict(overrides or {}))
     logging_file = fine / "configs" / "logging.conf"
-    wf = ConfigWorkflow(config_file=str(cfg), meta_file=str(fine / "configs" / "metadata.json"),
+    wf = ConfigWorkflow(config_file=configs if len(configs) > 1 else configs[0],
+                        meta_file=str(fine / "configs" / "metadata.json"),
                         logging_file=str(logging_file) if logging_file.is_file() else False,
                         workflow_type="train", **pairs)
     wf.initialize()
@@ -125,18 +150,18 @@ def bundle_trainer(datalist: str, train_key: str, dataset_dir: str, models_dir: 
 
 
 def bundle_teacher_factory(fine_bundle: str | os.PathLike = DEFAULT_FINE_BUNDLE, device: str = "cpu",
-                           overrides: Mapping[str, Any] | None = None) -> Callable[[str], Callable]:
-    """``factory(checkpoint) -> segment`` from the fine bundle's ``configs/inference.json``."""
+                           overrides: Mapping[str, Any] | None = None,
+                           preset: str | None = None) -> Callable[[str], Callable]:
+    """``factory(checkpoint) -> segment`` from the fine bundle's ``configs/inference.json`` (then
+    ``configs/presets/<preset>.json`` when given)."""
     import functools
 
-    from abdoseg.pseudo_label import bundle_teacher
+    from abdoseg import pseudo_label
 
     fine = Path(fine_bundle)
-    cfg = fine / "configs" / "inference.json"
-    if not cfg.is_file():
-        raise InputError(cfg, "fine bundle inference config not found")
-    return functools.partial(bundle_teacher, inference_config=str(cfg), bundle_root=str(fine), device=device,
-                             overrides=dict(overrides or {}))
+    configs = bundle_configs(fine, "inference.json", preset)
+    return functools.partial(pseudo_label.bundle_teacher, inference_config=configs if len(configs) > 1 else configs[0],
+                             bundle_root=str(fine), device=device, overrides=dict(overrides or {}))
 
 
 def finished_rounds(work_dir: str | os.PathLike) -> list[int]:
@@ -168,12 +193,13 @@ def _train(trainer: Callable, models_dir: Path, **kwargs: Any) -> dict[str, str]
 
 
 def rounds(dataset_dir: str, work_dir: str, datalist: str | None = None, n_rounds: int = 2,
-           rule: str = "seed003", fine_bundle: str | None = None, max_epochs: int = 1,
+           rule: str = "seed003", fine_bundle: str | None = None, max_epochs: int | None = 1,
            train_overrides: Mapping[str, Any] | None = None, teacher_overrides: Mapping[str, Any] | None = None,
            checkpoint_names: Sequence[str] = ("model",), threshold: float | None = None,
            keep_fraction: float | None = None, seed004_unlabeled: str = "skip", final_train: bool = True,
            trainer: str | Callable | None = None, teacher: str | Callable | None = None,
-           device: str = "cpu", select_every_round: bool | None = None) -> dict[str, Any]:
+           device: str = "cpu", select_every_round: bool | None = None,
+           preset: str | None = None) -> dict[str, Any]:
     """Run (or resume) N rounds of train -> pseudo-label -> fuse -> select, then retrain.
 
     Args:
@@ -184,7 +210,9 @@ def rounds(dataset_dir: str, work_dir: str, datalist: str | None = None, n_round
         rule: fusion rule set, ``"seed001"`` (fill unannotated classes from the prediction),
             ``"seed003"`` or ``"seed004"``.
         fine_bundle: teacher bundle folder (default: the repository's ``bundles/fine_organ_tumor``).
-        max_epochs: training epochs per round (CPU-tiny default 1).
+        max_epochs: training epochs per round with the tiny CPU budget of
+            :data:`DEFAULT_TRAIN_OVERRIDES` (default 1, validation skipped); ``None``: the
+            config's (preset's) own epochs, validation, batch and patches -- the paper's run.
         train_overrides: extra overrides for the fine bundle's train.json (e.g. patch_size).
         teacher_overrides: extra overrides for its inference.json (e.g. coarse_checkpoint).
         checkpoint_names: teacher checkpoints used for pseudo labels (first = S1; seed003 votes
@@ -199,6 +227,9 @@ def rounds(dataset_dir: str, work_dir: str, datalist: str | None = None, n_round
         select_every_round: apply the uncertainty selection in every round (True) or only in the
             last one, before the final training (False); None = False for ``"seed001"`` (the
             paper's order), True for the other rules.
+        preset: a fine bundle preset (``configs/presets/<preset>.json``, e.g. ``"seed001"``)
+            merged after ``train.json`` for every training and after ``inference.json`` for the
+            teacher (default trainer and teacher only).
     Returns:
         summary ``{"rounds": [per-round counts], "final": checkpoints or None}``.
     """
@@ -221,11 +252,14 @@ def rounds(dataset_dir: str, work_dir: str, datalist: str | None = None, n_round
         select_every_round = rule != "seed001"
     # validation is skipped by default (val_interval > max_epochs): on a CPU one sliding-window
     # validation costs more than the tiny training; the final checkpoint is the teacher then
-    t_overrides = {"max_epochs": int(max_epochs), "val_interval": int(max_epochs) + 1, **dict(train_overrides or {})}
+    budget = max_epochs is not None
+    t_overrides = ({"max_epochs": int(max_epochs), "val_interval": int(max_epochs) + 1} if budget else {})
+    t_overrides.update(dict(train_overrides or {}))
     default_trainer = lambda **kw: bundle_trainer(fine_bundle=fine, overrides=t_overrides,  # noqa: E731
-                                                  checkpoint_names=names, **kw)
+                                                  checkpoint_names=names, preset=preset, cpu_budget=budget, **kw)
     train_fn = _resolve(trainer, default_trainer)
-    factory = _resolve(teacher, None) if teacher is not None else bundle_teacher_factory(fine, device, teacher_overrides)
+    factory = (_resolve(teacher, None) if teacher is not None
+               else bundle_teacher_factory(fine, device, teacher_overrides, preset=preset))
     items = datalist_items(src, data, ("training", "unlabeled"))
 
     done = finished_rounds(work)
@@ -256,7 +290,8 @@ def rounds(dataset_dir: str, work_dir: str, datalist: str | None = None, n_round
         rep = select_and_write(rdir / "fused", src, rdir / "datalist.json", rdir / "report.json", history,
                                threshold, keep_fraction, data,
                                defer_selection=not select_every_round and k < n_rounds)
-        round_summary = {"round": k, "train_datalist": str(train_dl), "train_key": train_key, "checkpoints": ckpts,
+        round_summary = {"round": k, "preset": preset, "train_datalist": str(train_dl), "train_key": train_key,
+                         "checkpoints": ckpts, "threshold": threshold, "keep_fraction": keep_fraction,
                          "selection": "applied" if select_every_round or k == n_rounds else "deferred",
                          "counts": rep["counts"], "seconds": round(time.perf_counter() - t0, 2)}
         _mark_done(rdir, round_summary)
