@@ -344,8 +344,37 @@ def test_seed004_coarse_student_trains_on_the_supplemented_set(tmp_path):
         assert len(_parser(COARSE, "train.json", seed, over).get_parsed_content("train_data")) == 1
 
 
+def test_seed002_tumor_models_train_on_the_real_tumor_annotated_cases(tmp_path):
+    """Seed 002's TSM trains on Group 4 of its Dataset 1: the cases with real tumor annotations, their
+    unannotated organs filled by the organ model (CSM); the OSM set holds every case. The
+    label_fusion seed002 preset builds that Dataset 1 (rule seed004, unlabeled scans get the
+    teacher's organs): a lesion the teacher predicts on an unlabeled scan never makes it a tumor
+    case, whereas seed 003's lesion vote would."""
+    from test_label_fusion_bundle import make_dataset
+
+    from abdoseg.label_fusion_workflow import fuse_datalist, select_and_write
+
+    dl = make_dataset(tmp_path / "data")
+    p = _parser(FUSION, "fuse.json", "seed002")
+    assert p.get_parsed_content("rule") == "seed004" and p.get_parsed_content("seed004_unlabeled") == "teacher_organs"
+
+    def fused_sets(rule, unlabeled, teachers):
+        out = tmp_path / rule
+        fuse_datalist(dl, out / "fused", rule, tmp_path / "data" / "pseudo", teachers, tmp_path / "data",
+                      seed004_unlabeled=unlabeled)
+        select_and_write(out / "fused", dl, out / "datalist.json", out / "report.json", dataset_dir=tmp_path / "data")
+        new = json.loads((out / "datalist.json").read_text())
+        return {k: sorted(Path(i["label"]).stem.split(".")[0] for i in new[k]) for k in ("training", "training_with_lesion")}
+
+    seed002 = fused_sets(p.get_parsed_content("rule"), p.get_parsed_content("seed004_unlabeled"), ["s1"])
+    # C1 and BS (a copy of C1; its bad pseudo_B is not read by this rule): real lesion annotations
+    assert seed002 == {"training": ["BS", "C1", "F1", "U1"], "training_with_lesion": ["BS", "C1"]}
+    seed003 = fused_sets("seed003", "skip", ["s1", "s2", "s3"])
+    assert seed003["training_with_lesion"] == ["C1", "U1"]  # U1's lesion is the S1-S3 vote
+
+
 def test_label_fusion_presets_set_the_rules():
-    for seed, rule in (("seed001", "seed001"), ("seed003", "seed003"), ("seed004", "seed004")):
+    for seed, rule in (("seed001", "seed001"), ("seed002", "seed004"), ("seed003", "seed003"), ("seed004", "seed004")):
         assert _parser(FUSION, "fuse.json", seed).get_parsed_content("rule") == rule
     p = _parser(FUSION, "pseudo_label.json", "seed003", {"bundle_root": "/b"})
     assert {k: Path(v).name for k, v in p.get_parsed_content("checkpoints").items()} == \
