@@ -97,6 +97,10 @@ def test_paper_settings_are_in_the_preset_files():
     assert p["seed000"].get_parsed_content("fine_input_size") == [160, 160, 160]
     assert p["seed000"].get_parsed_content("network_def").channels == [16, 32, 64, 128, 256]
     assert p["seed000"].get_parsed_content("coarse_network_def").channels == [8, 16, 32, 64, 128]
+    # seed 000 designs MSFF for the fine stage; its coarse stage is the plain residual U-Net
+    assert p["seed000"].get_parsed_content("network_def").msff_enabled
+    assert not p["seed000"].get_parsed_content("coarse_network_def").msff_enabled
+    assert not _parser(COARSE, "inference.json", "seed000").get_parsed_content("network_def").msff_enabled
     assert p["seed000"].get_parsed_content("hu_window") == [-500.0, 500.0]
     assert p["seed001"].get_parsed_content("fine_spacing_mm") == [0.8, 0.8, 2.5]
     assert p["seed001"].get_parsed_content("coarse_spacing_mm") == [1.2, 1.2, 4.0]
