@@ -112,7 +112,16 @@ def test_paper_settings_are_in_the_preset_files():
     assert list(swift.filters) == [24, 48, 96, 192] and 2.5e6 < n_params < 3.5e6  # paper: 3.15 M
     assert p["seed003"].get_parsed_content("patch_size") == [192, 128, 32]
     assert p["seed004"].get_parsed_content("fine_input_size") == [192, 192, 192]
+    # seed 001 keeps nnU-Net's final checkpoint (one validation, after the last epoch) and slides
+    # its window with step size 1 (no overlap), no TTA; seed 003's nnU-Nets keep the final one too
+    for seed in ("seed001", "seed003"):
+        t = _parser(FINE, "train.json", seed)
+        assert t.get_parsed_content("val_interval") == t.get_parsed_content("max_epochs") in (1000, 1500)
+    assert p["seed001"].get_parsed_content("sw_overlap") == 0.0 and p["seed001"].get_parsed_content("mirror_axes") == []
+    # seed 002 keeps the best validated weights, validating every 50 epochs
+    assert _parser(FINE, "train.json", "seed002").get_parsed_content("val_interval") == 50
     train = _parser(FINE, "train.json", "seed004")
+    assert train.get_parsed_content("batch_size") == 2  # Table 3: batch 2 (one 192^3 crop per case)
     assert type(train.get_parsed_content("optimizer")).__name__ == "AdamW"
     assert type(train.get_parsed_content("lr_scheduler")).__name__ == "WarmupCosineSchedule"
     assert type(_parser(FINE, "train.json", "seed000").get_parsed_content("loss")).__name__ == "SigmoidDiceBCELoss"
