@@ -122,6 +122,9 @@ def test_paper_settings_are_in_the_preset_files():
     assert _parser(FINE, "train.json", "seed002").get_parsed_content("val_interval") == 50
     train = _parser(FINE, "train.json", "seed004")
     assert train.get_parsed_content("batch_size") == 2  # Table 3: batch 2 (one 192^3 crop per case)
+    # "most of the settings have not been modified": the fine stage warms up 50 epochs like the coarse one
+    assert train["lr_scheduler"]["warmup_steps"].startswith("$min(@lr_warmup_epochs")
+    assert train.get_parsed_content("lr_warmup_epochs") == 50 and train.get_parsed_content("max_epochs") == 300
     assert type(train.get_parsed_content("optimizer")).__name__ == "AdamW"
     assert type(train.get_parsed_content("lr_scheduler")).__name__ == "WarmupCosineSchedule"
     assert type(_parser(FINE, "train.json", "seed000").get_parsed_content("loss")).__name__ == "SigmoidDiceBCELoss"
@@ -338,6 +341,8 @@ def test_coarse_presets_run_their_papers_lr_schedules():
     assert s000[0] == s000[19] == 1e-4 and s000[20] == pytest.approx(5e-5) and s000[40] == pytest.approx(2.5e-5)
     s001 = _lrs(_parser(COARSE, "train.json", "seed001", {"device": "cpu", **COARSE_SMALL["seed001"]}), 401)
     assert s001[199] == 0.01 and s001[200] == pytest.approx(0.005) and s001[400] == pytest.approx(0.0025)
+    p001 = _parser(COARSE, "train.json", "seed001")
+    assert p001.get_parsed_content("batch_size") * p001.get_parsed_content("num_samples") == 2  # Table 2: batch 2
     p004 = _parser(COARSE, "train.json", "seed004", {"device": "cpu", **COARSE_SMALL["seed004"]})
     assert p004.get_parsed_content("max_epochs") == 500
     s004 = _lrs(p004, 500)
