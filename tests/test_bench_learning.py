@@ -116,3 +116,20 @@ def test_seen_set_links_training_phantoms_to_their_hidden_truth(bench, tmp_path)
 def test_missing_demo_folder_exits_with_the_command_to_run(bench, tmp_path):
     with pytest.raises(SystemExit, match="run README command 1"):
         bench.main(["--demo_dir", str(tmp_path / "nothing"), "--unseen", str(tmp_path), "--out_dir", str(tmp_path / "o")])
+
+
+def test_truth_recipe_trains_on_every_labelled_phantom_with_its_truth(bench, tmp_path):
+    data = tmp_path / "phantoms"
+    (data / "imagesTr").mkdir(parents=True)
+    (data / "groundtruth" / "labelsTr").mkdir(parents=True)
+    for case in ("PHANTOM_0001", "PHANTOM_0002", "PHANTOM_0003"):
+        (data / "imagesTr" / f"{case}_0000.nii.gz").write_bytes(b"img")
+        (data / "groundtruth" / "labelsTr" / f"{case}.nii.gz").write_bytes(b"gt")
+    overlay = bench.parse_recipes([f"more=@{data}"])["more"]
+    assert overlay == {"dataset_dir": str(data.resolve()), "datalist": str(data.resolve() / "datalist_truth.json")}
+    datalist = json.loads(Path(overlay["datalist"]).read_text())
+    assert [t["label"] for t in datalist["training"]] == [f"groundtruth/labelsTr/PHANTOM_000{i}.nii.gz" for i in (1, 2, 3)]
+    assert datalist["training"][0]["annotated_classes"] == list(range(1, 15))
+    (data / "groundtruth" / "labelsTr" / "PHANTOM_0002.nii.gz").unlink()
+    with pytest.raises(SystemExit, match="missing truth for \\['PHANTOM_0002'\\]"):
+        bench.parse_recipes([f"more=@{data}"])
