@@ -281,3 +281,16 @@ def test_seg_reader_refuses_what_it_cannot_tell(tmp_path):
     save_nifti(hu, affine, tmp_path / "ct.nii.gz")
     with pytest.raises(InputError, match="not a DICOM SEG"):
         read_dicom_seg(_ct_series(hu, affine, tmp_path / "ct2", series=2)[0], tmp_path / "ct.nii.gz")
+
+
+def test_reading_a_series_leaves_the_process_locale_as_it_was(tmp_path):
+    """ITK's GDCM switches the locale to "C"; abdoseg.dicom_series restores it (else UTF-8 text I/O
+    of the same process breaks after a DICOM read)."""
+    from abdoseg.dicom_series import read_dicom_series
+
+    hu = np.full((16, 16, 6), 40, np.int16)
+    affine = np.diag([2.0, 2.0, 3.0, 1.0])
+    _write_series(hu, affine, tmp_path / "s")
+    before = locale.setlocale(locale.LC_ALL)
+    read_dicom_series(tmp_path / "s")
+    assert locale.setlocale(locale.LC_ALL) == before
