@@ -25,6 +25,9 @@ def test_demo_end_to_end_tiny_budget_and_resume(tmp_path, capsys):
     # the trained bundle copy is complete and self-consistent
     fine = out / "bundles" / "fine_organ_tumor"
     assert (fine / "models" / "model.pt").is_file() and (fine / "models" / "coarse_model.pt").is_file()
+    teacher = out / "bundles" / "label_fusion" / "models"
+    assert (teacher / "model.pt").read_bytes() == (out / "rounds" / "round_1" / "models" / "model.pt").read_bytes()
+    assert (teacher / "coarse_model.pt").read_bytes() == (fine / "models" / "coarse_model.pt").read_bytes()
     cfg = json.loads((fine / "configs" / "inference.json").read_text())
     assert cfg["fine_spacing_mm"] == [4.0, 4.0, 6.0]
     timings = json.loads((out / "timings.json").read_text())

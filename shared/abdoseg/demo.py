@@ -155,6 +155,11 @@ def demo(out_dir: str = "runs/demo", seed: int = 0, preset: str = "small", n_lab
         rounds(str(data), str(out / "rounds"), n_rounds=1, rule=rule, fine_bundle=str(fine),
                max_epochs=teacher_epochs, final_train=False,
                teacher_overrides={"coarse_checkpoint": str(fine / "models" / "coarse_model.pt")})
+        # the label_fusion bundle copy owns the teacher it just used (network + coarse stage), so it
+        # verifies and pseudo-labels on its own (model-zoo verify_bundle needs models/model.pt)
+        teacher = bundles["label_fusion"] / "models"
+        shutil.copy2(out / "rounds" / "round_1" / "models" / "model.pt", teacher / "model.pt")
+        shutil.copy2(fine / "models" / "coarse_model.pt", teacher / "coarse_model.pt")
 
     steps.run("teacher_pseudo_label_fuse", label_rounds)
 
