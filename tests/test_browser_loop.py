@@ -25,7 +25,6 @@ import json
 import os
 import re
 import shutil
-import signal
 import subprocess
 import sys
 import time
@@ -37,6 +36,7 @@ import httpx
 import nibabel as nib
 import numpy as np
 import pytest
+from conftest import stop_process_group
 
 from abdoseg.io import save_nifti
 from abdoseg.labels import FOREGROUND_IDS, LABELS
@@ -70,13 +70,7 @@ def _wait_http(url: str, proc: subprocess.Popen, log: Path, what: str) -> float:
 
 
 def _stop(proc: subprocess.Popen) -> None:
-    if proc.poll() is None:
-        os.killpg(proc.pid, signal.SIGTERM)
-        try:
-            proc.wait(timeout=30)
-        except subprocess.TimeoutExpired:
-            os.killpg(proc.pid, signal.SIGKILL)
-            proc.wait(timeout=30)
+    stop_process_group(proc)
 
 
 @pytest.fixture(scope="module")

@@ -28,7 +28,6 @@ from __future__ import annotations
 import json
 import os
 import shutil
-import signal
 import socket
 import subprocess
 import sys
@@ -42,6 +41,7 @@ import httpx
 import nibabel as nib
 import numpy as np
 import pytest
+from conftest import stop_process_group
 import torch
 from monai.bundle import ConfigParser
 
@@ -148,13 +148,7 @@ def server(app_setup):
         print(f"\nmonailabel start_server -> /info/ answered in {startup_s:.1f} s")
         yield {"url": url, "info": info, "proc": proc, "log": log_path, "startup_s": startup_s}
     finally:
-        if proc.poll() is None:
-            os.killpg(proc.pid, signal.SIGTERM)
-            try:
-                proc.wait(timeout=30)
-            except subprocess.TimeoutExpired:
-                os.killpg(proc.pid, signal.SIGKILL)
-                proc.wait(timeout=30)
+        stop_process_group(proc)
 
 
 
