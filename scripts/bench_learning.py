@@ -117,8 +117,10 @@ def truth_datalist_overlay(dataset_dir: Path) -> dict[str, Any]:
     ``dataset_dir/datalist_truth.json`` (atomic) and returns ``{"dataset_dir", "datalist"}``."""
     from abdoseg.io import atomic_path
 
+    from abdoseg.io import nifti_cases
+
     root = dataset_dir.resolve()
-    cases = sorted(p.name[: -len("_0000.nii.gz")] for p in (root / "imagesTr").glob("*_0000.nii.gz"))
+    cases = sorted(nifti_cases(root / "imagesTr")[0])
     missing = [c for c in cases if not (root / "groundtruth" / "labelsTr" / f"{c}.nii.gz").is_file()]
     if not cases or missing:
         raise SystemExit(f"{root}: need imagesTr/*_0000.nii.gz with groundtruth/labelsTr truth "
@@ -185,8 +187,9 @@ def evaluate_snapshots(bundle: Path, unseen: Path, tag: str = "") -> list[dict[s
         raise SystemExit(f"{unseen / 'imagesVal'}: no *_0000.nii.gz phantoms (run abdoseg generate, see --help)")
     segmenter = None
     for point in points:
+        target = point.setdefault(tag, {}) if tag else point
         if point["file"] in cache:
-            (point.setdefault(tag, {}) if tag else point).update(cache[point["file"]])
+            target.update(cache[point["file"]])
             continue
         if segmenter is None:
             torch.manual_seed(0)
@@ -207,7 +210,7 @@ def evaluate_snapshots(bundle: Path, unseen: Path, tag: str = "") -> list[dict[s
                   "lesion_dsc": summary["lesion_dsc"],
                   "per_class": {k: v["dsc"] for k, v in summary["per_class"].items()},
                   "lesion_detection": summarize_detection(detections, rows)}
-        (point.setdefault(tag, {}) if tag else point).update(result)
+        target.update(result)
         cache[point["file"]] = result
         with atomic_path(cache_file) as tmp:
             Path(tmp).write_text(json.dumps(cache, indent=1))
@@ -355,12 +358,13 @@ def make_seen_set(demo: Path, out: Path, n: int) -> Path:
     """``out/seen/{imagesVal,labelsVal}``: links to the first ``n`` labelled training phantoms of
     the demo and their hidden full ground truth (``data/groundtruth/labelsTr``), so the snapshots
     are scored on data they were trained on, beside the unseen seed."""
-    images = sorted((demo / "data" / "imagesTr").glob("*_0000.nii.gz"))[:n]
+    from abdoseg.io import nifti_cases
+
+    images = sorted(nifti_cases(demo / "data" / "imagesTr")[0].items())[:n]
     seen = out / "seen"
     for sub in ("imagesVal", "labelsVal"):
         (seen / sub).mkdir(parents=True, exist_ok=True)
-    for image in images:
-        case = image.name[: -len("_0000.nii.gz")]
+    for case, image in images:
         truth = demo / "data" / "groundtruth" / "labelsTr" / f"{case}.nii.gz"
         if not truth.is_file():
             raise SystemExit(f"{truth}: no hidden ground truth for training phantom {case} (a phantom dataset of abdoseg generate?)")
