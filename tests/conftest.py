@@ -1,19 +1,22 @@
-"""Suite-wide fixtures."""
+"""Helpers shared by several test modules (``from conftest import ...``)."""
 
 from __future__ import annotations
 
 import locale
+from collections.abc import Iterator
+from contextlib import contextmanager
 
-import pytest
 
-
-@pytest.fixture(autouse=True)
-def _restore_process_locale():
-    """ITK's GDCM writer (the tests' DICOM series writer) switches the process locale to "C";
-    without this a later test of the same worker decodes UTF-8 subprocess output as ASCII."""
+@contextmanager
+def keep_process_locale() -> Iterator[None]:
+    """Restore the process locale after ITK's GDCM DICOM writer, which switches it to "C": after
+    that, text I/O of the same worker (``subprocess`` output, ``Path.read_text()``) decodes as ASCII
+    and fails on UTF-8 in later tests."""
     saved = locale.setlocale(locale.LC_ALL)
-    yield
-    locale.setlocale(locale.LC_ALL, saved)
+    try:
+        yield
+    finally:
+        locale.setlocale(locale.LC_ALL, saved)
 
 
 def stop_process_group(proc) -> None:

@@ -8,7 +8,6 @@ every slice is known without the writer's own geometry code."""
 
 from __future__ import annotations
 
-import locale
 from pathlib import Path
 
 import nibabel as nib
@@ -25,19 +24,9 @@ from test_segment import SHAPE, SPACING_MM, _cli, _nonzero, _tiny_bundle, _write
 FOR_UID = "1.2.826.0.1.3680043.2.1.77"
 
 
-def _write_series(hu: np.ndarray, affine: np.ndarray, folder: Path, series: int = 1) -> None:
-    """test_segment's writer, leaving the process locale as it was (ITK's GDCM writer switches it to
-    "C", after which ``Path.read_text()`` of UTF-8 files fails in later tests of the same process)."""
-    saved = locale.setlocale(locale.LC_ALL)
-    try:
-        _write_dicom_series(hu, affine, folder, series=series)
-    finally:
-        locale.setlocale(locale.LC_ALL, saved)
-
-
 def _ct_series(hu: np.ndarray, affine: np.ndarray, folder: Path, series: int = 1) -> list[str]:
     """A DICOM CT series (as real scanners write it: with a FrameOfReferenceUID); its sorted files."""
-    _write_series(hu, affine, folder, series=series)
+    _write_dicom_series(hu, affine, folder, series=series)
     for f in folder.glob("*.dcm"):
         ds = pydicom.dcmread(str(f))
         ds.FrameOfReferenceUID = FOR_UID
@@ -121,7 +110,7 @@ def test_mask_to_dicom_seg_rejects_bad_input(tmp_path):
         mask_to_dicom_seg(np.where(label == 14, 15, label), affine, datasets)
     with pytest.raises(InputError, match="no source DICOM slices"):
         mask_to_dicom_seg(label, affine, [])
-    _write_series(hu, affine, tmp_path / "noframe")  # written without FrameOfReferenceUID
+    _write_dicom_series(hu, affine, tmp_path / "noframe")  # written without FrameOfReferenceUID
     with pytest.raises(InputError, match="FrameOfReferenceUID"):
         mask_to_dicom_seg(label, affine, read_source_datasets(check_dicom_series(tmp_path / "noframe")))
 
@@ -282,15 +271,3 @@ def test_seg_reader_refuses_what_it_cannot_tell(tmp_path):
     with pytest.raises(InputError, match="not a DICOM SEG"):
         read_dicom_seg(_ct_series(hu, affine, tmp_path / "ct2", series=2)[0], tmp_path / "ct.nii.gz")
 
-
-def test_reading_a_series_leaves_the_process_locale_as_it_was(tmp_path):
-    """ITK's GDCM switches the locale to "C"; abdoseg.dicom_series restores it (else UTF-8 text I/O
-    of the same process breaks after a DICOM read)."""
-    from abdoseg.dicom_series import read_dicom_series
-
-    hu = np.full((16, 16, 6), 40, np.int16)
-    affine = np.diag([2.0, 2.0, 3.0, 1.0])
-    _write_series(hu, affine, tmp_path / "s")
-    before = locale.setlocale(locale.LC_ALL)
-    read_dicom_series(tmp_path / "s")
-    assert locale.setlocale(locale.LC_ALL) == before

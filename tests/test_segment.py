@@ -63,33 +63,37 @@ def phantoms() -> list[tuple[np.ndarray, np.ndarray, np.ndarray]]:
 
 
 def _write_dicom_series(hu: np.ndarray, affine: np.ndarray, folder: Path, series: int = 1) -> None:
-    """Write an (X, Y, Z) int16 volume with a RAS affine as one DICOM CT series (one file per slice)."""
+    """Write an (X, Y, Z) int16 volume with a RAS affine as one DICOM CT series (one file per slice),
+    leaving the process locale as it was (ITK's GDCM writer switches it to "C")."""
     import itk
 
-    folder.mkdir(parents=True, exist_ok=True)
-    lps = np.diag([-1.0, -1.0, 1.0, 1.0]) @ affine
-    spacing = np.linalg.norm(lps[:3, :3], axis=0)
-    direction = lps[:3, :3] / spacing
-    zyx = np.ascontiguousarray(hu.transpose(2, 1, 0))
-    for k in range(zyx.shape[0]):
-        sl = itk.image_from_array(np.ascontiguousarray(zyx[k:k + 1]))
-        sl.SetSpacing([float(s) for s in spacing])
-        md = sl.GetMetaDataDictionary()
-        pos = lps[:3, 3] + lps[:3, 2] * k
-        tags = {
-            "0008|0060": "CT", "0008|0016": "1.2.840.10008.5.1.4.1.1.2", "0020|000d": "1.2.826.0.1.3680043.2.1",
-            "0020|000e": f"1.2.826.0.1.3680043.2.1.{series}",
-            "0008|0018": f"1.2.826.0.1.3680043.2.1.{series}.{k + 1}",
-            "0020|0013": str(k + 1), "0020|0032": "\\".join(f"{v:.6f}" for v in pos),
-            "0020|0037": "\\".join(f"{v:.6f}" for v in [*direction[:, 0], *direction[:, 1]]),
-            "0028|0030": f"{spacing[1]:.6f}\\{spacing[0]:.6f}", "0018|0050": f"{spacing[2]:.6f}",
-            "0028|1052": "0", "0028|1053": "1",
-        }
-        for tag, value in tags.items():
-            md[tag] = value
-        io = itk.GDCMImageIO.New()
-        io.KeepOriginalUIDOn()
-        itk.imwrite(sl, str(folder / f"S{series}_IM{k:04d}.dcm"), imageio=io)
+    from conftest import keep_process_locale
+
+    with keep_process_locale():
+        folder.mkdir(parents=True, exist_ok=True)
+        lps = np.diag([-1.0, -1.0, 1.0, 1.0]) @ affine
+        spacing = np.linalg.norm(lps[:3, :3], axis=0)
+        direction = lps[:3, :3] / spacing
+        zyx = np.ascontiguousarray(hu.transpose(2, 1, 0))
+        for k in range(zyx.shape[0]):
+            sl = itk.image_from_array(np.ascontiguousarray(zyx[k:k + 1]))
+            sl.SetSpacing([float(s) for s in spacing])
+            md = sl.GetMetaDataDictionary()
+            pos = lps[:3, 3] + lps[:3, 2] * k
+            tags = {
+                "0008|0060": "CT", "0008|0016": "1.2.840.10008.5.1.4.1.1.2", "0020|000d": "1.2.826.0.1.3680043.2.1",
+                "0020|000e": f"1.2.826.0.1.3680043.2.1.{series}",
+                "0008|0018": f"1.2.826.0.1.3680043.2.1.{series}.{k + 1}",
+                "0020|0013": str(k + 1), "0020|0032": "\\".join(f"{v:.6f}" for v in pos),
+                "0020|0037": "\\".join(f"{v:.6f}" for v in [*direction[:, 0], *direction[:, 1]]),
+                "0028|0030": f"{spacing[1]:.6f}\\{spacing[0]:.6f}", "0018|0050": f"{spacing[2]:.6f}",
+                "0028|1052": "0", "0028|1053": "1",
+            }
+            for tag, value in tags.items():
+                md[tag] = value
+            io = itk.GDCMImageIO.New()
+            io.KeepOriginalUIDOn()
+            itk.imwrite(sl, str(folder / f"S{series}_IM{k:04d}.dcm"), imageio=io)
 
 
 def _cli(args: list[str], capsys) -> tuple[object, str]:

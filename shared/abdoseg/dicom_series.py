@@ -12,7 +12,6 @@ from __future__ import annotations
 
 import os
 import warnings
-from contextlib import contextmanager
 from pathlib import Path
 from typing import Any, Sequence
 
@@ -27,20 +26,6 @@ __all__ = ["LPS_TO_RAS", "MAX_NAMED_FILES", "dicom_series_files", "check_dicom_s
 LPS_TO_RAS = np.diag([-1.0, -1.0, 1.0, 1.0])
 
 
-@contextmanager
-def keep_process_locale():
-    """Restore the process locale after ITK's GDCM code, which switches it to "C": after that
-    Python's text I/O of the same process (``subprocess`` output, ``Path.read_text()``) decodes
-    as ASCII and fails on UTF-8 (a progress bar, a non-ASCII path)."""
-    import locale
-
-    saved = locale.setlocale(locale.LC_ALL)
-    try:
-        yield
-    finally:
-        locale.setlocale(locale.LC_ALL, saved)
-
-
 def dicom_series_files(folder: str | os.PathLike) -> list[list[str]]:
     """File lists of the DICOM series directly inside ``folder`` (GDCM sorting), largest first;
     ``[]`` when there is none."""
@@ -48,12 +33,11 @@ def dicom_series_files(folder: str | os.PathLike) -> list[list[str]]:
 
     if not visible_entries(Path(folder)):
         return []
-    with keep_process_locale():
-        names = itk.GDCMSeriesFileNames.New()
-        names.SetGlobalWarningDisplay(False)  # "No Series were found" is reported by us, by file name
-        names.SetUseSeriesDetails(True)
-        names.SetDirectory(str(folder))
-        series = [list(names.GetFileNames(uid)) for uid in names.GetSeriesUIDs()]
+    names = itk.GDCMSeriesFileNames.New()
+    names.SetGlobalWarningDisplay(False)  # "No Series were found" is reported by us, by file name
+    names.SetUseSeriesDetails(True)
+    names.SetDirectory(str(folder))
+    series = [list(names.GetFileNames(uid)) for uid in names.GetSeriesUIDs()]
     return sorted((s for s in series if s), key=len, reverse=True)
 
 
@@ -266,15 +250,14 @@ def read_dicom_series(folder: str | os.PathLike) -> tuple[np.ndarray, np.ndarray
         what = "empty folder" if not visible_entries(folder) else "no readable DICOM series in this folder"
         raise InputError(folder, f"{what} (expected the .dcm files of one CT series)")
     try:
-        with keep_process_locale():
-            reader = itk.ImageSeriesReader[itk.Image[itk.F, 3]].New()
-            # positions were checked above (within their written precision); ITK's own
-            # "non uniform sampling" note about rounded positions would only be noise
-            reader.SetGlobalWarningDisplay(False)
-            reader.SetImageIO(itk.GDCMImageIO.New())
-            reader.SetFileNames(files)  # checked and sorted along the slice normal
-            reader.Update()
-            img = reader.GetOutput()
+        reader = itk.ImageSeriesReader[itk.Image[itk.F, 3]].New()
+        # positions were checked above (within their written precision); ITK's own
+        # "non uniform sampling" note about rounded positions would only be noise
+        reader.SetGlobalWarningDisplay(False)
+        reader.SetImageIO(itk.GDCMImageIO.New())
+        reader.SetFileNames(files)  # checked and sorted along the slice normal
+        reader.Update()
+        img = reader.GetOutput()
     except Exception as exc:  # ITK raises RuntimeError with a long C++ trace
         first = str(exc).strip().splitlines()
         raise InputError(folder, f"could not read the DICOM series ({first[-1] if first else type(exc).__name__})") from exc
