@@ -119,7 +119,7 @@ class MyApp(MONAILabelApp):
         )
 
     def _download_dcmqi_tools(self):
-        logger.info("dcmqi not needed: DICOM SEG is written and read by abdoseg.dicom_seg (highdicom/pydicom)")
+        logger.info("dcmqi not needed: DICOM SEG is written and read by abdoseg.dicom.seg (highdicom/pydicom)")
 
     def infer(self, request, datastore=None):
         # abdoseg: unknown model -> 404; "image" is an image id of the datastore, a path only for the

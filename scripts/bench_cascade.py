@@ -115,7 +115,7 @@ def worker(args: argparse.Namespace) -> None:
     import torch
 
     torch.set_num_threads(args.threads)
-    from abdoseg.bundle_config import load_bundle_config
+    from abdoseg.bundle.config import load_bundle_config
     from abdoseg.inference.coarse_roi import CoarseRoiCropd
     from abdoseg.inference.segmenter import segmenter_from_bundle
     from abdoseg.io import save_nifti
@@ -187,7 +187,7 @@ def worker(args: argparse.Namespace) -> None:
 # ------------------------------------------------------------------------------------------------
 def _make_cases(out: Path, slices: list[int], seed: int) -> list[tuple[Path, Path]]:
     from abdoseg.io import save_nifti
-    from abdoseg.phantom import make_case
+    from abdoseg.data.phantom import make_case
 
     cases = []
     for i, n in enumerate(slices):
@@ -205,9 +205,9 @@ def _make_cases(out: Path, slices: list[int], seed: int) -> list[tuple[Path, Pat
 
 def _real_cases(out: Path, real_ct: Path) -> list[tuple[Path, Path]]:
     """Real CTs (``data/real_ct``-style case folders with ``image.nii.gz``): their organ masks,
-    merged to FLARE ids in memory (:func:`abdoseg.dataprep.load_real_case_label`), are written to
+    merged to FLARE ids in memory (:func:`abdoseg.data.prepare.load_real_case_label`), are written to
     ``out/cases_gt`` for the oracle ROI and the scores; the CTs themselves are read in place."""
-    from abdoseg.dataprep import load_real_case_label
+    from abdoseg.data.prepare import load_real_case_label
     from abdoseg.io import save_nifti
 
     cases = []
@@ -300,7 +300,7 @@ def main(argv: list[str] | None = None) -> int:
         summary["speedup_of_medians"] = round(summary["single"]["case_s"] / summary["cascade"]["case_s"], 2)
     if not args.no_eval and results:
         # accuracy of the very masks that were timed (not timed itself): "at equal or better DSC"
-        from abdoseg.evaluate import evaluate
+        from abdoseg.evaluation.evaluate import evaluate
 
         gt_dir = out / "cases_gt_run"
         gt_dir.mkdir(parents=True, exist_ok=True)

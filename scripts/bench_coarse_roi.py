@@ -3,7 +3,7 @@
 The coarse stage is the fine bundle's own :class:`abdoseg.inference.coarse_roi.CoarseRoiCropd`
 (transform ``preprocessing`` of ``--bundle``'s ``inference.json``, the one ``abdoseg segment``
 runs) with ``coarse_checkpoint`` = ``--model`` (the coarse_roi bundle's ``models/model.pt``: the same
-network). For each case (``abdoseg.phantom.make_case(seed, "full", slices=n)`` for the slice counts
+network). For each case (``abdoseg.data.phantom.make_case(seed, "full", slices=n)`` for the slice counts
 below, a dataset seed never used for training), the CT and its label are oriented to RAS (as the
 bundle's ``Orientationd`` does) and the stage's steps 1-3 (:meth:`CoarseRoiCropd.roi_box`: resample +
 window, coarse network, box) run; reported:
@@ -34,8 +34,8 @@ import torch
 from tqdm import tqdm
 
 from abdoseg.io import save_json
-from abdoseg.phantom import make_case
-from abdoseg.roi import EmptyRoiWarning
+from abdoseg.data.phantom import make_case
+from abdoseg.inference.roi import EmptyRoiWarning
 
 REPO = Path(__file__).resolve().parents[1]
 SLICES = (55, 100, 150, 215, 334, 448, 499, 554)
@@ -44,7 +44,7 @@ HELD_OUT_SEED = 9001  # training phantoms use seed 0 (`abdoseg generate` default
 
 def coarse_stage(bundle: str | Path, model: str | Path, margin_mm: float | None, min_component_fraction: float | None):
     """The fine bundle's ``CoarseRoiCropd`` with ``model`` as its weights (loaded now), on CPU."""
-    from abdoseg.bundle_config import load_bundle_config
+    from abdoseg.bundle.config import load_bundle_config
     from abdoseg.inference.coarse_roi import CoarseRoiCropd
 
     if not Path(model).is_file():

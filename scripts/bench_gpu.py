@@ -184,7 +184,7 @@ def require_cuda() -> None:
 
 def _make_cases(out: Path, slices: list[int], seed: int) -> list[Path]:
     from abdoseg.io import save_nifti
-    from abdoseg.phantom import make_case
+    from abdoseg.data.phantom import make_case
 
     cases = []
     for i, n in enumerate(slices):

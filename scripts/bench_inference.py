@@ -49,7 +49,7 @@ def random_weight_bundle(dst: Path) -> Path:
     """A copy of the repository's fine bundle with seeded random weights."""
     import torch
 
-    from abdoseg.bundle_config import load_bundle_config
+    from abdoseg.bundle.config import load_bundle_config
 
     bundle = dst / "fine_organ_tumor"
     shutil.copytree(REPO / "bundles" / "fine_organ_tumor", bundle)

@@ -29,8 +29,8 @@ truth as labels (more data: the committed weights' recipe). A rerun with more re
 Per recipe, in ``--out_dir/<name>/`` (every step resumes):
 
 1. a copy of the demo's fine bundle with ``configs/recipe.json`` (the overlay) and
-   ``configs/learning_curve.json`` (``+train#handlers``: :class:`abdoseg.handlers.LearningCurveRecorder`
-   every ``--every_s`` seconds and :class:`abdoseg.handlers.TimeBudget` at ``--budget_s``);
+   ``configs/learning_curve.json`` (``+train#handlers``: :class:`abdoseg.training.handlers.LearningCurveRecorder`
+   every ``--every_s`` seconds and :class:`abdoseg.training.handlers.TimeBudget` at ``--budget_s``);
 2. ``python -m monai.bundle run training`` on the fused labels (``--max_epochs`` is the cap the
    learning-rate schedule counts; no validation in between, so the clock counts training only);
 3. every snapshot ``curve_<k>.pt`` segments ``--unseen/imagesVal`` through the bundle's
@@ -147,18 +147,18 @@ def prepare_bundle(src: Path, dst: Path, overlay: dict[str, Any], budget_s: floa
                    wallclock_lr: bool = True) -> None:
     """Copy the trained demo bundle (configs + coarse weights, not its fine weights) and write the
     recipe and learning-curve overlays. ``wallclock_lr``: the learning rate decays over
-    ``budget_s`` (:class:`abdoseg.handlers.WallClockPolyLR` in place of the epoch-level
+    ``budget_s`` (:class:`abdoseg.training.handlers.WallClockPolyLR` in place of the epoch-level
     ``LrScheduleHandler``, ``train#handlers#0``), so every recipe ends its schedule when its
     minutes end, whatever its speed."""
     shutil.copytree(src, dst, dirs_exist_ok=True,
                     ignore=shutil.ignore_patterns("model.pt", "model_final.pt", "curve*", "eval", "cache", "__pycache__"))
     (dst / "configs" / "recipe.json").write_text(json.dumps(overlay, indent=4) + "\n")
-    handlers = [{"_target_": "abdoseg.handlers.LearningCurveRecorder", "save_dir": "$@ckpt_dir + '/curve'",
+    handlers = [{"_target_": "abdoseg.training.handlers.LearningCurveRecorder", "save_dir": "$@ckpt_dir + '/curve'",
                  "every_s": float(every_s), "network": "@network"},
-                {"_target_": "abdoseg.handlers.TimeBudget", "limit_s": float(budget_s)}]
+                {"_target_": "abdoseg.training.handlers.TimeBudget", "limit_s": float(budget_s)}]
     curve: dict[str, Any] = {"+train#handlers": handlers}
     if wallclock_lr:
-        curve["train#handlers#0"] = {"_target_": "abdoseg.handlers.WallClockPolyLR", "optimizer": "@optimizer",
+        curve["train#handlers#0"] = {"_target_": "abdoseg.training.handlers.WallClockPolyLR", "optimizer": "@optimizer",
                                      "budget_s": float(budget_s)}
     (dst / "configs" / "learning_curve.json").write_text(json.dumps(curve, indent=4) + "\n")
 
@@ -171,12 +171,12 @@ def evaluate_snapshots(bundle: Path, unseen: Path, tag: str = "") -> list[dict[s
     import torch
     from tqdm import tqdm
 
-    from abdoseg.checkpoints import load_weights
-    from abdoseg.evaluate import summarize, summarize_detection
+    from abdoseg.networks.checkpoints import load_weights
+    from abdoseg.evaluation.evaluate import summarize, summarize_detection
     from abdoseg.inference.segmenter import segmenter_from_bundle
     from abdoseg.io import atomic_path, load_nifti, voxel_spacing_mm
     from abdoseg.labels import LESION_ID
-    from abdoseg.metrics import evaluate_case, lesion_detection
+    from abdoseg.evaluation.metrics import evaluate_case, lesion_detection
 
     curve_dir = bundle / "models" / "curve"
     points = json.loads((curve_dir / "curve.json").read_text())
@@ -409,7 +409,7 @@ def main(argv: list[str] | None = None) -> int:
     if args.seed is not None:
         args.seeds = [args.seed]
 
-    from abdoseg.bundle_config import run_bundle
+    from abdoseg.bundle.config import run_bundle
     from abdoseg.io import atomic_path
     from abdoseg.steps import MarkedSteps
 

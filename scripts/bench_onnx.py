@@ -4,10 +4,10 @@
 The fine bundle is copied to a temporary folder; its ``models/*.pt`` are used when present, else
 freshly initialised seeded weights are saved there (the speed of a network does not depend on its
 weights; the ROI, and with it the fine grid, does: it is printed). Both networks are exported to
-ONNX with :func:`abdoseg.export.export`, then every phantom (written as NIfTI) runs through the
+ONNX with :func:`abdoseg.bundle.export.export`, then every phantom (written as NIfTI) runs through the
 bundle's own segmenter (``inference.json``: read -> coarse ROI crop -> fine sliding window ->
-scores to labels -> post-processing) once with the torch networks (:func:`abdoseg.export.torch_cascade`)
-and once with ORT sessions (:func:`abdoseg.export.onnx_cascade`): one untimed warm-up each, then
+scores to labels -> post-processing) once with the torch networks (:func:`abdoseg.bundle.export.torch_cascade`)
+and once with ORT sessions (:func:`abdoseg.bundle.export.onnx_cascade`): one untimed warm-up each, then
 ``--repeats`` timed runs, alternating which runtime goes first. Reported per case: medians, the
 torch/ORT ratio (> 1: ORT faster), the ROI and fine grid of each, and how many voxels of the two
 masks differ. The torch cascade runs under the config's ``autocast_dtype`` (bfloat16 on CPUs
@@ -43,7 +43,7 @@ CASES = [
 
 
 def prepare_bundle(src: Path, dst: Path, seed: int = 0) -> tuple[Path, str]:
-    from abdoseg.bundle_config import load_bundle_config
+    from abdoseg.bundle.config import load_bundle_config
 
     b = dst / src.name
     shutil.copytree(src, b, ignore=shutil.ignore_patterns("eval", "__pycache__", "*.ts", "*.onnx"))
@@ -98,9 +98,9 @@ def main(argv: list[str] | None = None) -> dict:
     ap.add_argument("--out", default=None, help="JSON file for the results")
     args = ap.parse_args(argv)
 
-    from abdoseg.export import export, onnx_cascade, torch_cascade
+    from abdoseg.bundle.export import export, onnx_cascade, torch_cascade
     from abdoseg.io import save_json, save_nifti
-    from abdoseg.phantom import make_case
+    from abdoseg.data.phantom import make_case
 
     torch.set_num_threads(args.threads)
     wanted = args.cases.split(",")

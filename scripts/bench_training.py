@@ -28,7 +28,7 @@ import torch
 
 
 def build(bundle: Path, overrides: dict) -> tuple:
-    from abdoseg.bundle_config import load_bundle_config
+    from abdoseg.bundle.config import load_bundle_config
 
     parser = load_bundle_config(bundle, "configs/train.json")
     for key, value in overrides.items():
@@ -60,7 +60,7 @@ def main() -> None:
     image = torch.rand(n, 1, *patch, generator=g)
     label = torch.randint(0, num_classes, (n, 1, *patch), generator=g)
     if partial:
-        from abdoseg.losses import pack_target
+        from abdoseg.training.losses import pack_target
         label = pack_target(label, torch.ones(n, num_classes, dtype=torch.bool))
     modes = args.modes.split(",")
 

@@ -13,7 +13,7 @@ Per system, in ``--out_dir/<system>/`` (kept apart; every step resumes from a ma
 1. bundle copies whose ``configs/train.json`` / ``inference.json`` are the bundle config merged
    with the preset and the CPU settings below (``abdoseg segment --bundle_dir`` then runs the
    system as is);
-2. training with ``abdoseg.handlers.TimeBudget`` (``--budget_s``, split between the models a
+2. training with ``abdoseg.training.handlers.TimeBudget`` (``--budget_s``, split between the models a
    system has: seed 002 = organ model 1/2 + two tumor models 1/4 each; seed 000/004 give
    ``--coarse_budget_s`` to their coarse model on top, as the others reuse the demo's coarse net
    trained for about as long) and ``--max_epochs`` as the cap;
@@ -95,13 +95,13 @@ def materialize(src: Path, dst: Path, preset: str | None, overrides: dict[str, A
 
 def run_bundle(bundle: Path, config: list[str], run_id: str, budget_s: float | None, log: Path,
                **overrides: Any) -> float:
-    """``abdoseg.bundle_config.run_bundle`` with an optional TimeBudget overlay; returns wall seconds."""
-    from abdoseg.bundle_config import run_bundle as run
+    """``abdoseg.bundle.config.run_bundle`` with an optional TimeBudget overlay; returns wall seconds."""
+    from abdoseg.bundle.config import run_bundle as run
 
     files = list(config)
     if budget_s:
         overlay = bundle / "configs" / "time_limit.json"
-        overlay.write_text(json.dumps({"+train#handlers": [{"_target_": "abdoseg.handlers.TimeBudget",
+        overlay.write_text(json.dumps({"+train#handlers": [{"_target_": "abdoseg.training.handlers.TimeBudget",
                                                             "limit_s": float(budget_s)}]}) + "\n")
         files.append(overlay.name)
     return run(bundle, files, run_id, log=log, **overrides)
@@ -294,7 +294,7 @@ def main(argv: list[str] | None = None) -> int:
     out.mkdir(parents=True, exist_ok=True)
     if not args.fullsize_ct:
         from abdoseg.io import save_nifti
-        from abdoseg.phantom import make_case
+        from abdoseg.data.phantom import make_case
 
         path = out / "fullsize" / "FULL_150_0000.nii.gz"
         if not path.is_file():

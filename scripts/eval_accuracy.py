@@ -3,7 +3,7 @@
 the real CTs of ``../shared/data/real_ct`` (a test set: never trained on).
 
 Segments with ``abdoseg segment`` (the user's path) into ``--out_dir/<name>/``, then scores with
-the official FLARE23 rules (``abdoseg.metrics``): phantoms against ``labelsVal/``; real CTs against
+the official FLARE23 rules (``abdoseg.evaluation.metrics``): phantoms against ``labelsVal/``; real CTs against
 their merged organ masks (merged in memory, never written; partial labels: only the annotated
 classes are scored); a case folder with a ``label.nii.gz`` and no IRCAD masks (the TotalSegmentator
 example: TotalSegmentator's own output, remapped to FLARE ids) is a silver check, DSC per organ it labels. Prints Markdown tables and writes ``summary.json``.
@@ -54,11 +54,11 @@ def main() -> None:
     ap.add_argument("--out_dir", required=True)
     ap.add_argument("--segment_cmd", default=f"{Path(sys.executable).with_name('abdoseg')} segment")
     args = ap.parse_args()
-    from abdoseg.dataprep import load_real_case_label
-    from abdoseg.evaluate import evaluate
+    from abdoseg.data.prepare import load_real_case_label
+    from abdoseg.evaluation.evaluate import evaluate
     from abdoseg.io import load_nifti
     from abdoseg.labels import ORGAN_IDS, class_name
-    from abdoseg.metrics import dice
+    from abdoseg.evaluation.metrics import dice
 
     out = Path(args.out_dir)
     summary: dict = {}

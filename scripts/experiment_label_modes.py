@@ -6,11 +6,11 @@ all trained with the same final budget (same seed, train.json overrides, and the
 
   a  naive       fine train.json, ``label_mode=full`` on the partial ``training`` labels
                  (unannotated classes count as background)
-  b  partial     ``label_mode=partial`` (``abdoseg.losses.MarginalExclusionLoss``), same labels
+  b  partial     ``label_mode=partial`` (``abdoseg.training.losses.MarginalExclusionLoss``), same labels
   c  seed004     teacher (trained on ``training_all_organs``) -> pseudo labels -> fusion rule
                  ``seed004`` (partial label + teacher's missing organs) -> ``label_mode=full``
   d  seed003     same teacher + pseudo labels -> fusion rule ``seed003`` -> ``label_mode=full``
-  e  seed001     ``abdoseg.rounds`` with 2 rounds and seed 001's own round rule ``seed001``
+  e  seed001     ``abdoseg.label_fusion.rounds`` with 2 rounds and seed 001's own round rule ``seed001``
                  (partial labels keep their annotated classes, every unannotated class, lesion
                  included, comes from the previous round's prediction; unlabeled cases take the
                  prediction), uncertainty selection (``keep_fraction`` / ``threshold``) once, in
@@ -50,14 +50,14 @@ from typing import Any
 REPO_ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO_ROOT / "shared"))
 
-from abdoseg.dataprep import prepare  # noqa: E402
-from abdoseg.bundle_config import run_bundle as _run_bundle  # noqa: E402
+from abdoseg.data.prepare import prepare  # noqa: E402
+from abdoseg.bundle.config import run_bundle as _run_bundle  # noqa: E402
 from abdoseg.demo import _best_checkpoint, _copy_bundles  # noqa: E402
-from abdoseg.evaluate import evaluate  # noqa: E402
+from abdoseg.evaluation.evaluate import evaluate  # noqa: E402
 from abdoseg.io import atomic_path, save_json  # noqa: E402
-from abdoseg.label_fusion_workflow import fuse_datalist, select_and_write  # noqa: E402
-from abdoseg.phantom import generate  # noqa: E402
-from abdoseg.rounds import DONE, rounds  # noqa: E402
+from abdoseg.label_fusion.workflow import fuse_datalist, select_and_write  # noqa: E402
+from abdoseg.data.phantom import generate  # noqa: E402
+from abdoseg.label_fusion.rounds import DONE, rounds  # noqa: E402
 from abdoseg.steps import MarkedSteps  # noqa: E402
 
 ARMS: dict[str, str] = {
@@ -129,7 +129,7 @@ def label_quality(arm: str, work: Path, data: Path, datalist: Path, train_key: s
     ``groundtruth/labelsTr`` or ``groundtruth/unlabeledTr``; unannotated classes of a partial
     label count as background, as arm a trains on them (arm b's loss ignores them instead).
     Folders of symbolic links ``<work>/label_quality/<arm>/{labels,truth}`` feed
-    :func:`abdoseg.evaluate.evaluate`; its summary is returned (cached in ``summary.json``).
+    :func:`abdoseg.evaluation.evaluate.evaluate`; its summary is returned (cached in ``summary.json``).
     """
     qdir = work / "label_quality" / arm
     if (qdir / "evaluation" / "summary.json").is_file():

@@ -1,9 +1,9 @@
 #!/usr/bin/env python
-"""Measure what each post-processing rule of ``abdoseg.postprocess`` does to FLARE23 DSC/NSD.
+"""Measure what each post-processing rule of ``abdoseg.inference.postprocess`` does to FLARE23 DSC/NSD.
 
 Runs the fine_organ_tumor bundle's inference (``segmenter_from_bundle``: its preprocessing, network,
 inferer and postprocessing with the organ component rule off) over the cases of a datalist key once, then applies each rule set to the same raw masks and
-scores them against the ground truth with ``abdoseg.metrics.evaluate_case``. Prints a table of
+scores them against the ground truth with ``abdoseg.evaluation.metrics.evaluate_case``. Prints a table of
 organ mean DSC/NSD and lesion DSC/NSD per rule set and writes ``postprocess_effect.json``.
 
 Usage::
@@ -87,8 +87,8 @@ def main(argv: list[str] | None = None) -> int:
 def _score(items, args, raw_fn, gt_path_fn) -> int:
     from abdoseg.io import load_nifti, voxel_spacing_mm
     from abdoseg.labels import LESION_ID, ORGAN_IDS
-    from abdoseg.metrics import evaluate_case
-    from abdoseg.postprocess import postprocess_labels
+    from abdoseg.evaluation.metrics import evaluate_case
+    from abdoseg.inference.postprocess import postprocess_labels
 
     scores: dict[str, list[dict]] = {k: [] for k in RULE_SETS}
     t0 = time.perf_counter()

@@ -3,7 +3,7 @@
 # bundle) + the OHIF viewer MONAI Label ships (served by it at /ohif/).
 #
 #   bash scripts/stack.sh start    # then open http://127.0.0.1:8000/ohif/
-#   .venv/bin/python -m abdoseg.dicomweb push path/to/ct.nii.gz http://127.0.0.1:8042/dicom-web
+#   .venv/bin/python -m abdoseg.dicom.dicomweb push path/to/ct.nii.gz http://127.0.0.1:8042/dicom-web
 #   bash scripts/stack.sh stop
 #
 # Everything lives in $STACK_DIR (default runs/stack): orthanc/orthanc.json and its database, a copy
@@ -47,7 +47,7 @@ case "${1:-}" in
     command -v Orthanc >/dev/null || { echo "error: Orthanc not installed: run bash scripts/setup.sh" >&2; exit 1; }
     [ -f "$BUNDLE/configs/inference.json" ] || { echo "error: $BUNDLE: not a bundle (no configs/inference.json)" >&2; exit 1; }
     mkdir -p "$STACK_DIR"
-    "$PY" -m abdoseg.dicomweb orthanc-config "$STACK_DIR/orthanc" --port "$ORTHANC_PORT" >/dev/null
+    "$PY" -m abdoseg.dicom.dicomweb orthanc-config "$STACK_DIR/orthanc" --port "$ORTHANC_PORT" >/dev/null
     setsid Orthanc "$STACK_DIR/orthanc/orthanc.json" >"$STACK_DIR/orthanc.log" 2>&1 &
     echo $! >"$STACK_DIR/orthanc.pid"
     wait_http "http://127.0.0.1:$ORTHANC_PORT/system" Orthanc "$STACK_DIR/orthanc.pid"
@@ -69,7 +69,7 @@ case "${1:-}" in
     echo "Orthanc (DICOMweb): http://127.0.0.1:$ORTHANC_PORT/dicom-web"
     echo "MONAI Label:        http://127.0.0.1:$ML_PORT/  (model $NAME)"
     echo "Viewer (OHIF):      http://127.0.0.1:$ML_PORT/ohif/  -> study -> mode 'MONAI Label'"
-    echo "Push a CT:          $PY -m abdoseg.dicomweb push CT.nii.gz http://127.0.0.1:$ORTHANC_PORT/dicom-web"
+    echo "Push a CT:          $PY -m abdoseg.dicom.dicomweb push CT.nii.gz http://127.0.0.1:$ORTHANC_PORT/dicom-web"
     echo "Stop:               bash scripts/stack.sh stop"
     ;;
   stop)

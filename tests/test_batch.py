@@ -1,7 +1,7 @@
 import numpy as np
 import pytest
 
-from abdoseg.batch import BatchReport, run_batch, shard
+from abdoseg.inference.batch import BatchReport, run_batch, shard
 from abdoseg.io import InputError, load_nifti, save_nifti
 
 
@@ -46,7 +46,7 @@ def test_run_batch_resumes_continues_and_reports(tmp_path):
 
 def test_one_failure_report_for_every_batch():
     from abdoseg.io import exit_if_failed
-    from abdoseg.pseudo_label import raise_if_failed as pseudo_raise_if_failed
+    from abdoseg.label_fusion.pseudo_label import raise_if_failed as pseudo_raise_if_failed
 
     exit_if_failed([])  # nothing failed: returns
     with pytest.raises(SystemExit) as ei:

@@ -37,7 +37,7 @@ def test_recipes_from_the_command_line(bench, tmp_path):
 
 
 def test_overlays_merge_into_the_fine_train_config(bench, tmp_path):
-    from abdoseg.bundle_config import load_bundle_config
+    from abdoseg.bundle.config import load_bundle_config
 
     bundle = tmp_path / "b"
     bench.prepare_bundle(REPO / "bundles" / "fine_organ_tumor", bundle, {"train_autocast_dtype": None}, 30, 10)
@@ -45,9 +45,9 @@ def test_overlays_merge_into_the_fine_train_config(bench, tmp_path):
     parser = load_bundle_config(bundle, ["configs/train.json", "configs/recipe.json", "configs/learning_curve.json"])
     assert parser.get_parsed_content("train_autocast_dtype") is None
     targets = [h["_target_"] for h in parser["train"]["handlers"]]
-    assert targets[-2:] == ["abdoseg.handlers.LearningCurveRecorder", "abdoseg.handlers.TimeBudget"]
+    assert targets[-2:] == ["abdoseg.training.handlers.LearningCurveRecorder", "abdoseg.training.handlers.TimeBudget"]
     # the epoch-level schedule is replaced by one that decays over the 30 s budget
-    assert targets[0] == "abdoseg.handlers.WallClockPolyLR" and "LrScheduleHandler" not in targets
+    assert targets[0] == "abdoseg.training.handlers.WallClockPolyLR" and "LrScheduleHandler" not in targets
     assert parser["train"]["handlers"][0]["budget_s"] == 30.0
     epochs = tmp_path / "e"
     bench.prepare_bundle(REPO / "bundles" / "fine_organ_tumor", epochs, {}, 30, 10, wallclock_lr=False)
@@ -85,7 +85,7 @@ def test_throughput_and_tables_from_curve_points(bench):
 def test_wall_clock_schedule_decays_over_the_budget():
     import torch
 
-    from abdoseg.handlers import WallClockPolyLR
+    from abdoseg.training.handlers import WallClockPolyLR
 
     opt = torch.optim.SGD(torch.nn.Linear(2, 2).parameters(), lr=0.01)
     sched = WallClockPolyLR(opt, budget_s=100.0, power=1.0, min_fraction=0.05)

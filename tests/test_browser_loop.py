@@ -2,8 +2,8 @@
 bundle) + the OHIF viewer MONAI Label ships, driven in headless Chromium (selenium, Debian's
 chromium-driver).
 
-1. Orthanc starts with its DICOMweb plugin (``abdoseg.dicomweb.orthanc_config``); the small CT is
-   pushed into it (``python -m abdoseg.dicomweb push``, STOW-RS);
+1. Orthanc starts with its DICOMweb plugin (``abdoseg.dicom.dicomweb.orthanc_config``); the small CT is
+   pushed into it (``python -m abdoseg.dicom.dicomweb push``, STOW-RS);
 2. MONAI Label starts with ``--studies http://127.0.0.1:<port>/dicom-web`` and no internet (no dcmqi
    download);
 3. OHIF's ``monai-label`` mode opens the study, the MONAI Label panel connects to the server and its
@@ -75,7 +75,7 @@ def _stop(proc: subprocess.Popen) -> None:
 
 @pytest.fixture(scope="module")
 def stack(tmp_path_factory):
-    from abdoseg.dicomweb import ORTHANC_DICOMWEB_PLUGIN, orthanc_config
+    from abdoseg.dicom.dicomweb import ORTHANC_DICOMWEB_PLUGIN, orthanc_config
 
     _need(ORTHANC, "orthanc")
     _need(ORTHANC_DICOMWEB_PLUGIN, "orthanc-dicomweb")
@@ -97,7 +97,7 @@ def stack(tmp_path_factory):
         orthanc = f"http://127.0.0.1:{oport}"
         print(f"\nOrthanc up in {_wait_http(orthanc + '/system', procs[-1], olog, 'Orthanc'):.1f} s")
         setup = make_app(root)
-        push = subprocess.run([sys.executable, "-m", "abdoseg.dicomweb", "push",
+        push = subprocess.run([sys.executable, "-m", "abdoseg.dicom.dicomweb", "push",
                                str(setup["studies"] / "SMALL_0001.nii.gz"), orthanc + "/dicom-web"],
                               capture_output=True, text=True, timeout=120)
         assert push.returncode == 0, push.stderr

@@ -16,8 +16,8 @@ import numpy as np
 import pytest
 import torch
 
-from abdoseg.checkpoints import load_weights
-from abdoseg.roi import EmptyRoiWarning, RoiBox
+from abdoseg.networks.checkpoints import load_weights
+from abdoseg.inference.roi import EmptyRoiWarning, RoiBox
 from shared_files import MONAI_SCHEMA, require
 
 REPO = Path(__file__).resolve().parents[1]

@@ -31,8 +31,8 @@ def scores(tmp_path_factory) -> list[dict[int, tuple[float, float]]]:
 
     from abdoseg.geometry import affine_spacing_mm
     from abdoseg.inference.segmenter import segmenter_from_bundle
-    from abdoseg.metrics import evaluate_case
-    from abdoseg.phantom import make_case
+    from abdoseg.evaluation.metrics import evaluate_case
+    from abdoseg.data.phantom import make_case
 
     tmp = tmp_path_factory.mktemp("committed")
     segmenter = segmenter_from_bundle(FINE, device="cpu")

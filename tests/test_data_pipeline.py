@@ -1,4 +1,4 @@
-"""Disk-cached training data (abdoseg.data_cache, both bundles' train#dataset / validate#dataset):
+"""Disk-cached training data (abdoseg.data.cache, both bundles' train#dataset / validate#dataset):
 cache hits equal recomputes, corrupt entries are rebuilt, keys follow file contents and transforms,
 writes are atomic, cache_dir "" keeps the RAM CacheDataset."""
 
@@ -16,7 +16,7 @@ from monai.bundle import ConfigParser
 from monai.data import CacheDataset, MetaTensor
 from monai.transforms import Compose, EnsureChannelFirstd, LoadImaged, Orientationd, RandSpatialCropd
 
-from abdoseg.data_cache import DiskCacheDataset, cached_dataset
+from abdoseg.data.cache import DiskCacheDataset, cached_dataset
 from abdoseg.io import save_nifti
 
 REPO = Path(__file__).resolve().parents[1]

@@ -1,4 +1,4 @@
-"""Tests of abdoseg.dataprep: groups, datalist content, bad-input reporting, IRCAD mask merge."""
+"""Tests of abdoseg.data.prepare: groups, datalist content, bad-input reporting, IRCAD mask merge."""
 
 from __future__ import annotations
 
@@ -10,7 +10,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from abdoseg.dataprep import (
+from abdoseg.data.prepare import (
     IRCAD_MAPPING,
     group_of,
     label_class_counts,
@@ -482,7 +482,7 @@ def test_real_cases_merged_labels_and_prepare(tmp_path):
 
 # --------------------------------------------------------------------------- phantom dataset
 def test_prepare_on_phantom(tmp_path):
-    import abdoseg.phantom as phantom
+    import abdoseg.data.phantom as phantom
     root = tmp_path / "phantom"
     phantom.generate(str(root), preset="small", seed=0, n_labeled=6, n_unlabeled=1, n_val=1, slices=12)
     t0 = time.perf_counter()

@@ -1,4 +1,4 @@
-"""DICOM SEG output (abdoseg.dicom_seg, ``abdoseg segment --dicom_seg``): round trip through
+"""DICOM SEG output (abdoseg.dicom.seg, ``abdoseg segment --dicom_seg``): round trip through
 highdicom/pydicom on small synthetic DICOM series (segment numbers = FLARE23 ids, labels, the
 referenced series and slices, geometry against the NIfTI mask), bad input named clearly.
 
@@ -15,10 +15,10 @@ import numpy as np
 import pydicom
 import pytest
 
-from abdoseg.dicom_seg import import_highdicom, mask_to_dicom_seg, read_source_datasets, write_dicom_seg
+from abdoseg.dicom.seg import import_highdicom, mask_to_dicom_seg, read_source_datasets, write_dicom_seg
 from abdoseg.io import InputError, save_nifti
 from abdoseg.labels import FOREGROUND_IDS, LABELS
-from abdoseg.dicom_series import check_dicom_series
+from abdoseg.dicom.series import check_dicom_series
 from test_segment import SHAPE, SPACING_MM, _cli, _nonzero, _tiny_bundle, _write_dicom_series
 
 FOR_UID = "1.2.826.0.1.3680043.2.1.77"
@@ -79,7 +79,7 @@ def _check_seg(seg_file: Path, mask: np.ndarray, source_files: list[str]) -> Non
 
 @pytest.mark.parametrize("axcodes", ["LPS", "RAS"])
 def test_mask_to_dicom_seg_round_trip(axcodes, tmp_path):
-    from abdoseg.phantom import make_case
+    from abdoseg.data.phantom import make_case
 
     hu, label, affine = make_case(3, shape=SHAPE, spacing_mm=SPACING_MM, axcodes=axcodes)
     assert set(np.unique(label)) >= {1, 2, 13}  # a labelled phantom: left/right organs present
@@ -96,7 +96,7 @@ def test_mask_to_dicom_seg_round_trip(axcodes, tmp_path):
 
 
 def test_mask_to_dicom_seg_rejects_bad_input(tmp_path):
-    from abdoseg.phantom import make_case
+    from abdoseg.data.phantom import make_case
 
     hu, label, affine = make_case(1, shape=SHAPE, spacing_mm=SPACING_MM, axcodes="LPS")
     datasets = read_source_datasets(_ct_series(hu, affine, tmp_path / "ct"))
@@ -116,7 +116,7 @@ def test_mask_to_dicom_seg_rejects_bad_input(tmp_path):
 
 
 def test_segment_cli_dicom_seg(tmp_path, capsys):
-    from abdoseg.phantom import make_case
+    from abdoseg.data.phantom import make_case
 
     bundle = _tiny_bundle(tmp_path / "bundle" / "fine_organ_tumor")
     hu, _, affine = make_case(0, shape=SHAPE, spacing_mm=SPACING_MM, axcodes="LPS")
@@ -177,7 +177,7 @@ def _positional_seg(mask: np.ndarray, affine: np.ndarray, datasets, descriptions
     from pydicom.dataset import Dataset
     from pydicom.sr.codedict import codes
 
-    from abdoseg.dicom_seg import mask_frames
+    from abdoseg.dicom.seg import mask_frames
 
     hd = import_highdicom()
     frames = mask_frames(mask, affine, datasets)
@@ -207,8 +207,8 @@ def _positional_seg(mask: np.ndarray, affine: np.ndarray, datasets, descriptions
 def test_label_with_missing_classes_round_trips(axcodes, tmp_path):
     """abdoseg's own SEG (segment number = FLARE23 id) read back: the same values, absent classes stay
     absent and nothing shifts; also through a file and a NIfTI reference image."""
-    from abdoseg.dicom_seg import dicom_seg_to_label, read_dicom_seg, segment_class_ids
-    from abdoseg.phantom import make_case
+    from abdoseg.dicom.seg import dicom_seg_to_label, read_dicom_seg, segment_class_ids
+    from abdoseg.data.phantom import make_case
 
     hu, _, affine = make_case(2, shape=SHAPE, spacing_mm=SPACING_MM, axcodes=axcodes)
     files = _ct_series(hu, affine, tmp_path / "ct")
@@ -228,8 +228,8 @@ def test_positional_seg_read_by_label_and_code(tmp_path):
     """A SEG numbered 1..N (dcmqi style): segment 1 is gallbladder, 2 stomach, ... -- read by label,
     they are 9, 11, 13, 14 again (the stock reader made them 1, 2, 3, 4); a segment with a
     non-FLARE23 label is matched by its SNOMED code (kidney + left modifier = 13)."""
-    from abdoseg.dicom_seg import dicom_seg_to_label, segment_class_ids
-    from abdoseg.phantom import make_case
+    from abdoseg.dicom.seg import dicom_seg_to_label, segment_class_ids
+    from abdoseg.data.phantom import make_case
 
     hu, _, affine = make_case(4, shape=SHAPE, spacing_mm=SPACING_MM, axcodes="LPS")
     datasets = read_source_datasets(_ct_series(hu, affine, tmp_path / "ct"))
@@ -245,8 +245,8 @@ def test_positional_seg_read_by_label_and_code(tmp_path):
 
 
 def test_seg_reader_refuses_what_it_cannot_tell(tmp_path):
-    from abdoseg.dicom_seg import dicom_seg_to_label, read_dicom_seg
-    from abdoseg.phantom import make_case
+    from abdoseg.dicom.seg import dicom_seg_to_label, read_dicom_seg
+    from abdoseg.data.phantom import make_case
 
     hu, _, affine = make_case(4, shape=SHAPE, spacing_mm=SPACING_MM, axcodes="LPS")
     datasets = read_source_datasets(_ct_series(hu, affine, tmp_path / "ct"))

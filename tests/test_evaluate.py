@@ -10,10 +10,10 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from abdoseg.evaluate import evaluate
+from abdoseg.evaluation.evaluate import evaluate
 from abdoseg.io import InputError, save_nifti
 from abdoseg.labels import FOREGROUND_IDS, ORGAN_IDS
-from abdoseg.metrics import evaluate_case
+from abdoseg.evaluation.metrics import evaluate_case
 
 SPACING = (1.5, 1.2, 3.0)
 AFFINE = np.diag([*SPACING, 1.0])
@@ -185,7 +185,7 @@ def test_corrupt_data_in_worker_names_the_file(tmp_path: Path):
 
 
 def test_lesion_detection_counts_found_missed_and_false_positive_lesions():
-    from abdoseg.metrics import lesion_detection
+    from abdoseg.evaluation.metrics import lesion_detection
 
     spacing = (2.0, 2.0, 2.5)  # 10 mm^3 per voxel: 1 mL = 100 voxels
     gt = np.zeros((40, 40, 20), np.uint8)

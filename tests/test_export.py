@@ -20,9 +20,9 @@ import torch
 from monai.bundle import ConfigParser
 from monai.data import MetaTensor
 
-from abdoseg.export import OnnxNetwork, bundle_networks, export, onnx_cascade, torch_cascade
+from abdoseg.bundle.export import OnnxNetwork, bundle_networks, export, onnx_cascade, torch_cascade
 from abdoseg.io import InputError
-from abdoseg.phantom import make_case
+from abdoseg.data.phantom import make_case
 
 REPO = Path(__file__).resolve().parents[1]
 BUNDLES = {"coarse_roi": REPO / "bundles" / "coarse_roi", "fine_organ_tumor": REPO / "bundles" / "fine_organ_tumor"}

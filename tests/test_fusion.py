@@ -5,7 +5,7 @@ import json
 import numpy as np
 import pytest
 
-from abdoseg.fusion import (
+from abdoseg.label_fusion.rules import (
     RULES,
     apply_rule,
     fill_from_prediction,

@@ -5,9 +5,9 @@ from __future__ import annotations
 import numpy as np
 import pytest
 
-import abdoseg.dataprep as dataprep
-import abdoseg.evaluate as evaluate
-import abdoseg.label_fusion_workflow as label_fusion_workflow
+import abdoseg.data.prepare as dataprep
+import abdoseg.evaluation.evaluate as evaluate
+import abdoseg.label_fusion.workflow as label_fusion_workflow
 from abdoseg.geometry import AFFINE_TOL_MM, affine_difference_mm, affine_spacing_mm, affines_match
 from abdoseg.io import InputError, save_nifti
 

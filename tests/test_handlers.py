@@ -9,9 +9,9 @@ import pytest
 import torch
 from ignite.engine import Engine
 
-import abdoseg.handlers as handlers
-from abdoseg.checkpoints import load_weights
-from abdoseg.handlers import EpochCheckpointSaver
+import abdoseg.training.handlers as handlers
+from abdoseg.networks.checkpoints import load_weights
+from abdoseg.training.handlers import EpochCheckpointSaver
 from abdoseg.networks import PocketUNet
 
 
@@ -105,7 +105,7 @@ def test_unreachable_epochs_warn_and_bad_arguments(tmp_path, caplog):
     engine = _counting_engine(net)
     saver = EpochCheckpointSaver(tmp_path, epochs=[7, -3, 0], network=net)
     saver.attach(engine)
-    with caplog.at_level(logging.WARNING, logger="abdoseg.handlers"):
+    with caplog.at_level(logging.WARNING, logger="abdoseg.training.handlers"):
         engine.run([0], max_epochs=2)
     assert saver.saved == {"model_epoch2.pt": 2}
     warnings = [r.getMessage() for r in caplog.records if r.levelno == logging.WARNING]
@@ -131,7 +131,7 @@ def test_from_a_bundle_config_in_monai_supervised_trainer(tmp_path):
     config = {
         "network": {"_target_": "torch.nn.Conv3d", "in_channels": 1, "out_channels": 2, "kernel_size": 1},
         "optimizer": {"_target_": "torch.optim.SGD", "params": "$@network.parameters()", "lr": 0.1},
-        "saver": {"_target_": "abdoseg.handlers.EpochCheckpointSaver", "save_dir": str(tmp_path), "network": "@network",
+        "saver": {"_target_": "abdoseg.training.handlers.EpochCheckpointSaver", "save_dir": str(tmp_path), "network": "@network",
                   "epochs": [-1, 0], "filenames": ["S2.pt", "S1.pt"]},
         "trainer": {"_target_": "SupervisedTrainer", "device": "$torch.device('cpu')", "max_epochs": 3,
                     "train_data_loader": "$[{'image': torch.ones(1, 1, 2, 2, 2), 'label': torch.ones(1, 1, 2, 2, 2).long()}]",
@@ -164,9 +164,9 @@ def _train_config(tmp_path, max_epochs: int, val_interval: int) -> dict:
                       "val_handlers": [{"_target_": "CheckpointSaver", "save_dir": str(tmp_path),
                                         "save_dict": {"model": "@network"}, "save_key_metric": True,
                                         "key_metric_filename": "model.pt"}]},
-        "final": {"_target_": "abdoseg.handlers.FinalModelSaver", "save_dir": str(tmp_path), "network": "@network",
+        "final": {"_target_": "abdoseg.training.handlers.FinalModelSaver", "save_dir": str(tmp_path), "network": "@network",
                   "evaluator": "@evaluator"},
-        "stats": {"_target_": "abdoseg.handlers.TrainStatsWriter", "path": str(tmp_path / "train_stats.json"),
+        "stats": {"_target_": "abdoseg.training.handlers.TrainStatsWriter", "path": str(tmp_path / "train_stats.json"),
                   "evaluator": "@evaluator"},
         "trainer": {"_target_": "SupervisedTrainer", "device": "$torch.device('cpu')", "max_epochs": max_epochs,
                     "train_data_loader": batch, "network": "@network", "optimizer": "@optimizer",

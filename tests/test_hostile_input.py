@@ -125,7 +125,7 @@ def _write_series(folder: Path, hu=None, affine=AFFINE) -> list[Path]:
 # 1. DICOM series with a missing, unreadable, duplicate or displaced slice
 # ----------------------------------------------------------------------------------------------
 def test_intact_dicom_series_reads_with_exact_geometry(tmp_path):
-    from abdoseg.dicom_series import check_dicom_series, read_dicom_series
+    from abdoseg.dicom.series import check_dicom_series, read_dicom_series
 
     hu = _ct((40, 40, 12))
     files = _write_series(tmp_path / "s", hu)
@@ -136,7 +136,7 @@ def test_intact_dicom_series_reads_with_exact_geometry(tmp_path):
 
 
 def _expect_series_error(folder: Path, *fragments: str) -> str:
-    from abdoseg.dicom_series import read_dicom_series
+    from abdoseg.dicom.series import read_dicom_series
 
     with pytest.raises(InputError) as err:
         read_dicom_series(folder)
@@ -214,7 +214,7 @@ def test_duplicate_uneven_and_mixed_slices_are_errors(tmp_path):
     del ds.ImagePositionPatient
     ds.save_as(files[1])
     with pytest.raises(InputError, match="ImagePositionPatient") as err:
-        from abdoseg.dicom_series import read_dicom_series
+        from abdoseg.dicom.series import read_dicom_series
 
         read_dicom_series(folder)
     assert err.value.path == str(files[1])
@@ -222,7 +222,7 @@ def test_duplicate_uneven_and_mixed_slices_are_errors(tmp_path):
 
 def test_non_slice_files_in_a_series_folder_are_left_alone(tmp_path):
     """Our own outputs and notes next to the slices are not slices (and not errors)."""
-    from abdoseg.dicom_series import read_dicom_series
+    from abdoseg.dicom.series import read_dicom_series
 
     hu = _ct((40, 40, 12))
     series = tmp_path / "series"
@@ -290,7 +290,7 @@ def test_killed_writer_leftover_is_ignored_then_removed(tmp_path, stand_in, caps
     proc.wait(timeout=60)
     assert leftover.is_file() and leftover.parent == out and not (out / "A.nii.gz").exists()
     # evaluate: the leftover in the prediction (and ground-truth) folder is not a case
-    from abdoseg.evaluate import evaluate
+    from abdoseg.evaluation.evaluate import evaluate
 
     gt = tmp_path / "gt"
     save_nifti(np.zeros(SHAPE, np.uint8) + (_ct() > 0), AFFINE, gt / "A.nii.gz")
@@ -425,7 +425,7 @@ def _eval_case(root: Path, name="CASE_A", pred_affine=AFFINE, pred_values=None, 
 
 
 def test_evaluate_rejects_unknown_label_values(tmp_path):
-    from abdoseg.evaluate import evaluate
+    from abdoseg.evaluation.evaluate import evaluate
 
     pred, gt = _eval_case(tmp_path / "p", pred_values=[200, -5])
     with pytest.raises(InputError) as err:
@@ -443,7 +443,7 @@ def test_evaluate_rejects_unknown_label_values(tmp_path):
 
 
 def test_evaluate_rejects_a_prediction_on_another_grid(tmp_path, capsys):
-    from abdoseg.evaluate import evaluate
+    from abdoseg.evaluation.evaluate import evaluate
 
     twice = AFFINE.copy()
     twice[:3, :3] *= 2  # 2x spacing: same array, identical scores, wrong anatomy
@@ -599,7 +599,7 @@ def test_implausible_input_runs_with_a_one_line_warning(tmp_path, stand_in, caps
 
 
 def test_prepare_skips_temporary_files(tmp_path):
-    from abdoseg.dataprep import prepare
+    from abdoseg.data.prepare import prepare
 
     root = tmp_path / "data"
     lab = np.zeros(SHAPE, np.uint8)
@@ -618,7 +618,7 @@ def test_dicom_positions_rounded_by_the_scanner_are_accepted_gaps_still_found(tm
     'uneven'; a missing slice in such a series still is an error."""
     import pydicom
 
-    from abdoseg.dicom_series import read_dicom_series
+    from abdoseg.dicom.series import read_dicom_series
 
     hu = _ct((40, 40, 12))
     aff = np.diag([-0.8, -0.8, 0.625, 1.0])
@@ -757,7 +757,7 @@ def _prepare_case(root: Path, name: str, image_name: str, ct=None) -> None:
 @pytest.mark.parametrize("other_shape", [False, True])
 def test_prepare_two_images_of_one_case_is_a_problem(tmp_path, capsys, other_shape):
     """PHANTOM_0002.nii.gz and PHANTOM_0002_0000.nii.gz are both case PHANTOM_0002: never guess."""
-    from abdoseg.dataprep import prepare
+    from abdoseg.data.prepare import prepare
 
     root = tmp_path / "data"
     _prepare_case(root, "PHANTOM_0001", "PHANTOM_0001_0000.nii.gz")
@@ -780,7 +780,7 @@ def test_prepare_two_images_of_one_case_is_a_problem(tmp_path, capsys, other_sha
 
 
 def test_uppercase_nifti_extension_is_one_case_in_segment_and_prepare(tmp_path, stand_in, capsys, caplog):
-    from abdoseg.dataprep import prepare
+    from abdoseg.data.prepare import prepare
     from abdoseg.io import case_id_from_image
 
     assert case_id_from_image("UPPER.NII.GZ") == "UPPER" and case_id_from_image("X_0000.Nii") == "X"
@@ -920,7 +920,7 @@ def test_library_noise_is_silenced_our_warnings_are_not(tmp_path):
 def test_two_series_warning_names_the_series_used(tmp_path):
     from test_segment import _write_dicom_series
 
-    from abdoseg.dicom_series import read_dicom_series
+    from abdoseg.dicom.series import read_dicom_series
 
     series = tmp_path / "two"
     _write_dicom_series(_ct((40, 40, 12)), AFFINE, series, series=1)
@@ -939,7 +939,7 @@ def test_many_junk_files_in_a_series_folder_name_five_and_count(tmp_path):
     _write_series(series)
     for i in range(12):
         (series / f"junk{i:02d}.dcm").write_bytes(b"not dicom at all" * 4)
-    from abdoseg.dicom_series import read_dicom_series
+    from abdoseg.dicom.series import read_dicom_series
 
     with pytest.raises(InputError) as ei:
         read_dicom_series(series)
@@ -971,7 +971,7 @@ def test_full_disk_while_writing_the_preview_names_the_preview(tmp_path, stand_i
 
 
 def test_all_background_ground_truth_warns_in_evaluate(tmp_path, capsys):
-    from abdoseg.evaluate import EmptyGroundTruthWarning, evaluate
+    from abdoseg.evaluation.evaluate import EmptyGroundTruthWarning, evaluate
 
     pred, gt = _eval_case(tmp_path, "GOOD")
     save_nifti(np.zeros(SHAPE, np.uint8), AFFINE, tmp_path / "gt" / "EMPTY.nii.gz")
@@ -999,7 +999,7 @@ def test_committed_cascade_never_paints_organs_on_air_silently(tmp_path, capsys,
 
     from abdoseg.inference.ct_checks import air_painted_classes
     from abdoseg.labels import LABELS
-    from abdoseg.phantom import make_case
+    from abdoseg.data.phantom import make_case
 
     spacing = (3.2, 3.2, 6.0)
     hu, _, affine = make_case(3, shape=(128, 128, 40), spacing_mm=spacing, axcodes="RAS")
@@ -1022,7 +1022,7 @@ def test_committed_cascade_never_paints_organs_on_air_silently(tmp_path, capsys,
 
 
 def test_uppercase_extension_in_evaluate_and_junk_only_folder_named(tmp_path, capsys):
-    from abdoseg.evaluate import evaluate
+    from abdoseg.evaluation.evaluate import evaluate
     from abdoseg.segment import find_cases
 
     pred, _ = _eval_case(tmp_path, "CASE_A")
@@ -1044,7 +1044,7 @@ def test_real_segment_killed_mid_run_resumes_to_the_clean_result(tmp_path):
     """A real ``abdoseg segment`` (committed weights) killed with SIGKILL after its first mask, in
     the middle of the next case: the rerun keeps the finished mask, computes the rest and ends with
     masks byte-identical to an uninterrupted run, and no temporary file is left."""
-    from abdoseg.phantom import make_case
+    from abdoseg.data.phantom import make_case
 
     inp = tmp_path / "in"
     for i in range(3):

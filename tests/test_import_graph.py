@@ -6,7 +6,7 @@ import ast
 from pathlib import Path
 
 SHARED = Path(__file__).resolve().parents[1] / "shared"
-#: None left (``check_dicom_series`` lives in ``abdoseg.dicom_series``).
+#: None left (``check_dicom_series`` lives in ``abdoseg.dicom.series``).
 KNOWN_CIRCLES: list[list[str]] = []
 
 
@@ -77,6 +77,6 @@ def test_circles_found_on_a_small_graph():
 
 def test_no_import_circles_in_abdoseg():
     graph = import_graph()
-    assert "abdoseg.segment" in graph and "abdoseg.dicom_series" in graph
-    assert "abdoseg.segment" not in graph["abdoseg.dicom_series"]
+    assert "abdoseg.segment" in graph and "abdoseg.dicom.series" in graph
+    assert "abdoseg.segment" not in graph["abdoseg.dicom.series"]
     assert [c for c in circles(graph) if c not in KNOWN_CIRCLES] == []

@@ -20,7 +20,7 @@ from abdoseg.inference.resample import resample_scores_to_labels, spacing_axis_m
 from abdoseg.inference.segmenter import BundleSegmenter
 from abdoseg.inference.sliding_window import EnsembleInferer, FitSlidingWindowInferer, fit_window
 from abdoseg.io import InputError, save_nifti
-from abdoseg.roi import EmptyRoiWarning
+from abdoseg.inference.roi import EmptyRoiWarning
 
 FINE = Path(__file__).resolve().parents[1] / "bundles" / "fine_organ_tumor"
 HU_WIN = (-325.0, 325.0)
@@ -436,7 +436,7 @@ def _library_noise_off_our_warnings_errors() -> None:
     warning of this package is an error (a bad file must be refused, not warned about)."""
     from abdoseg.cli import quiet_library_noise
     from abdoseg.inference.ct_checks import ImplausibleCTWarning
-    from abdoseg.roi import EmptyRoiWarning
+    from abdoseg.inference.roi import EmptyRoiWarning
 
     quiet_library_noise()
     for category in (ImplausibleCTWarning, EmptyRoiWarning):
@@ -454,7 +454,7 @@ def test_bad_inputs_raise_input_error_naming_file(tmp_path):
 
 
 def test_batch_continues_and_reports_bad_inputs(tmp_path):
-    from abdoseg.batch import run_batch
+    from abdoseg.inference.batch import run_batch
 
     bad = _bad_files(tmp_path / "in")
     good = tmp_path / "in" / "good_0000.nii.gz"
@@ -486,7 +486,7 @@ def test_inference_config_has_monai_standard_workflow_properties(tmp_path):
 
 
 def test_training_roi_crop_matches_margin_in_mm():
-    from abdoseg.transforms import RandForegroundRoiCropd
+    from abdoseg.data.transforms import RandForegroundRoiCropd
 
     lab = np.zeros((40, 40, 20), np.uint8)
     lab[10:20, 12:22, 8:12] = 1

@@ -12,7 +12,7 @@ import numpy as np
 import pytest
 
 from abdoseg.io import save_json, save_nifti
-from abdoseg.label_fusion_workflow import fuse_datalist, geometry_problems, select_and_write
+from abdoseg.label_fusion.workflow import fuse_datalist, geometry_problems, select_and_write
 
 BUNDLE = Path(__file__).resolve().parents[1] / "bundles" / "label_fusion"
 SHAPE = (2, 2, 2)
@@ -229,13 +229,13 @@ def test_teacher_sections_equal_the_fine_bundle_inference(tmp_path):
     """label_fusion's inference.json carries the fine cascade as its teacher: every teacher id
     (networks, checkpoints, preprocessing, inferer, postprocessing, settings) equals the fine bundle's,
     and every plain teacher setting is forwarded to the teacher's parser (teacher_settings)."""
-    from abdoseg.label_fusion_workflow import (TEACHER_RUN_IDS, sync_teacher_config, teacher_config_drift,
+    from abdoseg.label_fusion.workflow import (TEACHER_RUN_IDS, sync_teacher_config, teacher_config_drift,
                                                teacher_ids)
 
     fine_cfg, own_cfg = FINE / "configs" / "inference.json", BUNDLE / "configs" / "inference.json"
     drift = teacher_config_drift(fine_cfg, own_cfg)
     assert drift == [], (f"label_fusion's teacher differs from fine_organ_tumor's inference.json in {drift}; run "
-                         "abdoseg.label_fusion_workflow.sync_teacher_config (see its docstring)")
+                         "abdoseg.label_fusion.workflow.sync_teacher_config (see its docstring)")
     fine = json.loads(fine_cfg.read_text())
     own = json.loads(own_cfg.read_text())
     assert {"network_def", "coarse_network_def", "preprocessing", "inferer", "postprocessing", "model_path",
@@ -316,7 +316,7 @@ def test_inference_json_pseudo_labels_a_datalist_with_its_own_teacher(tmp_path):
 def test_pack_carries_the_teacher(tmp_path):
     import zipfile
 
-    from abdoseg.package import pack
+    from abdoseg.bundle.pack import pack
 
     b = _bundle_with_teacher(tmp_path / "src")
     meta = json.loads((BUNDLE / "configs/metadata.json").read_text())

@@ -7,7 +7,7 @@ import torch
 from monai.data import list_data_collate
 from monai.losses import DeepSupervisionLoss, DiceCELoss
 
-from abdoseg.losses import (
+from abdoseg.training.losses import (
     MarginalExclusionLoss,
     SigmoidDiceBCELoss,
     labels_to_multichannel,
@@ -15,7 +15,7 @@ from abdoseg.losses import (
     pack_target,
     sigmoid_logits_to_labels,
 )
-from abdoseg.transforms import AnnotatedClassesd, annotated_mask
+from abdoseg.data.transforms import AnnotatedClassesd, annotated_mask
 
 C = 5  # background + 4 classes keeps the tensors tiny
 
@@ -246,7 +246,7 @@ def test_supervised_trainer_with_packed_targets_and_pocket_unet_deep_supervision
     from monai.engines import SupervisedTrainer
     from monai.transforms import Compose, EnsureTyped
 
-    from abdoseg.losses import PackedTargetPrepareBatch
+    from abdoseg.training.losses import PackedTargetPrepareBatch
     from abdoseg.networks import PocketUNet
 
     g = torch.Generator().manual_seed(0)

@@ -10,7 +10,7 @@ import pytest
 from scipy import ndimage
 
 from abdoseg.labels import NSD_TOLERANCE_MM
-from abdoseg.metrics import (dice, evaluate_case, normalized_surface_dice, surface_distances,
+from abdoseg.evaluation.metrics import (dice, evaluate_case, normalized_surface_dice, surface_distances,
                              surfel_area_table)
 
 import surface_distance as sd  # a test dependency (pyproject [test]): missing must fail, not skip
@@ -264,7 +264,7 @@ def test_evaluate_case_matches_official_loop_on_random_label_maps(threshold):
 
 
 def test_auto_distance_method_picks_kdtree_for_sparse_surfaces(monkeypatch):
-    import abdoseg.metrics as metrics
+    import abdoseg.evaluation.metrics as metrics
 
     calls = []
     real = metrics._nearest_distances

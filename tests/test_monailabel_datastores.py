@@ -185,7 +185,7 @@ def _to_bytes(ds) -> bytes:
 def dicomweb(tmp_path):
     from test_dicom_seg import _ct_series
 
-    from abdoseg.phantom import make_case
+    from abdoseg.data.phantom import make_case
 
     shape, spacing = (24, 20, 10), (8.0, 8.0, 10.0)
     hu, _, affine = make_case(5, shape=shape, spacing_mm=spacing, axcodes="LPS")
@@ -217,7 +217,7 @@ def _sparse_label(shape) -> np.ndarray:
 
 
 def test_dicomweb_datastore_seg_keeps_flare23_ids(dicomweb):
-    from abdoseg.dicom_seg import segment_class_ids
+    from abdoseg.dicom.seg import segment_class_ids
 
     server, series, make, tmp_path = dicomweb
     ds = make("cache")
@@ -329,7 +329,7 @@ def test_dicomweb_datastore_trains_on_the_newest_seg(dicomweb):
     """A label corrected and saved twice: two SEGs reference the image; training reads the newer one
     (ContentDate/ContentTime), whatever order the server lists them in; a SEG deleted from the
     server takes its cached label with it."""
-    from abdoseg.dicom_seg import mask_to_dicom_seg
+    from abdoseg.dicom.seg import mask_to_dicom_seg
 
     server, series, make, tmp_path = dicomweb
     ds = make("cache")

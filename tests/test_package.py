@@ -19,7 +19,7 @@ import torch
 from monai.bundle import ConfigParser
 
 from abdoseg.io import InputError, save_nifti
-from abdoseg.package import pack, referenced_model_files
+from abdoseg.bundle.pack import pack, referenced_model_files
 from shared_files import MODEL_ZOO_CI, MONAI_SCHEMA, require
 
 REPO = Path(__file__).resolve().parents[1]

@@ -9,9 +9,9 @@ from scipy import ndimage
 
 from abdoseg.io import InputError, load_nifti
 from abdoseg.labels import LESION_ID, ORGAN_IDS
-from abdoseg.phantom import generate, make_case, plan_case
-from abdoseg.phantom.anatomy import PHASE_HU
-from abdoseg.phantom.annotations import (dice, mean_organ_dice, partial_label, pseudo_label_a,
+from abdoseg.data.phantom import generate, make_case, plan_case
+from abdoseg.data.phantom.anatomy import PHASE_HU
+from abdoseg.data.phantom.annotations import (dice, mean_organ_dice, partial_label, pseudo_label_a,
                                          pseudo_label_b, sample_annotation)
 
 SMALL = dict(shape=(64, 64, 30), spacing_mm=(6.0, 6.0, 9.0))

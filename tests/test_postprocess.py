@@ -7,7 +7,7 @@ import pytest
 import torch
 from monai.data import MetaTensor
 
-from abdoseg.postprocess import (FlarePostprocessd, drop_lesions_far_from_organs, keep_largest_organ_components,
+from abdoseg.inference.postprocess import (FlarePostprocessd, drop_lesions_far_from_organs, keep_largest_organ_components,
                                  keep_organ_components_near_liver, postprocess_labels, remove_small_lesions)
 
 

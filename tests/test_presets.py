@@ -229,7 +229,7 @@ def test_spacing_to_sized_gives_the_size_and_inverts_through_scores_to_labels():
     """Seed 000/004's fixed-size input: exactly the requested voxels, first/last voxel centres kept, and
     ScoresToLabelsd maps fine-grid scores back to the CT's own grid."""
     from abdoseg.inference.resample import ScoresToLabelsd
-    from abdoseg.transforms import SpacingToSized
+    from abdoseg.data.transforms import SpacingToSized
     from monai.transforms import Compose, Orientationd
 
     aff = np.array([[-0.8, 0, 0, 100.0], [0, -0.8, 0, 50.0], [0, 0, 2.5, -30.0], [0, 0, 0, 1]])
@@ -302,10 +302,10 @@ def test_seed003_teacher_saves_s1_s2_s3_at_the_papers_epochs(tmp_path):
     """Seed 003: S1, S2, S3 are the Fine nnU-Net "saved after 1000, 950, and 900 epochs"."""
     from ignite.engine import Engine
 
-    from abdoseg.handlers import EpochCheckpointSaver
+    from abdoseg.training.handlers import EpochCheckpointSaver
 
     train = _parser(FINE, "train.json", "seed003_teacher")
-    spec = next(h for h in train["train"]["handlers"] if h["_target_"] == "abdoseg.handlers.EpochCheckpointSaver")
+    spec = next(h for h in train["train"]["handlers"] if h["_target_"] == "abdoseg.training.handlers.EpochCheckpointSaver")
     assert spec["epochs"] == "@checkpoint_epochs" and spec["filenames"] == "@checkpoint_filenames"
     max_epochs = train.get_parsed_content("max_epochs")
     saver = EpochCheckpointSaver(tmp_path, train.get_parsed_content("checkpoint_epochs"), torch.nn.Conv3d(1, 1, 1),
@@ -372,7 +372,7 @@ def test_seed002_tumor_models_train_on_the_real_tumor_annotated_cases(tmp_path):
     case, whereas seed 003's lesion vote would."""
     from test_label_fusion_bundle import make_dataset
 
-    from abdoseg.label_fusion_workflow import fuse_datalist, select_and_write
+    from abdoseg.label_fusion.workflow import fuse_datalist, select_and_write
 
     dl = make_dataset(tmp_path / "data")
     p = _parser(FUSION, "fuse.json", "seed002")
@@ -405,7 +405,7 @@ def test_label_fusion_presets_set_the_rules():
 
 
 def test_key_metric_channels_select_the_lesion():
-    from abdoseg.handlers import from_engine_channels
+    from abdoseg.training.handlers import from_engine_channels
 
     pred = torch.zeros(15, 4, 4, 4)
     label = torch.zeros(15, 4, 4, 4)
@@ -416,7 +416,7 @@ def test_key_metric_channels_select_the_lesion():
 
 
 def test_segment_preset_option_merges_the_overlay_and_names_a_missing_one():
-    from abdoseg.bundle_config import load_bundle_config
+    from abdoseg.bundle.config import load_bundle_config
     from abdoseg.io import InputError
     from abdoseg.segment import bundle_weight_files, preset_configs
 
@@ -431,7 +431,7 @@ def test_segment_preset_option_merges_the_overlay_and_names_a_missing_one():
 
 
 def test_class_intensity_shift_moves_each_class_by_one_offset_and_leaves_background():
-    from abdoseg.transforms import RandClassIntensityShiftd
+    from abdoseg.data.transforms import RandClassIntensityShiftd
 
     lab = torch.zeros(1, 6, 6, 6)
     lab[0, :3] = 1

@@ -16,7 +16,7 @@ import pytest
 import torch
 
 from abdoseg.io import InputError, load_nifti, save_json, save_nifti
-from abdoseg.pseudo_label import bundle_teacher, checkpoint_map, datalist_items, pseudo_label
+from abdoseg.label_fusion.pseudo_label import bundle_teacher, checkpoint_map, datalist_items, pseudo_label
 
 ROOT = Path(__file__).resolve().parents[1]
 BUNDLE = ROOT / "bundles" / "label_fusion"

@@ -1,4 +1,4 @@
-"""abdoseg.roi: boxes from masks, margins in mm, largest component, grid mapping (pure functions)."""
+"""abdoseg.inference.roi: boxes from masks, margins in mm, largest component, grid mapping (pure functions)."""
 
 from __future__ import annotations
 
@@ -9,7 +9,7 @@ import numpy as np
 import pytest
 import torch
 
-from abdoseg.roi import (EmptyRoiWarning, RoiBox, largest_component, map_box_between_grids, margin_voxels,
+from abdoseg.inference.roi import (EmptyRoiWarning, RoiBox, largest_component, map_box_between_grids, margin_voxels,
                          roi_from_mask, scale_box)
 
 

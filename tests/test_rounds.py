@@ -12,7 +12,7 @@ import pytest
 import torch
 
 from abdoseg.io import load_nifti, save_json, save_nifti
-from abdoseg.rounds import finished_rounds, rounds
+from abdoseg.label_fusion.rounds import finished_rounds, rounds
 
 SHAPE = (4, 4, 2)
 AFF = np.diag([1.5, 1.5, 3.0, 1.0])
@@ -127,7 +127,7 @@ def test_rounds_cli_registered_and_bad_input(tmp_path):
     from abdoseg.cli import COMMANDS
     from abdoseg.io import InputError
 
-    assert COMMANDS["rounds"][0] == "abdoseg.rounds:rounds"
+    assert COMMANDS["rounds"][0] == "abdoseg.label_fusion.rounds:rounds"
     with pytest.raises(InputError, match="datalist not found"):
         rounds(str(tmp_path), str(tmp_path / "w"), trainer=standin_trainer, teacher=standin_teacher)
     with pytest.raises(ValueError, match="unknown rule"):
@@ -238,9 +238,9 @@ def test_rounds_train_and_pseudo_label_with_the_preset(tmp_path, monkeypatch):
     checked is what they are given."""
     import monai.bundle
 
-    from abdoseg import pseudo_label
-    from abdoseg.bundle_config import load_bundle_config
-    from abdoseg.rounds import DEFAULT_FINE_BUNDLE
+    from abdoseg.label_fusion import pseudo_label
+    from abdoseg.bundle.config import load_bundle_config
+    from abdoseg.label_fusion.rounds import DEFAULT_FINE_BUNDLE
 
     trainings: list[dict] = []
     teachers: list[list[str]] = []

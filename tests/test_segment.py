@@ -18,7 +18,7 @@ import torch
 
 from abdoseg.io import load_nifti, save_nifti
 from abdoseg.labels import LABELS, LESION_ID
-from abdoseg.statistics import label_statistics, voxel_volume_ml
+from abdoseg.evaluation.statistics import label_statistics, voxel_volume_ml
 
 REPO = Path(__file__).resolve().parents[1]
 FINE = REPO / "bundles" / "fine_organ_tumor"
@@ -57,7 +57,7 @@ def bundle(tmp_path_factory) -> Path:
 
 @pytest.fixture(scope="module")
 def phantoms() -> list[tuple[np.ndarray, np.ndarray, np.ndarray]]:
-    from abdoseg.phantom import make_case
+    from abdoseg.data.phantom import make_case
 
     return [make_case(i, shape=SHAPE, spacing_mm=SPACING_MM, axcodes=ax) for i, ax in enumerate(["LPS", "RAS"])]
 
@@ -233,7 +233,7 @@ def test_folder_to_folder_resume_and_force(bundle, phantoms, tmp_path, capsys):
 
 
 def test_dicom_series_round_trip(bundle, phantoms, tmp_path, capsys):
-    from abdoseg.dicom_series import read_dicom_series
+    from abdoseg.dicom.series import read_dicom_series
     from abdoseg.segment import segment
 
     import itk

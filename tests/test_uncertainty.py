@@ -5,7 +5,7 @@ import math
 import numpy as np
 import pytest
 
-from abdoseg.uncertainty import pair_change_ratio, select_cases, uncertainty_score
+from abdoseg.label_fusion.uncertainty import pair_change_ratio, select_cases, uncertainty_score
 
 
 def test_pair_ratio_counts_changes_over_later_foreground():

@@ -1,7 +1,7 @@
 import nibabel as nib
 import numpy as np
 
-from abdoseg.viz import overlay_png, to_ras
+from abdoseg.evaluation.viz import overlay_png, to_ras
 
 
 def test_to_ras_reorients_lps_and_keeps_spacing():

@@ -12,7 +12,7 @@
   file that does not exist); a training request naming one fails at once with an error naming the
   file (the stock task would fail with a size mismatch, or train from scratch).
 * **Training progress reaches the viewer.** The stock ``BundleTrainTask.stats()`` is empty; here
-  it returns the JSON that the bundle's ``abdoseg.handlers.TrainStatsWriter`` (in
+  it returns the JSON that the bundle's ``abdoseg.training.handlers.TrainStatsWriter`` (in
   ``train#handlers``) keeps up to date during training (``train_stats`` in ``/info/`` and
   ``/model/<name>``). A run that fails or is stopped (the writer's last word would stay
   ``RUNNING``) shows ``status`` ``ERROR`` / ``STOPPED`` with the error line.
@@ -24,7 +24,7 @@
   from the request (KeyError when a plain HTTP client sends only ``max_epochs``); missing ones take
   the bundle's defaults here.
 
-Served weights after training: the bundles' ``abdoseg.handlers.FinalModelSaver`` writes
+Served weights after training: the bundles' ``abdoseg.training.handlers.FinalModelSaver`` writes
 ``models/model.pt`` at the end of any training in which no validation saved it (fewer epochs than
 ``val_interval``, or no validation images), and the inference task reloads a ``model.pt`` whose
 modification time changed, so the next ``/infer`` uses the new weights.
@@ -68,7 +68,7 @@ def _network_shapes(bundle_path: str) -> Dict[str, Tuple[int, ...]]:
 def fits_network(bundle_path: str, path: str) -> bool:
     """Whether the plain state dict ``path`` loads strictly into the bundle's ``network_def``
     (same keys, same shapes; ``module.`` prefixes and ``{"model": ...}`` wrappers allowed)."""
-    from abdoseg.checkpoints import load_state_dict_file
+    from abdoseg.networks.checkpoints import load_state_dict_file
 
     st = os.stat(path)
     key = (os.path.abspath(path), st.st_mtime_ns, st.st_size)

@@ -17,11 +17,11 @@ answers ``422`` naming the image id, both files' shapes and both affines, so a w
 reaches training (where it failed later with a tensor-size error that named nothing).
 
 **DICOM SEG with FLARE23 ids, no dcmqi.** The DICOMweb datastore writes a saved ``final`` label as
-a DICOM SEG with :func:`abdoseg.dicom_seg.series_seg` (highdicom: segment number = FLARE23 id,
+a DICOM SEG with :func:`abdoseg.dicom.seg.series_seg` (highdicom: segment number = FLARE23 id,
 label = class name, SNOMED CT codes; classes absent from the label have no frames) instead of
 MONAI Label's ``nifti_to_dicom_seg`` (names segments by their position in ``label_info``, and
 dcmqi renumbers them 1..N), and reads a SEG back for training with
-:func:`abdoseg.dicom_seg.read_dicom_seg` (segments -> classes by label or code, never by number),
+:func:`abdoseg.dicom.seg.read_dicom_seg` (segments -> classes by label or code, never by number),
 instead of pydicom-seg's ``MultiClassReader`` (segment number = label value). Neither path uses
 dcmqi, so the app does not download it at start-up (``MyApp._download_dcmqi_tools``).
 """
@@ -281,8 +281,8 @@ class AbdosegDICOMWebDatastore(_FolderGuard, DICOMWebDatastore):
 
     def _seg_to_label(self, image_id: str, seg_series: str, label_dir: str, label_tag: str) -> str:
         """The downloaded SEG series -> ``labels/final/<image id>.nii.gz`` on the image's grid,
-        classes by segment label or code (:func:`abdoseg.dicom_seg.read_dicom_seg`)."""
-        from abdoseg.dicom_seg import read_dicom_seg
+        classes by segment label or code (:func:`abdoseg.dicom.seg.read_dicom_seg`)."""
+        from abdoseg.dicom.seg import read_dicom_seg
         from abdoseg.io import save_nifti
 
         files = sorted(os.path.join(label_dir, f) for f in os.listdir(label_dir) if f.endswith(".dcm"))
@@ -294,7 +294,7 @@ class AbdosegDICOMWebDatastore(_FolderGuard, DICOMWebDatastore):
         os.close(fd)
         try:
             save_nifti(label, affine, tmp)
-            info = {**self._dicom_info(seg_series), READER_KEY: "abdoseg.dicom_seg.read_dicom_seg"}
+            info = {**self._dicom_info(seg_series), READER_KEY: "abdoseg.dicom.seg.read_dicom_seg"}
             LocalDatastore.save_label(self, image_id, tmp, label_tag, info)
         finally:
             os.unlink(tmp)
@@ -341,7 +341,7 @@ class AbdosegDICOMWebDatastore(_FolderGuard, DICOMWebDatastore):
 
     def save_label(self, image_id: str, label_filename: str, label_tag: str, label_info: Dict[str, Any],
                    label_id: str = "") -> str:
-        from abdoseg.dicom_seg import series_seg
+        from abdoseg.dicom.seg import series_seg
         from abdoseg.io import InputError
 
         image_id = self._known_image(image_id)
@@ -365,7 +365,7 @@ class AbdosegDICOMWebDatastore(_FolderGuard, DICOMWebDatastore):
                 label_info.update({
                     "SeriesInstanceUID": str(seg.SeriesInstanceUID), "Modality": "SEG",
                     "PatientID": image_info.get("PatientID"), "StudyInstanceUID": image_info.get("StudyInstanceUID"),
-                    READER_KEY: "abdoseg.dicom_seg.series_seg",
+                    READER_KEY: "abdoseg.dicom.seg.series_seg",
                 })
                 logger.info(f"stored DICOM SEG {seg.SeriesInstanceUID} of image {image_id} on {self.name()} "
                             "(segment number = FLARE23 id)")

@@ -48,7 +48,7 @@ def flare23_nifti_to_dicom_seg(series_dir, label, label_info=None, file_ext="*",
     the DICOM series in ``series_dir`` -> a DICOM SEG file (a temporary file, as the stock one) with
     segment number = FLARE23 id and label = class name whatever ``label_info`` lists (it named
     segments by their position in that list)."""
-    from abdoseg.dicom_seg import series_seg
+    from abdoseg.dicom.seg import series_seg
 
     fd, out = tempfile.mkstemp(suffix=".dcm")
     os.close(fd)

@@ -14,13 +14,13 @@ from typing import Any
 
 COMMANDS: dict[str, tuple[str, str]] = {
     # name: ("module:function", one-line help)
-    "generate": ("abdoseg.phantom:generate", "write a synthetic FLARE23-style phantom dataset"),
-    "prepare": ("abdoseg.dataprep:prepare", "scan a FLARE23-style folder, write datalist JSON + summary"),
+    "generate": ("abdoseg.data.phantom:generate", "write a synthetic FLARE23-style phantom dataset"),
+    "prepare": ("abdoseg.data.prepare:prepare", "scan a FLARE23-style folder, write datalist JSON + summary"),
     "demo": ("abdoseg.demo:demo", "whole pipeline on phantoms: generate, train, fuse, segment, evaluate, report"),
-    "evaluate": ("abdoseg.evaluate:evaluate", "FLARE23 DSC/NSD of a prediction folder vs a ground-truth folder"),
-    "rounds": ("abdoseg.rounds:rounds", "semi-supervised rounds: train teacher -> pseudo-label -> fuse -> select -> retrain"),
-    "pack": ("abdoseg.package:pack", "pack a bundle (configs + trained weights) into <name>_v<version>.zip for monai.bundle download"),
-    "export": ("abdoseg.export:export", "export coarse and fine networks to TorchScript and ONNX"),
+    "evaluate": ("abdoseg.evaluation.evaluate:evaluate", "FLARE23 DSC/NSD of a prediction folder vs a ground-truth folder"),
+    "rounds": ("abdoseg.label_fusion.rounds:rounds", "semi-supervised rounds: train teacher -> pseudo-label -> fuse -> select -> retrain"),
+    "pack": ("abdoseg.bundle.pack:pack", "pack a bundle (configs + trained weights) into <name>_v<version>.zip for monai.bundle download"),
+    "export": ("abdoseg.bundle.export:export", "export coarse and fine networks to TorchScript and ONNX"),
     "segment": ("abdoseg.segment:segment", "segment CT file/folder/DICOM folder with the cascade"),
 }
 

@@ -19,11 +19,11 @@ import sys
 from pathlib import Path
 from typing import Any
 
-from abdoseg.bundle_config import run_bundle
+from abdoseg.bundle.config import run_bundle
 from abdoseg.io import atomic_path, load_nifti
 from abdoseg.steps import MarkedSteps
 
-REPO_ROOT = Path(__file__).resolve().parents[2]
+from abdoseg.bundle.config import BUNDLES_DIR
 BUNDLES = ("coarse_roi", "fine_organ_tumor", "label_fusion")
 #: Optimizer for the demo's short CPU schedules, written into the fine bundle copy's train.json.
 #: The bundle's default (nnU-Net's SGD, lr 0.01, momentum 0.99) is meant for long GPU runs; at
@@ -38,7 +38,7 @@ def _copy_bundles(out: Path) -> dict[str, Path]:
     for name in BUNDLES:
         target = out / "bundles" / name
         # configs/docs are refreshed from the repository on every run; trained weights stay
-        shutil.copytree(REPO_ROOT / "bundles" / name, target, dirs_exist_ok=True,
+        shutil.copytree(BUNDLES_DIR / name, target, dirs_exist_ok=True,
                         ignore=shutil.ignore_patterns("eval", "*.pt", "*.ts", "*.onnx", "__pycache__"))
         (target / "models").mkdir(exist_ok=True)
         dst[name] = target
@@ -72,9 +72,9 @@ def write_report(out: Path, summary: dict, pred_dir: Path, data_dir: Path, timin
     """Markdown report: timings, accuracy table, chart and overlays of the best and worst case."""
     import csv
 
-    from abdoseg.evaluate import summary_markdown
+    from abdoseg.evaluation.evaluate import summary_markdown
     from abdoseg.labels import ORGAN_IDS
-    from abdoseg.viz import overlay_png
+    from abdoseg.evaluation.viz import overlay_png
 
     rows = list(csv.DictReader(open(out / "evaluation" / "metrics_per_case.csv")))
     per_case: dict[str, list[float]] = {}
@@ -124,10 +124,10 @@ def demo(out_dir: str = "runs/demo", seed: int = 0, preset: str = "small", n_lab
             inference configs; default: the bundle's own (4x4x6 mm: near the ``small`` preset's
             native resolution, so the CPU budget is spent on learning, not on upsampling).
     """
-    from abdoseg.dataprep import prepare
-    from abdoseg.evaluate import evaluate
-    from abdoseg.phantom import generate
-    from abdoseg.rounds import rounds
+    from abdoseg.data.prepare import prepare
+    from abdoseg.evaluation.evaluate import evaluate
+    from abdoseg.data.phantom import generate
+    from abdoseg.label_fusion.rounds import rounds
 
     out = Path(out_dir).resolve()
     steps = MarkedSteps(out, "demo")

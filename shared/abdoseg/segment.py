@@ -5,7 +5,7 @@ The cascade is built from the fine bundle's ``configs/inference.json`` with MONA
 ``ConfigParser`` from exactly the ids MONAI Label uses (``network_def``, ``preprocessing``,
 ``inferer``, ``postprocessing``) plus the bundle's weights (``models/model.pt`` and the
 checkpoints the config refers to, e.g. ``models/coarse_model.pt``), and run over the cases with
-:func:`abdoseg.batch.run_batch` (resume: existing masks are kept unless ``--force``; per-case
+:func:`abdoseg.inference.batch.run_batch` (resume: existing masks are kept unless ``--force``; per-case
 failures are reported at the end; every file is written atomically).
 
 Inputs:
@@ -15,7 +15,7 @@ Inputs:
   sidecars beside a NIfTI of the same name (dcm2niix's ``ct.json``) are skipped; any other file
   is reported as a failure.
 - a folder that holds a DICOM series (and no NIfTI files) -> one case named after the folder.
-  Every file is first checked with pydicom (:func:`abdoseg.dicom_series.check_dicom_series`: an unreadable or
+  Every file is first checked with pydicom (:func:`abdoseg.dicom.series.check_dicom_series`: an unreadable or
   truncated slice, a gap, uneven or duplicate positions, mixed orientations or sizes are errors
   naming the series and the slice, never a volume with the wrong geometry); the checked slices
   are read with ITK (``ImageSeriesReader``, rescale slope/intercept applied), converted from ITK's
@@ -25,11 +25,11 @@ Inputs:
   input folder; a symbolic link loop or dangling link is one failed case.
 
 DICOM series cases with ``--dicom_seg``: also ``<case>_seg.dcm``, a DICOM SEG referencing the
-series (:mod:`abdoseg.dicom_seg`; segment number = FLARE23 id). NIfTI stays the default output.
+series (:mod:`abdoseg.dicom.seg`; segment number = FLARE23 id). NIfTI stays the default output.
 
-Per case, optional: ``<case>_statistics.json`` (:func:`abdoseg.statistics.label_statistics`:
+Per case, optional: ``<case>_statistics.json`` (:func:`abdoseg.evaluation.statistics.label_statistics`:
 organ volumes in mL, mean HU, lesion count and per-lesion volumes) and ``<case>_preview.png``
-(:func:`abdoseg.viz.overlay_png`).
+(:func:`abdoseg.evaluation.viz.overlay_png`).
 """
 
 from __future__ import annotations
@@ -45,14 +45,14 @@ from typing import Any, Iterator, Sequence
 
 import numpy as np
 
-from abdoseg.dicom_series import MAX_NAMED_FILES, dicom_series_files, read_dicom_series
+from abdoseg.bundle.config import BUNDLES_DIR
+from abdoseg.dicom.series import MAX_NAMED_FILES, dicom_series_files, read_dicom_series
 from abdoseg.io import (InputError, case_id_from_image, ensure_writable_dir, exit_if_failed, is_nifti, link_problem,
                         load_nifti, nifti_stem, save_json, save_nifti, visible_entries, voxel_spacing_mm)
 
 logger = logging.getLogger(__name__)
 
-REPO_ROOT = Path(__file__).resolve().parents[2]
-DEFAULT_BUNDLE = REPO_ROOT / "bundles" / "fine_organ_tumor"
+DEFAULT_BUNDLE = BUNDLES_DIR / "fine_organ_tumor"
 def _resolve(path: Path) -> Path | None:
     """``path.resolve()``, or ``None`` for a symbolic link loop (Python raises RuntimeError/OSError)."""
     try:
@@ -190,7 +190,7 @@ def bundle_weight_files(bundle_dir: str | os.PathLike, parser: Any,
     """Checkpoints the bundle's inference config needs: ``model_path``, ``coarse_checkpoint`` (when
     the config has it) and every ``models/<file>`` its config files (``configs``, relative to the
     bundle) mention."""
-    from abdoseg.package import referenced_model_files
+    from abdoseg.bundle.pack import referenced_model_files
 
     bundle_dir = Path(bundle_dir)
     files = [Path(parser.get_parsed_content("model_path"))]
@@ -236,7 +236,7 @@ def load_cascade(bundle_dir: str | os.PathLike = DEFAULT_BUNDLE, device: str = "
     """The bundle's cascade (:func:`abdoseg.inference.segmenter.segmenter_from_bundle`) on
     ``device`` with its trained weights, seed preset ``preset`` merged when given. Raises
     :class:`InputError` when the bundle, the preset or the weights are missing or do not fit."""
-    from abdoseg.bundle_config import load_bundle_config
+    from abdoseg.bundle.config import load_bundle_config
     from abdoseg.inference.segmenter import segmenter_from_bundle
 
     bundle = Path(bundle_dir)
@@ -253,7 +253,7 @@ def load_cascade(bundle_dir: str | os.PathLike = DEFAULT_BUNDLE, device: str = "
 
 
 class _CaseRunner:
-    """``item -> (mask, affine)`` for :func:`abdoseg.batch.run_batch`, with DICOM folders converted
+    """``item -> (mask, affine)`` for :func:`abdoseg.inference.batch.run_batch`, with DICOM folders converted
     to a temporary NIfTI first (kept for statistics/preview, deleted at the end)."""
 
     def __init__(self, segmenter: Any, tmp_dir: Path) -> None:
@@ -337,7 +337,7 @@ def write_extras(case_id: str, image_file: Path, mask_file: Path, out_dir: Path,
                  preview: bool, source: str) -> list[Path]:
     """``<case>_statistics.json`` and/or ``<case>_preview.png`` from the written mask and its CT."""
     from abdoseg.geometry import affines_match
-    from abdoseg.statistics import label_statistics
+    from abdoseg.evaluation.statistics import label_statistics
 
     image, affine, header = load_nifti(image_file)
     mask, mask_affine, _ = load_nifti(mask_file)
@@ -352,7 +352,7 @@ def write_extras(case_id: str, image_file: Path, mask_file: Path, out_dir: Path,
         with _names_output(target, mask_file):
             written.append(save_json(stats, target))
     if preview:
-        from abdoseg.viz import overlay_png
+        from abdoseg.evaluation.viz import overlay_png
 
         target = out_dir / f"{case_id}_preview.png"
         with _names_output(target, mask_file):
@@ -391,7 +391,7 @@ def _write_dicom_segs(cases: list[dict[str, str]], failed: set[str], done: list[
                       force: bool) -> list[str]:
     """``<case>_seg.dcm`` for every segmented DICOM case (new masks, or a missing SEG next to a kept
     mask); returns the failures (one line each, naming the series)."""
-    from abdoseg.dicom_seg import series_seg
+    from abdoseg.dicom.seg import series_seg
 
     problems = []
     for c in cases:
@@ -435,7 +435,7 @@ def segment(input: str, output: str, bundle_dir: str = str(DEFAULT_BUNDLE), devi
     """
     from tqdm.auto import tqdm
 
-    from abdoseg.batch import run_batch
+    from abdoseg.inference.batch import run_batch
 
     for flag, value in (("--input", input), ("--output", output)):
         if isinstance(value, bool) or value in (None, ""):  # fire's reading of a bare -i

@@ -7,11 +7,11 @@
    metadata-free view of the CT (no copy; the CT itself is untouched),
 2. the coarse network through a MONAI inferer (``SlidingWindowInferer``, as in the coarse bundle),
 3. foreground = argmax > 0; ROI = bounding box of its largest component + ``margin_mm``, mapped to
-   the CT's voxel grid (:func:`abdoseg.roi.coarse_box_to_original`, the same function the coarse
+   the CT's voxel grid (:func:`abdoseg.inference.roi.coarse_box_to_original`, the same function the coarse
    bundle's ``CoarseRoiBoxd`` uses),
 4. MONAI ``Crop`` of the CT to that box (traced, so ``Invertd`` pastes the mask back).
 
-No foreground -> the whole volume, with an :class:`~abdoseg.roi.EmptyRoiWarning` naming the file.
+No foreground -> the whole volume, with an :class:`~abdoseg.inference.roi.EmptyRoiWarning` naming the file.
 ``enabled=False`` (the single-stage baseline) crops nothing but still records the (empty) crop,
 so the transform trace has the same shape either way.
 """
@@ -30,8 +30,8 @@ from monai.data import MetaTensor
 from monai.inferers import Inferer
 from monai.transforms import Crop, InvertibleTransform, MapTransform
 
-from abdoseg.checkpoints import load_weights
-from abdoseg.roi import EmptyRoiWarning, RoiBox, coarse_box_to_original
+from abdoseg.networks.checkpoints import load_weights
+from abdoseg.inference.roi import EmptyRoiWarning, RoiBox, coarse_box_to_original
 
 __all__ = ["CoarseRoiCropd"]
 

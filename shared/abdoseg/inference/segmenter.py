@@ -18,7 +18,7 @@ import torch
 from monai.data import Dataset, MetaTensor
 from monai.transforms import Compose, SaveImaged
 
-from abdoseg.checkpoints import load_weights
+from abdoseg.networks.checkpoints import load_weights
 from abdoseg.io import InputError, case_id_from_image, check_items_exist, exit_if_failed, save_nifti, visible_entries
 
 __all__ = ["CaseDataset", "skip_failed_cases", "raise_if_failed", "as_input_error", "BundleSegmenter", "segmenter_from_bundle", "list_images", "pending_items", "SaveMaskd", "output_path"]
@@ -111,7 +111,7 @@ def segmenter_from_bundle(bundle_dir: str | os.PathLike, device: str | torch.dev
             instead of ``network_def`` + weights.
         config: config file(s) relative to ``bundle_dir``, merged in order.
     """
-    from abdoseg.bundle_config import load_bundle_config
+    from abdoseg.bundle.config import load_bundle_config
 
     bundle = Path(bundle_dir)
     parser = load_bundle_config(bundle, config)

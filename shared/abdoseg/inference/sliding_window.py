@@ -30,7 +30,7 @@ from typing import Any
 import torch
 from monai.inferers import Inferer, SimpleInferer, SlidingWindowInferer
 
-from abdoseg.checkpoints import load_weights
+from abdoseg.networks.checkpoints import load_weights
 
 __all__ = ["network_divisor", "fit_window", "cpu_has_fast_bf16", "default_autocast_dtype", "train_autocast_dtype",
            "autocast", "AutocastInferer", "FitSlidingWindowInferer", "EnsembleInferer"]

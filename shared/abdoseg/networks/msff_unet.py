@@ -12,8 +12,8 @@ coarse with channels ``[8, 16, 32, 64, 128]`` and fine with ``[16, 32, 64, 128, 
 * the "mixed conv block" is used twice per encoder level and once per decoder level;
 * instance norm, Conv-IN-Drop-ReLU ordering (MONAI ``Convolution`` with ``adn_ordering="NDA"``),
   He-normal initialisation, a final 1x1x1 convolution; the output is *logits* -- the paper's
-  sigmoid is applied by the loss (:class:`abdoseg.losses.SigmoidDiceBCELoss`) and the decoder
-  (:func:`abdoseg.losses.sigmoid_logits_to_labels`), as usual in MONAI;
+  sigmoid is applied by the loss (:class:`abdoseg.training.losses.SigmoidDiceBCELoss`) and the decoder
+  (:func:`abdoseg.training.losses.sigmoid_logits_to_labels`), as usual in MONAI;
 * MSFF: "a multi-scale feature fusion module that incorporates cross-layer connectivity", used
   "to enhance the important features in the encoding stage", citing UNet++ (nested cross-layer
   skips) and FFA-Net (feature attention). The paper's Fig. 1 holds the block's wiring; its text

@@ -6,15 +6,15 @@ Two steps, each a function called by a config of the ``label_fusion`` bundle:
    set chosen in the config and write ``<fused_dir>/<case_id>.nii.gz`` (uint8, the image's
    affine) plus ``<fused_dir>/fuse_report.json`` (one row per case).
 
-   * ``"seed003"``: labeled cases -> :func:`abdoseg.fusion.fuse_labeled` (partial label,
+   * ``"seed003"``: labeled cases -> :func:`abdoseg.label_fusion.rules.fuse_labeled` (partial label,
      pseudo_A, pseudo_B, annotated_classes); unlabeled cases ->
-     :func:`abdoseg.fusion.fuse_unlabeled` (S1 = first teacher checkpoint, pseudo_A, pseudo_B,
+     :func:`abdoseg.label_fusion.rules.fuse_unlabeled` (S1 = first teacher checkpoint, pseudo_A, pseudo_B,
      lesion votes = all teacher checkpoints, e.g. S1, S2, S3).
-   * ``"seed004"``: labeled cases -> :func:`abdoseg.fusion.supplement_weak_label` (partial label,
+   * ``"seed004"``: labeled cases -> :func:`abdoseg.label_fusion.rules.supplement_weak_label` (partial label,
      teacher = first checkpoint). Seed 004 does not use unlabeled cases: they are skipped
      unless ``seed004_unlabeled="teacher_organs"`` (the teacher's organs, no lesion).
    * ``"seed001"`` (the round rule of seed 001): labeled cases ->
-     :func:`abdoseg.fusion.fill_from_prediction` (partial label, prediction = first teacher
+     :func:`abdoseg.label_fusion.rules.fill_from_prediction` (partial label, prediction = first teacher
      checkpoint, annotated_classes: every unannotated class, lesion included, from the
      prediction); unlabeled cases -> the prediction itself (organs and lesion).
 
@@ -23,8 +23,8 @@ Two steps, each a function called by a config of the ``label_fusion`` bundle:
 
 2. :func:`select_and_write` (``configs/select.json``): uncertainty score per case between the
    teacher's pseudo labels of consecutive rounds (seed 001 eq. 1,
-   :func:`abdoseg.uncertainty.uncertainty_score`), selection
-   (:func:`abdoseg.uncertainty.select_cases`; ``defer_selection=True`` reports the scores but
+   :func:`abdoseg.label_fusion.uncertainty.uncertainty_score`), selection
+   (:func:`abdoseg.label_fusion.uncertainty.select_cases`; ``defer_selection=True`` reports the scores but
    keeps every fused case, for the rounds before seed 001's single selection), then the new datalist (interface 2: ``training``
    items point at fused labels with ``annotated_classes`` = 1..14) and the report (JSON + CSV):
    per case the rule, voxels changed per class, uncertainty score, selected or rejected.
@@ -55,13 +55,13 @@ import nibabel as nib
 import numpy as np
 from tqdm.auto import tqdm
 
-from abdoseg.dataprep import group_of
+from abdoseg.data.prepare import group_of
 from abdoseg.geometry import AFFINE_TOL_MM, affine_difference_mm, affines_match
-from abdoseg.fusion import fill_from_prediction, fuse_labeled, fuse_unlabeled, fusion_report, supplement_weak_label
+from abdoseg.label_fusion.rules import fill_from_prediction, fuse_labeled, fuse_unlabeled, fusion_report, supplement_weak_label
 from abdoseg.io import InputError, atomic_path, save_json, save_nifti
 from abdoseg.labels import FOREGROUND_IDS, LABELS, LESION_ID, ORGAN_IDS
-from abdoseg.pseudo_label import DEFAULT_KEYS, datalist_items
-from abdoseg.uncertainty import select_cases, uncertainty_score
+from abdoseg.label_fusion.pseudo_label import DEFAULT_KEYS, datalist_items
+from abdoseg.label_fusion.uncertainty import select_cases, uncertainty_score
 
 logger = logging.getLogger(__name__)
 
@@ -302,7 +302,7 @@ def select_and_write(fused_dir: str | os.PathLike, datalist: str | os.PathLike, 
 
     Selection: labeled cases whose partial label annotates all 13 organs are always selected
     ("fully labeled"); cases without a score (fewer than two rounds) are selected ("no
-    uncertainty score yet"); the others go through :func:`abdoseg.uncertainty.select_cases` with
+    uncertainty score yet"); the others go through :func:`abdoseg.label_fusion.uncertainty.select_cases` with
     ``threshold`` / ``keep_fraction`` (both ``None``: all selected). Skipped cases are rejected.
     ``defer_selection=True``: scores are computed and reported, but every fused case is selected
     (seed 001 trains its intermediate rounds on all data and selects once, before the final
@@ -485,7 +485,7 @@ def sync_teacher_config(fine_inference: str | os.PathLike, own_inference: str | 
     (fine's order, the label_fusion run ids kept after them) and regenerate ``teacher_settings``;
     returns the ids that changed. From the repository root::
 
-        python -c "from abdoseg.label_fusion_workflow import sync_teacher_config as s; \\
+        python -c "from abdoseg.label_fusion.workflow import sync_teacher_config as s; \\
             print(s('bundles/fine_organ_tumor/configs/inference.json', 'bundles/label_fusion/configs/inference.json'))"
     """
     changed = teacher_config_drift(fine_inference, own_inference)

@@ -14,7 +14,7 @@ from typing import Any
 
 import numpy as np
 
-from abdoseg.phantom.fields import (F32, Ellipsoid, SmoothField, Tube, frame_from_axis, rotation,
+from abdoseg.data.phantom.fields import (F32, Ellipsoid, SmoothField, Tube, frame_from_axis, rotation,
                                     segment_sdf, smooth_min)
 
 LIVER, RKID, SPLEEN, PANCREAS, AORTA, IVC, RADR, LADR, GB, ESO, STOMACH, DUOD, LKID, LESION = range(1, 15)

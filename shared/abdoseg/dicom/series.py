@@ -1,4 +1,4 @@
-"""DICOM series reading for ``abdoseg segment`` and ``abdoseg.dicom_seg``: check every slice
+"""DICOM series reading for ``abdoseg segment`` and ``abdoseg.dicom.seg``: check every slice
 (:func:`check_dicom_series`), then read the series as a NIfTI-like ``(array (X, Y, Z), RAS affine)``
 (:func:`read_dicom_series`).
 

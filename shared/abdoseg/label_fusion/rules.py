@@ -59,7 +59,7 @@ from typing import Any, Iterable, Sequence
 
 import numpy as np
 
-from .labels import LABELS, LESION_ID, ORGAN_IDS
+from abdoseg.labels import LABELS, LESION_ID, ORGAN_IDS
 
 __all__ = [
     "fuse_organs",

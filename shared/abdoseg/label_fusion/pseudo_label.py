@@ -4,7 +4,7 @@ Used by the ``label_fusion`` bundle (``configs/inference.json`` with its own tea
 ``configs/pseudo_label.json`` with another bundle's) and by ``abdoseg rounds``.
 For every checkpoint ``name`` the masks go to ``<output_dir>/<name>/<case_id>.nii.gz``.
 
-The per-case work is :func:`abdoseg.batch.run_batch`, which gives the operational properties:
+The per-case work is :func:`abdoseg.inference.batch.run_batch`, which gives the operational properties:
 finished cases are skipped on a rerun (resume), every write is atomic (a killed run leaves no
 truncated file), and under ``torchrun`` each rank takes every ``WORLD_SIZE``-th case (no
 coordinator). NIfTI gzip streams are written with mtime 0, so reruns are byte-identical.
@@ -27,7 +27,7 @@ from typing import Any, Callable, Mapping, Sequence
 import nibabel as nib
 import numpy as np
 
-from abdoseg.batch import BatchReport, SegmentFn, run_batch
+from abdoseg.inference.batch import BatchReport, SegmentFn, run_batch
 from abdoseg.io import InputError, case_id_from_image, exit_if_failed
 
 logger = logging.getLogger(__name__)
@@ -158,7 +158,7 @@ def pseudo_label(items: Sequence[dict], teacher_factory: TeacherFactory,
         ``{checkpoint name: BatchReport}`` for this rank. A checkpoint whose outputs all exist
         already is not even loaded.
     """
-    from abdoseg.batch import distributed_rank_world, output_path_for, shard
+    from abdoseg.inference.batch import distributed_rank_world, output_path_for, shard
 
     ckpts = checkpoint_map(checkpoints)
     if rank is None or world_size is None:

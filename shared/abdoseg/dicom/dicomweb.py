@@ -1,5 +1,5 @@
 """Push a CT into a DICOMweb server (Orthanc with its DICOMweb plugin, any PACS with STOW-RS), so
-MONAI Label and OHIF can open it: ``python -m abdoseg.dicomweb push CT URL``.
+MONAI Label and OHIF can open it: ``python -m abdoseg.dicom.dicomweb push CT URL``.
 
 ``CT`` is a NIfTI image (written as one single-frame DICOM CT series, int16 HU, geometry from the
 NIfTI affine: slice ``k`` is ``volume[:, :, k]`` with rows along the second axis) or a folder of
@@ -174,7 +174,7 @@ def orthanc_config(folder: str | os.PathLike, http_port: int = 8042) -> Path:
 
 
 def main(argv: Sequence[str] | None = None) -> int:
-    parser = argparse.ArgumentParser(prog="python -m abdoseg.dicomweb", description=__doc__.split("\n\n")[0])
+    parser = argparse.ArgumentParser(prog="python -m abdoseg.dicom.dicomweb", description=__doc__.split("\n\n")[0])
     sub = parser.add_subparsers(dest="command", required=True)
     p = sub.add_parser("push", help="push a NIfTI CT or a DICOM series folder to a DICOMweb server (STOW-RS)")
     p.add_argument("ct", help="NIfTI CT file or folder of one DICOM series")

@@ -307,11 +307,11 @@ def read_source_datasets(files: Sequence[str | os.PathLike]) -> list[Any]:
 def series_seg(mask_file: str | os.PathLike, series_folder: str | os.PathLike, out_file: str | os.PathLike) -> Path:
     """``abdoseg segment --dicom_seg``: the NIfTI mask ``mask_file`` of the DICOM series in
     ``series_folder`` -> DICOM SEG ``out_file`` (atomic). The series goes through the same checks
-    as for segmentation (:func:`abdoseg.dicom_series.check_dicom_series`: a missing slice, uneven or
+    as for segmentation (:func:`abdoseg.dicom.series.check_dicom_series`: a missing slice, uneven or
     duplicate positions, ... are errors naming the series), and the SEG references exactly the
     slices the mask was computed from."""
     from abdoseg.io import load_nifti
-    from abdoseg.dicom_series import check_dicom_series
+    from abdoseg.dicom.series import check_dicom_series
 
     files = check_dicom_series(series_folder)
     if not files:

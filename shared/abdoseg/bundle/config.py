@@ -8,6 +8,9 @@ from typing import Any
 
 from abdoseg.io import InputError
 
+BUNDLES_DIR: Path = Path(__file__).resolve().parents[3] / "bundles"
+"""The repository's ``bundles/`` folder (coarse_roi, fine_organ_tumor, label_fusion) for a source checkout."""
+
 
 def check_json_file(path: str | Path) -> Any:
     """The parsed content of the JSON file ``path`` (``.yaml``/``.yml`` files are left to MONAI and

@@ -27,8 +27,8 @@ from scipy import ndimage
 
 from abdoseg.io import InputError, ensure_writable_dir, save_json, save_nifti
 from abdoseg.labels import LABELS, LESION_ID
-from abdoseg.phantom.anatomy import Anatomy, Grid, render, sample_anatomy
-from abdoseg.phantom.annotations import (partial_label, pseudo_label_a, pseudo_label_b,
+from abdoseg.data.phantom.anatomy import Anatomy, Grid, render, sample_anatomy
+from abdoseg.data.phantom.annotations import (partial_label, pseudo_label_a, pseudo_label_b,
                                          sample_annotation)
 
 GENERATOR_VERSION = "1.0"

@@ -14,7 +14,7 @@ import numpy as np
 
 from abdoseg.labels import LABELS, LESION_ID, NUM_CLASSES
 
-#: Connectivity used to separate lesions (same as :mod:`abdoseg.postprocess`).
+#: Connectivity used to separate lesions (same as :mod:`abdoseg.inference.postprocess`).
 LESION_CONNECTIVITY: int = 26
 
 

@@ -2,11 +2,11 @@
 
 :class:`EpochCheckpointSaver` saves the network's inference weights at chosen epochs. Seed 003
 labels its unlabeled cases with three checkpoints of one teacher (S1 = the latest, S2, S3 =
-earlier epochs; the lesion is a 2-of-3 vote, :func:`abdoseg.fusion.fuse_unlabeled`); MONAI's
+earlier epochs; the lesion is a 2-of-3 vote, :func:`abdoseg.label_fusion.rules.fuse_unlabeled`); MONAI's
 ``CheckpointSaver`` keeps the best and the last model, or every N epochs, but not a list of
 named epochs. In a bundle's ``train.json``::
 
-    "handlers": [..., {"_target_": "abdoseg.handlers.EpochCheckpointSaver",
+    "handlers": [..., {"_target_": "abdoseg.training.handlers.EpochCheckpointSaver",
                        "save_dir": "@ckpt_dir", "network": "@network",
                        "epochs": [-2, -1, 0], "filenames": ["S3.pt", "S2.pt", "S1.pt"]}]
 
@@ -45,7 +45,7 @@ logger = logging.getLogger(__name__)
 
 
 def _inference_state_dict(network: torch.nn.Module) -> dict[str, torch.Tensor]:
-    from abdoseg.checkpoints import inference_state_dict
+    from abdoseg.networks.checkpoints import inference_state_dict
 
     return inference_state_dict(network)
 
@@ -59,9 +59,9 @@ def _rank() -> int:
 class EpochCheckpointSaver:
     """Save plain inference state dicts of ``network`` at the end of chosen epochs.
 
-    What is saved is :func:`abdoseg.checkpoints.inference_state_dict` (DDP/DataParallel
+    What is saved is :func:`abdoseg.networks.checkpoints.inference_state_dict` (DDP/DataParallel
     ``module`` unwrapped, DynUNet deep-supervision heads dropped): the file loads strictly into
-    the inference config's ``network_def`` (:func:`abdoseg.checkpoints.load_weights`), like
+    the inference config's ``network_def`` (:func:`abdoseg.networks.checkpoints.load_weights`), like
     ``model.pt``. Only rank 0 writes (every rank may attach the handler); each file is written
     under a temporary name and renamed into place (:func:`abdoseg.io.atomic_path`), so a killed
     run never leaves a truncated checkpoint.
@@ -161,7 +161,7 @@ class FinalModelSaver:
     validation datalist, e.g. MONAI Label with one or two labeled images) would leave the previous
     ``model.pt`` in place while reporting success; this handler then writes the last epoch's
     weights there and logs why. The file is a plain state dict of
-    :func:`abdoseg.checkpoints.inference_state_dict` (deep-supervision heads dropped), written
+    :func:`abdoseg.networks.checkpoints.inference_state_dict` (deep-supervision heads dropped), written
     atomically by rank 0 only.
 
     Args:
@@ -371,7 +371,7 @@ class WallClockPolyLR:
     out. Pair it with :class:`TimeBudget` at the same ``budget_s`` (and drop the epoch-level
     ``LrScheduleHandler``), e.g. as a ``train.json`` overlay::
 
-        {"train#handlers#0": {"_target_": "abdoseg.handlers.WallClockPolyLR",
+        {"train#handlers#0": {"_target_": "abdoseg.training.handlers.WallClockPolyLR",
                               "optimizer": "@optimizer", "budget_s": 900}}
 
     Wall time makes the run depend on the machine's speed: use it for equal-time comparisons

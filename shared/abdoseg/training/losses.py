@@ -65,7 +65,7 @@ from monai.networks.utils import one_hot
 from monai.utils import convert_to_tensor
 from torch import nn
 
-from .labels import NUM_CLASSES
+from abdoseg.labels import NUM_CLASSES
 
 __all__ = [
     "MarginalExclusionLoss",
@@ -107,7 +107,7 @@ class PackedTargetPrepareBatch(PrepareBatch):
     """``prepare_batch`` for MONAI ``SupervisedTrainer``: returns ``(image, packed target)``.
 
     The trainer calls ``loss_function(pred, target)`` with two arguments; packing the batch's
-    (B, C) ``annotated`` mask (from :class:`abdoseg.transforms.AnnotatedClassesd`) into the
+    (B, C) ``annotated`` mask (from :class:`abdoseg.data.transforms.AnnotatedClassesd`) into the
     target lets :class:`MarginalExclusionLoss` see it. A batch without ``annotated_key`` counts
     as fully annotated. Note: handlers that read the trainer's label (train-time metrics)
     would see the packed (B, 1+C, *S) target; take channel 0 there.

@@ -67,9 +67,9 @@ def _read_metadata(bundle: Path) -> dict:
 
 
 def _check_state_dict(path: Path) -> dict:
-    """Load ``path`` with :func:`abdoseg.checkpoints.load_state_dict_file` (``weights_only=True``)
+    """Load ``path`` with :func:`abdoseg.networks.checkpoints.load_state_dict_file` (``weights_only=True``)
     and require a non-empty state dict; raises InputError naming the file."""
-    from abdoseg.checkpoints import load_state_dict_file
+    from abdoseg.networks.checkpoints import load_state_dict_file
 
     sd = load_state_dict_file(path, map_location="cpu")
     if not sd:
@@ -79,9 +79,9 @@ def _check_state_dict(path: Path) -> dict:
 
 def _check_network_weights(bundle: Path, weights: Path) -> None:
     """``weights`` must load strictly into ``network_def`` of the bundle's inference.json
-    (:func:`abdoseg.checkpoints.load_weights`, the one loader)."""
-    from abdoseg.bundle_config import load_bundle_config
-    from abdoseg.checkpoints import load_weights
+    (:func:`abdoseg.networks.checkpoints.load_weights`, the one loader)."""
+    from abdoseg.bundle.config import load_bundle_config
+    from abdoseg.networks.checkpoints import load_weights
 
     net = load_bundle_config(bundle).get_parsed_content("network_def", instantiate=True)
     load_weights(net, weights, what="network_def of configs/inference.json")

@@ -82,7 +82,7 @@ class NetSpec:
 # bundle inspection
 # ----------------------------------------------------------------------------------------------
 def _parser(bundle_dir: Path, config: str = "configs/inference.json"):
-    from abdoseg.bundle_config import load_bundle_config
+    from abdoseg.bundle.config import load_bundle_config
 
     return load_bundle_config(bundle_dir, config)
 
@@ -139,7 +139,7 @@ def bundle_networks(bundle_dir: str | os.PathLike) -> list[NetSpec]:
 
 
 def _eager_network(bundle: Path, spec: NetSpec) -> torch.nn.Module:
-    from abdoseg.checkpoints import load_weights
+    from abdoseg.networks.checkpoints import load_weights
 
     net = _parser(bundle).get_parsed_content(spec.net_id, instantiate=True)
     return load_weights(net, spec.checkpoint, what=spec.net_id).eval()
@@ -403,14 +403,14 @@ def onnx_cascade(bundle_dir: str | os.PathLike, onnx_dir: str | os.PathLike | No
     """Like :func:`torch_cascade` - the same config, transforms and inferers - with both networks
     replaced by :class:`OnnxNetwork` sessions on ``<onnx_dir>/coarse_model.onnx`` and
     ``model.onnx`` (default ``onnx_dir``: ``<bundle_dir>/models``). Runs on CPU."""
-    from abdoseg.bundle_config import load_bundle_config
+    from abdoseg.bundle.config import load_bundle_config
     from abdoseg.inference.segmenter import segmenter_from_bundle
 
     bundle = Path(bundle_dir).resolve()
     folder = Path(onnx_dir).resolve() if onnx_dir else bundle / "models"
     if "coarse_network_def" not in load_bundle_config(bundle).get():
         raise InputError(bundle / "configs" / "inference.json", "defines no coarse_network_def (not a cascade bundle)")
-    onnx_overrides = {"coarse_network_def": {"_target_": "abdoseg.export.OnnxNetwork",
+    onnx_overrides = {"coarse_network_def": {"_target_": "abdoseg.bundle.export.OnnxNetwork",
                                              "path": str(folder / "coarse_model.onnx"),
                                              "intra_op_threads": intra_op_threads},
                       "coarse_checkpoint": None, **dict(overrides or {})}

@@ -12,7 +12,7 @@ rounded to 4 decimals and class means are means of those, rounded to 4, as in th
 
 Outputs in ``out_dir`` (each written atomically, all after the last case):
 ``metrics_per_case.csv`` (case, class, name, dsc, nsd), ``lesions_per_case.csv`` (per-lesion
-detection, :func:`abdoseg.metrics.lesion_detection`: every ground-truth lesion of >= 1 mL with its
+detection, :func:`abdoseg.evaluation.metrics.lesion_detection`: every ground-truth lesion of >= 1 mL with its
 volume, covered fraction and whether it was found, and each case's false-positive count),
 ``summary.json``, ``summary.md``, ``per_class.png`` (DSC and NSD bars per class).
 """
@@ -35,7 +35,7 @@ from abdoseg.geometry import AFFINE_TOL_MM, affine_difference_mm, affine_spacing
 from abdoseg.io import (InputError, atomic_path, clash_reason, load_nifti, nifti_cases, nifti_stem, save_json,
                         voxel_spacing_mm)
 from abdoseg.labels import FOREGROUND_IDS, LESION_ID, NSD_TOLERANCE_MM, ORGAN_IDS, class_name
-from abdoseg.metrics import (LESION_MIN_COVERED_FRACTION, LESION_MIN_VOLUME_ML, _code_to_normals, evaluate_case,
+from abdoseg.evaluation.metrics import (LESION_MIN_COVERED_FRACTION, LESION_MIN_VOLUME_ML, _code_to_normals, evaluate_case,
                              lesion_detection)
 
 CSV_NAME = "metrics_per_case.csv"
@@ -97,7 +97,7 @@ def _check_same_grid(pred_path: Path, gt_path: Path) -> None:
 
 def _check_label_values(arr: np.ndarray, path: Any) -> None:
     """Raise :class:`InputError` naming ``path`` unless every value is a FLARE23 id 0..14."""
-    from abdoseg.dataprep import label_class_counts
+    from abdoseg.data.prepare import label_class_counts
 
     _, problem = label_class_counts(arr)
     if problem:

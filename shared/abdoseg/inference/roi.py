@@ -174,8 +174,8 @@ def largest_component(mask: Any, connectivity: int = 26, min_fraction: float | N
     """Boolean mask of the largest connected component of ``mask != 0`` (26-connectivity in 3D,
     8 in 2D). With ``min_fraction`` (0..1), keep every component at least that fraction of the
     largest one's size. Empty input -> all False. The binary case of
-    :func:`abdoseg.postprocess.keep_largest_organ_components`, the project's one component filter."""
-    from abdoseg.postprocess import keep_largest_organ_components
+    :func:`abdoseg.inference.postprocess.keep_largest_organ_components`, the project's one component filter."""
+    from abdoseg.inference.postprocess import keep_largest_organ_components
 
     fg = _to_numpy(mask) != 0
     if not fg.any():

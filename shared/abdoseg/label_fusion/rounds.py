@@ -19,7 +19,7 @@ After the last round the teacher is retrained once more on the last datalist
 
 Rule ``seed001`` is seed 001's procedure: round 1 trains on the fully labeled cases; each round's
 prediction fills every unannotated class (lesion included) of the partial labels and labels the
-unlabeled cases entirely (:func:`abdoseg.fusion.fill_from_prediction`); rounds 2..N train on all
+unlabeled cases entirely (:func:`abdoseg.label_fusion.rules.fill_from_prediction`); rounds 2..N train on all
 of those cases (scores are reported but nothing is rejected, ``select_every_round=False``); the
 uncertainty selection (``threshold`` / ``keep_fraction``, scores over the pseudo labels of all N
 rounds) happens once, in round N, so the final training uses the selected cases with round N's
@@ -28,12 +28,12 @@ Finished rounds are reused as written: raising ``n_rounds`` after a run does not
 selection of the round that used to be the last.
 
 A restart skips finished rounds and resumes the unfinished one: training is skipped when its
-``checkpoints.json`` exists, pseudo-labeling skips finished cases (:func:`abdoseg.batch.run_batch`),
+``checkpoints.json`` exists, pseudo-labeling skips finished cases (:func:`abdoseg.inference.batch.run_batch`),
 fusion and selection are recomputed (cheap, deterministic).
 
 Training uses the fine_organ_tumor bundle's ``configs/train.json`` through
 :class:`monai.bundle.ConfigWorkflow` with overrides (tiny CPU budget by default); the
-pseudo-labeling teacher is its ``configs/inference.json`` (:func:`abdoseg.pseudo_label.bundle_teacher`).
+pseudo-labeling teacher is its ``configs/inference.json`` (:func:`abdoseg.label_fusion.pseudo_label.bundle_teacher`).
 ``preset`` merges ``configs/presets/<preset>.json`` after both, so every round trains and
 pseudo-labels with a seed system's network, grid and schedule; ``max_epochs=None`` keeps the
 config's own epochs, validation, batch and patch count instead of the CPU budget. Seed 001 as its
@@ -57,14 +57,14 @@ import time
 from pathlib import Path
 from typing import Any, Callable, Mapping, Sequence
 
+from abdoseg.bundle.config import BUNDLES_DIR
 from abdoseg.io import InputError, exit_if_failed, save_json
 
 logger = logging.getLogger(__name__)
 
 DONE = "DONE"
 CHECKPOINTS_JSON = "checkpoints.json"
-REPO_ROOT = Path(__file__).resolve().parents[2]
-DEFAULT_FINE_BUNDLE = REPO_ROOT / "bundles" / "fine_organ_tumor"
+DEFAULT_FINE_BUNDLE = BUNDLES_DIR / "fine_organ_tumor"
 
 #: Tiny CPU training budget applied to the fine bundle's train.json unless overridden.
 DEFAULT_TRAIN_OVERRIDES: dict[str, Any] = {
@@ -156,7 +156,7 @@ def bundle_teacher_factory(fine_bundle: str | os.PathLike = DEFAULT_FINE_BUNDLE,
     ``configs/presets/<preset>.json`` when given)."""
     import functools
 
-    from abdoseg import pseudo_label
+    from abdoseg.label_fusion import pseudo_label
 
     fine = Path(fine_bundle)
     configs = bundle_configs(fine, "inference.json", preset)
@@ -233,8 +233,8 @@ def rounds(dataset_dir: str, work_dir: str, datalist: str | None = None, n_round
     Returns:
         summary ``{"rounds": [per-round counts], "final": checkpoints or None}``.
     """
-    from abdoseg.label_fusion_workflow import RULE_SETS, fuse_datalist, select_and_write
-    from abdoseg.pseudo_label import datalist_items, pseudo_label
+    from abdoseg.label_fusion.workflow import RULE_SETS, fuse_datalist, select_and_write
+    from abdoseg.label_fusion.pseudo_label import datalist_items, pseudo_label
 
     if rule not in RULE_SETS:
         raise ValueError(f"unknown rule set {rule!r}; choose one of {RULE_SETS}")

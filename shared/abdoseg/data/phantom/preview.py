@@ -1,6 +1,6 @@
 """PNG previews of a phantom case (axial, coronal, sagittal; image | label overlay side by side).
 
-``python -m abdoseg.phantom.preview docs/images`` writes ``phantom_{axial,coronal,sagittal}.png``.
+``python -m abdoseg.data.phantom.preview docs/images`` writes ``phantom_{axial,coronal,sagittal}.png``.
 Views follow the radiological convention (patient right on the image left, anterior up in axial,
 superior up in coronal/sagittal).
 """
@@ -14,7 +14,7 @@ import numpy as np
 
 from abdoseg.io import atomic_path
 from abdoseg.labels import LABELS
-from abdoseg.phantom import build_case, plan_case
+from abdoseg.data.phantom import build_case, plan_case
 
 
 def save_previews(out_dir: str, seed: int = 0, index: int = 2, preset: str = "medium",

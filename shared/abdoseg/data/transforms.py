@@ -15,7 +15,7 @@ from monai.transforms import MapTransform, Randomizable, Spacingd
 
 from abdoseg.geometry import affine_spacing_mm
 
-from .labels import NUM_CLASSES
+from abdoseg.labels import NUM_CLASSES
 
 __all__ = ["AnnotatedClassesd", "annotated_mask", "RandForegroundRoiCropd", "SpacingToSized", "RandClassIntensityShiftd"]
 
@@ -42,7 +42,7 @@ class AnnotatedClassesd(MapTransform):
     """Turn a datalist item's ``"annotated_classes"`` list into a (C,) bool tensor.
 
     After batching (``list_data_collate``) the output key holds the (B, C) ``annotated`` mask that
-    :class:`abdoseg.losses.MarginalExclusionLoss` takes.
+    :class:`abdoseg.training.losses.MarginalExclusionLoss` takes.
 
     Args:
         keys: the key holding the class-id list (default ``"annotated_classes"``).

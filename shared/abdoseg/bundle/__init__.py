@@ -1,0 +1,1 @@
+"""Bundles: reading bundle configs, packing the zips and exporting TorchScript/ONNX."""

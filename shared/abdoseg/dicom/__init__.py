@@ -1,0 +1,1 @@
+"""DICOM: series reading, DICOM SEG writing/reading and DICOMweb push."""

@@ -1,0 +1,1 @@
+"""Evaluation: FLARE23 metrics, the evaluate command, statistics and plots."""

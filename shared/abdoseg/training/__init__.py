@@ -1,0 +1,1 @@
+"""Training: the losses and the ignite handlers the bundles' train configs use."""
