@@ -38,6 +38,8 @@ from pathlib import Path
 REPO = Path(__file__).resolve().parents[1]
 BUNDLE = REPO / "bundles" / "fine_organ_tumor"
 CONFIGS = BUNDLE / "configs"
+#: the training configs: inference.json (the base: network, preprocessing) then train.json
+TRAINING_CONFIGS = [str(CONFIGS / "inference.json"), str(CONFIGS / "train.json")]
 #: Tiny CPU training (the data side is what is measured): a 3-level 8-channel network, 32x32x16
 #: patches, one per case, the small preset's spacing.
 TRAIN_OVERRIDES = {
@@ -110,7 +112,7 @@ def child_train(args: argparse.Namespace) -> None:
     from monai.bundle import ConfigWorkflow
 
     overrides = json.loads(Path(args.child).read_text())
-    wf = ConfigWorkflow(config_file=str(CONFIGS / "train.json"), meta_file=str(CONFIGS / "metadata.json"),
+    wf = ConfigWorkflow(config_file=TRAINING_CONFIGS, meta_file=str(CONFIGS / "metadata.json"),
                         logging_file=str(CONFIGS / "logging.conf"), workflow_type="train", **overrides)
     wf.initialize()
     trainer = wf.parser.get_parsed_content("train#trainer")
@@ -166,7 +168,7 @@ def bench_size(n: int, data: Path, work: Path, iterations: int, mode: str, fill_
     row: dict = {"cases": n, "cache": {"disk": "disk", "ram": "RAM (CacheDataset, cache_rate 1.0)",
                                        "none": "none (cache_rate 0.0)"}[mode]}
     if cache:
-        cmd = [sys.executable, "-m", "monai.bundle", "run", "fill_cache", "--config_file", str(CONFIGS / "train.json"),
+        cmd = [sys.executable, "-m", "monai.bundle", "run", "fill_cache", "--config_file", repr(TRAINING_CONFIGS),
                "--meta_file", str(CONFIGS / "metadata.json"), "--logging_file", str(CONFIGS / "logging.conf")]
         for k, v in {**ov, "num_workers": fill_threads}.items():
             cmd += [f"--{k}", _cli_value(v)]

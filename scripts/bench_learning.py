@@ -435,7 +435,7 @@ def main(argv: list[str] | None = None) -> int:
         data_args = {"dataset_dir": str(demo / "data"), "datalist": str(datalist)}
         data_args = {k: v for k, v in data_args.items() if k not in overlay}
         steps.run("train", lambda: run_bundle(
-            bundle, ["train.json", "recipe.json", "learning_curve.json"], "training", log=work / "train.log",
+            bundle, ["inference.json", "train.json", "recipe.json", "learning_curve.json"], "training", log=work / "train.log",
             train_key="training", label_mode="full", max_epochs=int(max_epochs), val_interval=int(max_epochs) + 1,
             seed=seed, **data_args))
         print(f"{name} seed {seed}: trained ({work / 'train.log'})", file=sys.stderr)

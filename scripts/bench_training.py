@@ -28,9 +28,9 @@ import torch
 
 
 def build(bundle: Path, overrides: dict) -> tuple:
-    from abdoseg.bundle.config import load_bundle_config
+    from abdoseg.bundle.config import config_files, load_bundle_config
 
-    parser = load_bundle_config(bundle, "configs/train.json")
+    parser = load_bundle_config(bundle, config_files(bundle, "training"))
     for key, value in overrides.items():
         parser[key] = value
     torch.manual_seed(0)

@@ -173,7 +173,7 @@ def run_system(name: str, args: argparse.Namespace) -> dict[str, Any]:
         if args.optimizer == "short":
             overrides["optimizer"] = SHORT_OPTIMIZER
         materialize(BUNDLES / "coarse_roi", coarse, name, overrides, ("train.json", "inference.json"))
-        times["coarse"] = run_bundle(coarse, ["train.json"], "training", args.coarse_budget_s, log, max_epochs=args.max_epochs,
+        times["coarse"] = run_bundle(coarse, ["inference.json", "train.json"], "training", args.coarse_budget_s, log, max_epochs=args.max_epochs,
                                      val_interval=args.max_epochs, **common)
         save_times()
         best = coarse / "models" / ("model.pt" if (coarse / "models" / "model.pt").is_file() else "model_final.pt")
@@ -182,7 +182,7 @@ def run_system(name: str, args: argparse.Namespace) -> dict[str, Any]:
     steps.run("train_coarse", train_coarse)
 
     def train(models: Path, budget: float, seed: int, **extra: Any) -> None:
-        t = run_bundle(fine, ["train.json"], "training", budget, log, datalist=str(extra.pop("datalist", fused)),
+        t = run_bundle(fine, ["inference.json", "train.json"], "training", budget, log, datalist=str(extra.pop("datalist", fused)),
                        train_key=extra.pop("train_key", "training"), ckpt_dir=str(models), max_epochs=args.max_epochs,
                        val_interval=args.max_epochs, **{**common, "seed": seed}, **extra)
         times[models.name] = t

@@ -51,7 +51,7 @@ REPO_ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO_ROOT / "shared"))
 
 from abdoseg.data.prepare import prepare  # noqa: E402
-from abdoseg.bundle.config import run_bundle as _run_bundle  # noqa: E402
+from abdoseg.bundle.config import config_files, run_bundle as _run_bundle  # noqa: E402
 from abdoseg.demo import _best_checkpoint, _copy_bundles  # noqa: E402
 from abdoseg.evaluation.evaluate import evaluate  # noqa: E402
 from abdoseg.io import atomic_path, save_json  # noqa: E402
@@ -90,7 +90,7 @@ def run_arm(arm: str, work: Path, data: Path, coarse_ckpt: Path, datalist: Path,
     shutil.copy2(coarse_ckpt, fine / "models" / "coarse_model.pt")
     epochs = arm_epochs(args.fine_epochs, _n_items(datalist, train_key), args.budget_cases)
     t0 = time.perf_counter()
-    _run_bundle(fine, "train.json", "run", dataset_dir=str(data), datalist=str(datalist), train_key=train_key,
+    _run_bundle(fine, config_files(fine, "training"), "run", dataset_dir=str(data), datalist=str(datalist), train_key=train_key,
                 label_mode=label_mode, max_epochs=epochs, val_interval=epochs + 1,
                 seed=args.seed, **args.train_overrides)
     t_train = time.perf_counter() - t0
@@ -230,7 +230,7 @@ def main(argv: list[str] | None = None) -> int:
             return
         cb = shared["coarse_roi"]
         # coarse_roi saves checkpoints on validation only: validate once, after the last epoch
-        _run_bundle(cb, "train.json", "training", dataset_dir=str(data), max_epochs=args.coarse_epochs,
+        _run_bundle(cb, config_files(cb, "training"), "training", dataset_dir=str(data), max_epochs=args.coarse_epochs,
                     val_interval=args.coarse_epochs, seed=args.seed)
         shutil.copy2(_best_checkpoint(cb / "models"), coarse_model)
 

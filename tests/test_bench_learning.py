@@ -42,7 +42,7 @@ def test_overlays_merge_into_the_fine_train_config(bench, tmp_path):
     bundle = tmp_path / "b"
     bench.prepare_bundle(REPO / "bundles" / "fine_organ_tumor", bundle, {"train_autocast_dtype": None}, 30, 10)
     assert not (bundle / "models" / "model.pt").exists()  # never starts from trained fine weights
-    parser = load_bundle_config(bundle, ["configs/train.json", "configs/recipe.json", "configs/learning_curve.json"])
+    parser = load_bundle_config(bundle, ["configs/inference.json", "configs/train.json", "configs/recipe.json", "configs/learning_curve.json"])
     assert parser.get_parsed_content("train_autocast_dtype") is None
     targets = [h["_target_"] for h in parser["train"]["handlers"]]
     assert targets[-2:] == ["abdoseg.training.handlers.LearningCurveRecorder", "abdoseg.training.handlers.TimeBudget"]
@@ -51,7 +51,7 @@ def test_overlays_merge_into_the_fine_train_config(bench, tmp_path):
     assert parser["train"]["handlers"][0]["budget_s"] == 30.0
     epochs = tmp_path / "e"
     bench.prepare_bundle(REPO / "bundles" / "fine_organ_tumor", epochs, {}, 30, 10, wallclock_lr=False)
-    parser = load_bundle_config(epochs, ["configs/train.json", "configs/recipe.json", "configs/learning_curve.json"])
+    parser = load_bundle_config(epochs, ["configs/inference.json", "configs/train.json", "configs/recipe.json", "configs/learning_curve.json"])
     assert parser["train"]["handlers"][0]["_target_"] == "LrScheduleHandler"
 
 

@@ -30,8 +30,9 @@ def test_fine_bundle_coarse_net_matches_coarse_bundle_network():
 def test_fine_and_coarse_use_the_same_coarse_preprocessing():
     coarse = json.loads((ROOT / "bundles/coarse_roi/configs/inference.json").read_text())
     fine = json.loads((ROOT / "bundles/fine_organ_tumor/configs/inference.json").read_text())
-    assert fine["coarse_spacing_mm"] == coarse["pixdim"]
-    assert fine["hu_window"] == coarse["hu_window"]
+    for key in ("coarse_spacing_mm", "coarse_hu_window", "coarse_roi_size"):  # one name per setting
+        assert fine[key] == coarse[key], key
+    assert fine["coarse_resampling"][0]["pixdim"] == "@coarse_spacing_mm" == coarse["resampling"][0]["pixdim"]
 
 
 def test_documented_bundle_zip_names_are_what_pack_writes():

@@ -16,6 +16,7 @@ import numpy as np
 import pytest
 import torch
 
+from abdoseg.bundle.config import config_files
 from abdoseg.networks.checkpoints import load_weights
 from abdoseg.inference.roi import EmptyRoiWarning, RoiBox
 from shared_files import MONAI_SCHEMA, require
@@ -26,7 +27,7 @@ CONFIGS = BUNDLE / "configs"
 # tiny-data overrides: the real defaults are 64^3 patches and 80x80x96 windows at 6 mm
 FINE_CONFIGS = REPO / "bundles" / "fine_organ_tumor" / "configs"
 HU_WINDOW = (-325.0, 325.0)
-TINY = {"patch_size": [32, 32, 32], "roi_size": [32, 32, 32], "num_samples": 1, "batch_size": 2,
+TINY = {"patch_size": [32, 32, 32], "coarse_roi_size": [32, 32, 32], "num_samples": 1, "batch_size": 2,
         "max_epochs": 1, "val_interval": 1}
 
 
@@ -120,11 +121,20 @@ def coarse_stage(network, **overrides):
     return parser.get_parsed_content("preprocessing").transforms[:5]
 
 
-def test_config_constants_agree_across_configs():
+def test_training_takes_the_network_and_grid_from_inference_json():
+    """One definition: train.json does not restate inference.json's network and grid; the
+    training workflow (inference.json, then train.json) trains exactly what inference runs."""
     train = json.loads((CONFIGS / "train.json").read_text())
     infer = json.loads((CONFIGS / "inference.json").read_text())
-    for key in ("pixdim", "hu_window", "roi_size", "network_def"):
-        assert train[key] == infer[key], key
+    shared = ("coarse_spacing_mm", "coarse_hu_window", "coarse_roi_size", "network_def", "resampling",
+              "intensity_normalization")
+    assert not set(shared) & set(train)
+    from monai.bundle import ConfigParser
+
+    merged = ConfigParser()
+    merged.read_config(config_files(CONFIGS.parent, "training"))
+    for key in shared:
+        assert merged[key] == infer[key], key
 
 
 def test_fine_bundle_coarse_stage_sees_what_the_coarse_bundle_sees(dataset):
@@ -143,8 +153,8 @@ def test_fine_bundle_coarse_stage_sees_what_the_coarse_bundle_sees(dataset):
     fine = json.loads((FINE_CONFIGS / "inference.json").read_text())
     coarse = json.loads((CONFIGS / "inference.json").read_text())
     assert fine["coarse_network_def"] == coarse["network_def"]
-    assert fine["coarse_spacing_mm"] == coarse["pixdim"] and fine["coarse_hu_window"] == coarse["hu_window"]
-    assert fine["coarse_roi_size"] == coarse["roi_size"] and fine["margin_mm"] == coarse["margin_mm"]
+    for key in ("coarse_spacing_mm", "coarse_hu_window", "coarse_roi_size", "margin_mm"):  # one name per setting
+        assert fine[key] == coarse[key], key
     assert fine["coarse_inferer"]["_target_"] == coarse["inferer"]["_target_"]
 
 
@@ -169,7 +179,7 @@ def trained_bundle(dataset, tmp_path_factory) -> Path:
     bundle = _bundle_copy(tmp_path_factory.mktemp("bundle"))
     cmd = [sys.executable, "-m", "monai.bundle", "run", "training",
            "--meta_file", str(bundle / "configs/metadata.json"),
-           "--config_file", str(bundle / "configs/train.json"),
+           "--config_file", repr(config_files(bundle, "training")),
            "--logging_file", str(bundle / "configs/logging.conf"),
            "--bundle_root", str(bundle), "--dataset_dir", str(dataset), *_cli_overrides(TINY)]
     res = subprocess.run(cmd, capture_output=True, text=True, timeout=300, env={**os.environ, "OMP_NUM_THREADS": "1"})
@@ -187,7 +197,7 @@ def test_training_writes_plain_state_dict(trained_bundle):
 def test_evaluate_config(trained_bundle, dataset):
     from monai.bundle import ConfigWorkflow
 
-    wf = ConfigWorkflow(config_file=[str(trained_bundle / "configs/train.json"), str(trained_bundle / "configs/evaluate.json")],
+    wf = ConfigWorkflow(config_file=[*config_files(trained_bundle, "training"), str(trained_bundle / "configs/evaluate.json")],
                         meta_file=str(trained_bundle / "configs/metadata.json"), workflow_type="eval",
                         bundle_root=str(trained_bundle), dataset_dir=str(dataset), **TINY)
     wf.initialize()
@@ -204,7 +214,7 @@ def test_inference_outputs_mask_in_ct_geometry_and_roi_json(trained_bundle, data
     wf = ConfigWorkflow(config_file=str(trained_bundle / "configs/inference.json"),
                         meta_file=str(trained_bundle / "configs/metadata.json"), workflow_type="infer",
                         bundle_root=str(trained_bundle), dataset_dir=str(dataset), output_dir=str(out),
-                        roi_size=[32, 32, 32])
+                        coarse_roi_size=[32, 32, 32])
     wf.initialize()
     with warnings.catch_warnings():
         warnings.simplefilter("ignore", EmptyRoiWarning)  # a 1-epoch net may find nothing
@@ -242,7 +252,7 @@ def test_ckpt_export_torchscript(trained_bundle, tmp_path):
 
 def test_torchrun_two_process_gloo(dataset, tmp_path):
     bundle = _bundle_copy(tmp_path)
-    cfg = json.dumps([str(bundle / "configs/train.json"), str(bundle / "configs/multi_gpu_train.json")])
+    cfg = json.dumps(config_files(bundle, "training", multi_gpu=True))
     cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2",
            "-m", "monai.bundle", "run", "training", "--config_file", cfg,
            "--meta_file", str(bundle / "configs/metadata.json"),
@@ -287,7 +297,7 @@ def test_bundle_inference_on_two_slice_ct_never_crashes(trained_bundle, tmp_path
     wf = ConfigWorkflow(config_file=str(trained_bundle / "configs/inference.json"),
                         meta_file=str(trained_bundle / "configs/metadata.json"), workflow_type="infer",
                         bundle_root=str(trained_bundle), input_dir=str(in_dir), output_dir=str(out),
-                        roi_size=[32, 32, 32])
+                        coarse_roi_size=[32, 32, 32])
     wf.initialize()
     with warnings.catch_warnings():
         warnings.simplefilter("ignore", EmptyRoiWarning)

@@ -17,6 +17,7 @@ from monai.data import CacheDataset, MetaTensor
 from monai.transforms import Compose, EnsureChannelFirstd, LoadImaged, Orientationd, RandSpatialCropd
 
 from abdoseg.data.cache import DiskCacheDataset, cached_dataset
+from abdoseg.bundle.config import config_files
 from abdoseg.io import save_nifti
 
 REPO = Path(__file__).resolve().parents[1]
@@ -155,7 +156,7 @@ def test_empty_cache_dir_keeps_the_ram_cache(dataset, tmp_path):
 @pytest.mark.parametrize("part", ["train", "validate"])
 def test_bundle_datasets_cache_on_disk_by_default(dataset, tmp_path, bundle, part):
     parser = ConfigParser()
-    parser.read_config(str(REPO / "bundles" / bundle / "configs" / "train.json"))
+    parser.read_config(config_files(REPO / "bundles" / bundle, "training"))
     parser.update({"bundle_root": str(tmp_path / "bundle"), "dataset_dir": str(dataset),
                    "datalist": str(dataset / "datalist.json"), "patch_size": [16, 16, 8]})
     ds = parser.get_parsed_content(f"{part}#dataset")

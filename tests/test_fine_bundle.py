@@ -12,6 +12,7 @@ import pytest
 import torch
 from monai.bundle import ConfigParser, ConfigWorkflow
 
+from abdoseg.bundle.config import config_files
 from abdoseg.io import save_nifti
 
 BUNDLE = Path(__file__).resolve().parents[1] / "bundles" / "fine_organ_tumor"
@@ -60,7 +61,7 @@ def dataset(tmp_path_factory):
 
 def _train(dataset: Path, out: Path, label_mode: str) -> Path:
     wf = ConfigWorkflow(
-        config_file=str(BUNDLE / "configs" / "train.json"), meta_file=str(BUNDLE / "configs" / "metadata.json"),
+        config_file=config_files(BUNDLE, "training"), meta_file=str(BUNDLE / "configs" / "metadata.json"),
         logging_file=str(BUNDLE / "configs" / "logging.conf"), workflow_type="train",
         bundle_root=str(BUNDLE), ckpt_dir=str(out), dataset_dir=str(dataset), label_mode=label_mode,
         max_epochs=1, val_interval=1, patch_size=[32, 32, 16],

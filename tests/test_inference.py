@@ -19,6 +19,7 @@ from monai.transforms import SpatialResample
 from abdoseg.inference.resample import resample_scores_to_labels, spacing_axis_maps
 from abdoseg.inference.segmenter import BundleSegmenter
 from abdoseg.inference.sliding_window import EnsembleInferer, FitSlidingWindowInferer, fit_window
+from abdoseg.bundle.config import config_files
 from abdoseg.io import InputError, save_nifti
 from abdoseg.inference.roi import EmptyRoiWarning
 
@@ -323,19 +324,20 @@ def test_scores_go_back_exactly_where_monai_spacing_took_them():
 # ------------------------------------------------------------------------------------------------
 def _train_parser() -> ConfigParser:
     parser = ConfigParser()
-    parser.read_config(str(FINE / "configs" / "train.json"))
+    parser.read_config(config_files(FINE, "training"))
     parser["bundle_root"] = str(FINE)
     return parser
 
 
 def test_train_and_inference_share_one_fine_preprocessing_definition():
+    """One definition: train.json does not restate inference.json's network, grid or
+    preprocessing; training merges inference.json first and uses its chain."""
     train = json.loads((FINE / "configs" / "train.json").read_text())
     infer = json.loads((FINE / "configs" / "inference.json").read_text())
-    for key in ("fine_transforms", "fine_spacing_mm", "hu_window", "margin_mm", "num_classes", "patch_size"):
-        assert train[key] == infer[key], key
-    net_t = {k: v for k, v in train["network_def"].items() if k not in ("deep_supervision", "deep_supr_num")}
-    net_i = {k: v for k, v in infer["network_def"].items() if k not in ("deep_supervision", "deep_supr_num")}
-    assert net_t == net_i
+    shared = ("fine_transforms", "fine_resampling", "intensity_normalization", "fine_spacing_mm", "hu_window",
+              "margin_mm", "num_classes", "patch_size", "network_def", "network", "device")
+    assert not set(shared) & set(train)
+    assert set(shared) <= set(infer)
     assert "@fine_transforms" in train["validate"]["preprocessing"]["transforms"]
     assert "@fine_transforms" in train["train"]["preprocessing"]["transforms"]
     assert "@fine_transforms" in infer["preprocessing"]["transforms"]
@@ -553,7 +555,7 @@ def test_autocast_inferer_trains_in_bfloat16_with_float32_scores():
 
 def test_fine_training_config_uses_the_autocast_training_inferer():
     parser = ConfigParser()
-    parser.read_config(str(FINE / "configs" / "train.json"))
+    parser.read_config(config_files(FINE, "training"))
     parser["device"] = "$torch.device('cpu')"
     from abdoseg.inference.sliding_window import AutocastInferer, cpu_has_fast_bf16
 

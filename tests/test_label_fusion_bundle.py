@@ -225,32 +225,18 @@ def test_metadata_is_valid_against_schema():
 FINE = BUNDLE.parent / "fine_organ_tumor"
 
 
-def test_teacher_sections_equal_the_fine_bundle_inference(tmp_path):
-    """label_fusion's inference.json carries the fine cascade as its teacher: every teacher id
-    (networks, checkpoints, preprocessing, inferer, postprocessing, settings) equals the fine bundle's,
-    and every plain teacher setting is forwarded to the teacher's parser (teacher_settings)."""
-    from abdoseg.label_fusion.workflow import (TEACHER_RUN_IDS, sync_teacher_config, teacher_config_drift,
-                                               teacher_ids)
-
-    fine_cfg, own_cfg = FINE / "configs" / "inference.json", BUNDLE / "configs" / "inference.json"
-    drift = teacher_config_drift(fine_cfg, own_cfg)
-    assert drift == [], (f"label_fusion's teacher differs from fine_organ_tumor's inference.json in {drift}; run "
-                         "abdoseg.label_fusion.workflow.sync_teacher_config (see its docstring)")
-    fine = json.loads(fine_cfg.read_text())
-    own = json.loads(own_cfg.read_text())
-    assert {"network_def", "coarse_network_def", "preprocessing", "inferer", "postprocessing", "model_path",
-            "coarse_checkpoint"} <= set(teacher_ids(fine))
-    assert "fine_spacing_mm=@fine_spacing_mm" in own["teacher_settings"] and "run" in TEACHER_RUN_IDS
-    # the drift check and the sync work: a stale copy is found, and repaired without touching the run
-    stale = dict(own)
-    stale["network_def"] = {**own["network_def"], "channels": 8}
-    stale["old_setting"] = 1
-    stale["teacher_settings"] = "$dict()"
-    stale_path = tmp_path / "inference.json"
-    stale_path.write_text(json.dumps(stale))
-    assert teacher_config_drift(fine_cfg, stale_path) == ["network_def", "old_setting", "teacher_settings"]
-    assert sync_teacher_config(fine_cfg, stale_path) == ["network_def", "old_setting", "teacher_settings"]
-    assert json.loads(stale_path.read_text()) == own and teacher_config_drift(fine_cfg, stale_path) == []
+def test_the_teacher_is_the_fine_cascade_stored_once():
+    """label_fusion's teacher is the fine bundle's cascade itself, not a copy: its
+    configs/inference.json and its weights are links to the fine bundle's (and coarse_roi's) files,
+    so one edit of the fine inference.json changes both bundles."""
+    for rel, target in (("configs/inference.json", FINE / "configs" / "inference.json"),
+                        ("models/model.pt", FINE / "models" / "model.pt"),
+                        ("models/coarse_model.pt", BUNDLE.parent / "coarse_roi" / "models" / "model.pt")):
+        own = BUNDLE / rel
+        assert own.is_symlink() and own.resolve() == target.resolve(), rel
+    assert (FINE / "models" / "coarse_model.pt").resolve() == (BUNDLE.parent / "coarse_roi" / "models" / "model.pt").resolve()
+    pseudo = json.loads((BUNDLE / "configs" / "pseudo_label.json").read_text())
+    assert pseudo["teacher_bundle"] == "@bundle_root"  # a downloaded zip pseudo-labels with its own teacher
 
 
 def _small_ct(path: Path, seed: int) -> None:
@@ -281,10 +267,10 @@ def _bundle_with_teacher(dst: Path) -> Path:
     return b
 
 
-def test_inference_json_pseudo_labels_a_datalist_with_its_own_teacher(tmp_path):
-    """`monai.bundle run --config_file configs/inference.json` writes pseudo/model/<case>.nii.gz for
-    the training and unlabeled cases, equal to the bundle's teacher (segmenter_from_bundle); a
-    command-line teacher setting (fine_spacing_mm) reaches the teacher."""
+def test_pseudo_label_json_pseudo_labels_a_datalist_with_its_own_teacher(tmp_path):
+    """`monai.bundle run --config_file configs/pseudo_label.json` writes pseudo/model/<case>.nii.gz
+    for the training and unlabeled cases, equal to the bundle's teacher (segmenter_from_bundle); a
+    teacher setting given on the command line (``teacher_overrides``) reaches the teacher."""
     from monai.bundle import run
 
     from abdoseg.inference.segmenter import segmenter_from_bundle
@@ -296,9 +282,9 @@ def test_inference_json_pseudo_labels_a_datalist_with_its_own_teacher(tmp_path):
     dl = save_json({"training": [{"image": "imagesTr/L1_0000.nii.gz", "label": "imagesTr/L1_0000.nii.gz"}],
                     "unlabeled": [{"image": "unlabeledTr/U1_0000.nii.gz"}]}, data / "datalist.json")
     spacing = [4.0, 4.0, 5.0]
-    run(config_file=str(b / "configs/inference.json"), meta_file=str(b / "configs/metadata.json"),
+    run(config_file=str(b / "configs/pseudo_label.json"), meta_file=str(b / "configs/metadata.json"),
         logging_file=str(b / "configs/logging.conf"), bundle_root=str(b), dataset_dir=str(data), datalist=str(dl),
-        fine_spacing_mm=spacing)
+        teacher_overrides={"fine_spacing_mm": spacing})
     out = b / "pseudo" / "model"
     assert sorted(p.name for p in out.iterdir()) == ["L1.nii.gz", "U1.nii.gz"]
     teacher = segmenter_from_bundle(b, device="cpu", overrides={"fine_spacing_mm": spacing})
@@ -323,6 +309,8 @@ def test_pack_carries_the_teacher(tmp_path):
     z = Path(pack(str(b), out_dir=str(tmp_path / "dist")))
     assert z.name == f"label_fusion_v{meta['version']}.zip"
     names = set(zipfile.ZipFile(z).namelist())
+    with zipfile.ZipFile(z) as zf:  # the links are inlined: the zip stands alone
+        assert zf.read("label_fusion/configs/inference.json") == (FINE / "configs" / "inference.json").read_bytes()
     for rel in ("configs/inference.json", "configs/fuse.json", "configs/select.json", "configs/pseudo_label.json",
                 "configs/metadata.json", "models/model.pt", "models/coarse_model.pt", "LICENSE", "docs/README.md"):
         assert f"label_fusion/{rel}" in names, rel

@@ -16,6 +16,7 @@ import torch
 from monai.bundle import ConfigParser, ConfigWorkflow
 from monai.data import MetaTensor
 
+from abdoseg.bundle.config import config_files
 from abdoseg.io import save_nifti
 from test_fine_bundle import _case  # the hand-made tiny CT of the fine bundle tests
 
@@ -42,13 +43,17 @@ FINE_SMALL: dict[str, dict] = {
 }
 COARSE_SMALL: dict[str, dict] = {
     "seed000": {"input_size": [32, 32, 32], "network_def#channels": [4, 4, 8, 8, 8]},
-    "seed001": {"pixdim": [6.0, 6.0, 6.0], "patch_size": [32, 32, 16], "network_def#channels": 4},
+    "seed001": {"coarse_spacing_mm": [6.0, 6.0, 6.0], "patch_size": [32, 32, 16], "network_def#channels": 4},
     "seed004": {"input_size": [32, 32, 32], "network_def#base_channels": 4, "network_def#max_channels": 8},
 }
 
 
 def _configs(bundle: Path, config: str, preset: str) -> list[str]:
-    return [str(bundle / "configs" / config), str(bundle / "configs" / "presets" / f"{preset}.json")]
+    """``config`` (``train.json`` = the training workflow: inference.json, then train.json) + the preset."""
+    workflow = {"train.json": "training", "inference.json": "inference"}.get(config)
+    if workflow is None:
+        return [str(bundle / "configs" / config), str(bundle / "configs" / "presets" / f"{preset}.json")]
+    return config_files(bundle, workflow, preset)
 
 
 def _parser(bundle: Path, config: str, preset: str, overrides: dict | None = None) -> ConfigParser:
@@ -208,8 +213,7 @@ def test_coarse_preset_trains_and_matches_the_fine_presets_coarse_stage(preset, 
     state = torch.load(str(tmp_path / "model.pt"), map_location="cpu", weights_only=True)
 
     coarse = _parser(COARSE, "inference.json", preset, small)
-    fine_small = {k.replace("network_def#", "coarse_network_def#").replace("input_size", "coarse_input_size")
-                  .replace("pixdim", "coarse_spacing_mm"): v for k, v in small.items() if k != "patch_size"}
+    fine_small = {k.replace("network_def#", "coarse_network_def#").replace("input_size", "coarse_input_size"): v for k, v in small.items() if k != "patch_size"}
     fine = _parser(FINE, "inference.json", preset, fine_small)
     fine.get_parsed_content("coarse_network_def").load_state_dict(state)  # strict: same architecture
     coarse.get_parsed_content("network_def").load_state_dict(state)
@@ -332,7 +336,7 @@ def test_coarse_presets_run_their_papers_lr_schedules():
     recipe keeps a constant rate, each preset its paper's schedule (seed 000: halved every 20
     epochs; seed 001: halved every 200; seed 004: 50 of 500 epochs warm-up, then cosine)."""
     base = ConfigParser()
-    base.read_config(str(COARSE / "configs" / "train.json"))
+    base.read_config(config_files(COARSE, "training"))
     handlers = base["train"]["handlers"]
     assert handlers[0] == {"_target_": "LrScheduleHandler", "lr_scheduler": "@lr_scheduler", "print_lr": False}
     base.update({"device": "cpu"})

@@ -273,13 +273,14 @@ def test_rounds_train_and_pseudo_label_with_the_preset(tmp_path, monkeypatch):
                      max_epochs=None)
 
     fine = Path(DEFAULT_FINE_BUNDLE)
-    want_train = [str(fine / "configs" / "train.json"), str(fine / "configs" / "presets" / "seed001.json")]
+    want_train = [str(fine / "configs" / "inference.json"), str(fine / "configs" / "train.json"),
+                  str(fine / "configs" / "presets" / "seed001.json")]
     assert [t["config_file"] for t in trainings] == [want_train] * 4
     assert [t["train_key"] for t in trainings] == ["training_all_organs", "training", "training", "training"]
     assert all("max_epochs" not in t and "batch_size" not in t and "num_samples" not in t for t in trainings)
     assert teachers == [[str(fine / "configs" / "inference.json"), str(fine / "configs" / "presets" / "seed001.json")]] * 3
     # what those configs run: the preset's 1000 epochs, halved every 200, at the paper's grid
-    train = load_bundle_config(fine, ["configs/train.json", "configs/presets/seed001.json"])
+    train = load_bundle_config(fine, want_train)
     assert train.get_parsed_content("max_epochs") == 1000
     assert train["lr_scheduler"]["step_size"] == 200 and train["lr_scheduler"]["gamma"] == 0.5
     assert train.get_parsed_content("fine_spacing_mm") == [0.8, 0.8, 2.5]

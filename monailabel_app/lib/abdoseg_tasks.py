@@ -37,6 +37,7 @@ import logging
 import os
 from typing import Any, Dict, List, Optional, Tuple
 
+from abdoseg.bundle.config import config_files
 from monai.bundle import ConfigParser
 from monailabel.interfaces.datastore import Datastore
 from monailabel.interfaces.exception import MONAILabelError, MONAILabelException
@@ -154,6 +155,15 @@ class AbdosegBundleTrainTask(BundleTrainTask):
         options["model_filename"] = selectable_model_files(self.bundle_path)
         return options
 
+    def _load_bundle_config(self, path, config):
+        """The bundle's training configs merged as ``monai.bundle run training`` gets them
+        (``inference.json``, the base, then ``train.json``: :func:`abdoseg.bundle.config.config_files`);
+        the stock task reads ``train.json`` alone."""
+        bundle_config = ConfigParser()
+        bundle_config.read_config(config_files(path, "training"))
+        bundle_config.config.update({self.const.key_bundle_root(): path})  # type: ignore
+        return bundle_config
+
     def displayable_defaults(self) -> Dict[str, Any]:
         """The bundle's ``displayable_configs`` (a list value -> its first entry, as a viewer's
         drop-down sends it)."""
@@ -169,9 +179,7 @@ class AbdosegBundleTrainTask(BundleTrainTask):
         for i, h in enumerate(handlers):
             if isinstance(h, dict) and str(h.get("_target_", "")).endswith(STATS_HANDLER) and "path" in h:
                 try:
-                    parser = ConfigParser()
-                    parser.read_config(self.bundle_config_path)
-                    parser["bundle_root"] = self.bundle_path
+                    parser = self._load_bundle_config(self.bundle_path, self.bundle_config_path)
                     return str(parser.get_parsed_content(f"{self.const.key_train_handlers()}#{i}#path"))
                 except Exception as exc:
                     logger.warning(f"train stats path of {self.bundle_path} not resolved ({exc}); using the default")

@@ -19,11 +19,10 @@ import sys
 from pathlib import Path
 from typing import Any
 
-from abdoseg.bundle.config import run_bundle
+from abdoseg.bundle.config import BUNDLES_DIR, config_files, run_bundle
 from abdoseg.io import atomic_path, load_nifti
 from abdoseg.steps import MarkedSteps
 
-from abdoseg.bundle.config import BUNDLES_DIR
 BUNDLES = ("coarse_roi", "fine_organ_tumor", "label_fusion")
 #: Optimizer for the demo's short CPU schedules, written into the fine bundle copy's train.json.
 #: The bundle's default (nnU-Net's SGD, lr 0.01, momentum 0.99) is meant for long GPU runs; at
@@ -38,24 +37,29 @@ def _copy_bundles(out: Path) -> dict[str, Path]:
     for name in BUNDLES:
         target = out / "bundles" / name
         # configs/docs are refreshed from the repository on every run; trained weights stay
-        shutil.copytree(BUNDLES_DIR / name, target, dirs_exist_ok=True,
+        # symlinks=True: label_fusion's configs/inference.json stays a link to the fine copy's
+        # (a link cannot be copied over, so the refreshed folders go first)
+        for refreshed in ("configs", "docs"):
+            shutil.rmtree(target / refreshed, ignore_errors=True)
+        shutil.copytree(BUNDLES_DIR / name, target, dirs_exist_ok=True, symlinks=True,
                         ignore=shutil.ignore_patterns("eval", "*.pt", "*.ts", "*.onnx", "__pycache__"))
         (target / "models").mkdir(exist_ok=True)
         dst[name] = target
     return dst
 
 
-def configure_bundle(bundle: Path, settings: dict[str, Any], configs: tuple[str, ...] = ("train.json", "inference.json")) -> None:
-    """Write ``settings`` (top-level config ids) into a bundle copy's configs, so the trained
-    bundle stays self-consistent (e.g. the fine spacing it was trained at is the one it infers at)."""
-    for name in configs:
-        path = bundle / "configs" / name
-        config = json.loads(path.read_text())
-        for key, value in settings.items():
-            if key in config:
-                config[key] = value
-        with atomic_path(path) as tmp:
-            tmp.write_text(json.dumps(config, indent=4) + "\n")
+def configure_bundle(bundle: Path, settings: dict[str, Any], config: str = "inference.json") -> None:
+    """Write ``settings`` (top-level ids of ``configs/<config>``) into a bundle copy. The default,
+    ``inference.json``, is the base that training merges too, so the trained bundle stays
+    self-consistent (the fine spacing it was trained at is the one it infers at)."""
+    path = bundle / "configs" / config
+    values = json.loads(path.read_text())
+    missing = sorted(set(settings) - set(values))
+    if missing:
+        raise KeyError(f"{path}: no id(s) {missing} to set")
+    values.update(settings)
+    with atomic_path(path) as tmp:
+        tmp.write_text(json.dumps(values, indent=4) + "\n")
 
 
 def _best_checkpoint(models_dir: Path) -> Path:
@@ -136,7 +140,7 @@ def demo(out_dir: str = "runs/demo", seed: int = 0, preset: str = "small", n_lab
     fine = bundles["fine_organ_tumor"]
     if fine_spacing_mm is not None:
         configure_bundle(fine, {"fine_spacing_mm": [float(x) for x in fine_spacing_mm]})
-    configure_bundle(fine, {"optimizer": SHORT_SCHEDULE_OPTIMIZER}, configs=("train.json",))
+    configure_bundle(fine, {"optimizer": SHORT_SCHEDULE_OPTIMIZER}, config="train.json")
     pred_dir = out / "predictions"
 
     steps.run("generate", lambda: generate(str(data), preset=preset, seed=seed, n_labeled=n_labeled,
@@ -145,7 +149,7 @@ def demo(out_dir: str = "runs/demo", seed: int = 0, preset: str = "small", n_lab
 
     def train_coarse() -> None:
         coarse = bundles["coarse_roi"]
-        run_bundle(coarse, "train.json", "training", dataset_dir=str(data), max_epochs=coarse_epochs,
+        run_bundle(coarse, config_files(coarse, "training"), "training", dataset_dir=str(data), max_epochs=coarse_epochs,
                    val_interval=coarse_epochs, seed=seed)
         shutil.copy2(_best_checkpoint(coarse / "models"), fine / "models" / "coarse_model.pt")
 
@@ -165,7 +169,7 @@ def demo(out_dir: str = "runs/demo", seed: int = 0, preset: str = "small", n_lab
 
     def train_fine() -> None:
         datalist = out / "rounds" / "round_1" / "datalist.json"
-        run_bundle(fine, "train.json", "training", dataset_dir=str(data), datalist=str(datalist),
+        run_bundle(fine, config_files(fine, "training"), "training", dataset_dir=str(data), datalist=str(datalist),
                    train_key="training", label_mode="full", max_epochs=fine_epochs, seed=seed,
                    val_interval=fine_epochs)
         models = fine / "models"

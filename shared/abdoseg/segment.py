@@ -212,7 +212,8 @@ def missing_weights_message(bundle_dir: Path, missing: list[Path]) -> str:
             "  1. train on the bundled phantoms end to end: `abdoseg demo --out_dir runs/demo`, then\n"
             "     `abdoseg segment ... --bundle_dir runs/demo/bundles/fine_organ_tumor`;\n"
             "  2. train on your data: `python -m monai.bundle run training --config_file "
-            f"{bundle_dir}/configs/train.json --bundle_root {bundle_dir} --dataset_dir <FLARE-style folder>` "
+            f"\"['{bundle_dir}/configs/inference.json','{bundle_dir}/configs/train.json']\" --bundle_root {bundle_dir} "
+            "--dataset_dir <FLARE-style folder>` "
             "(and copy bundles/coarse_roi/models/model.pt to models/coarse_model.pt);\n"
             "  3. download a packed bundle (`abdoseg pack` output): `python -m monai.bundle download --name "
             "fine_organ_tumor --url <url of fine_organ_tumor_v<version>.zip> --bundle_dir <dir>`, then "
@@ -237,7 +238,6 @@ def load_cascade(bundle_dir: str | os.PathLike = DEFAULT_BUNDLE, device: str = "
     ``device`` with its trained weights, seed preset ``preset`` merged when given. Raises
     :class:`InputError` when the bundle, the preset or the weights are missing or do not fit."""
     from abdoseg.bundle.config import load_bundle_config
-    from abdoseg.inference.segmenter import segmenter_from_bundle
 
     bundle = Path(bundle_dir)
     config = bundle / "configs" / "inference.json"
@@ -249,6 +249,8 @@ def load_cascade(bundle_dir: str | os.PathLike = DEFAULT_BUNDLE, device: str = "
     missing = [f for f in bundle_weight_files(bundle, load_bundle_config(bundle, configs), configs) if not f.is_file()]
     if missing:
         raise InputError(bundle, missing_weights_message(bundle, missing))
+    from abdoseg.inference.segmenter import segmenter_from_bundle  # MONAI and the networks: only once needed
+
     return segmenter_from_bundle(bundle, device=dev, config=configs)
 
 

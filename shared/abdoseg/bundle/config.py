@@ -31,6 +31,37 @@ def check_json_file(path: str | Path) -> Any:
         raise InputError(path, f"not valid JSON: {exc.msg} at line {exc.lineno} column {exc.colno}") from exc
 
 
+WORKFLOW_CONFIGS: dict[str, tuple[str, ...]] = {
+    "inference": ("inference.json",),
+    "training": ("inference.json", "train.json"),
+}
+"""The config files (under ``configs/``) a workflow merges, in order. ``inference.json`` is each
+bundle's base: it defines the network(s), the windows, spacings and preprocessing chains once;
+``train.json`` adds only what training needs (``--config_file "['configs/inference.json',
+'configs/train.json']"``)."""
+
+
+def config_files(bundle_dir: str | Path, workflow: str = "inference", preset: str | None = None,
+                 multi_gpu: bool = False) -> list[str]:
+    """The config files ``monai.bundle run`` merges for ``workflow`` of ``bundle_dir``:
+    :data:`WORKFLOW_CONFIGS`, then ``configs/multi_gpu_train.json`` (``multi_gpu``, training only),
+    then ``configs/presets/<preset>.json``. Raises :class:`InputError` naming a missing file (for a
+    missing preset, the presets there are listed)."""
+    if workflow not in WORKFLOW_CONFIGS:
+        raise ValueError(f"workflow must be one of {sorted(WORKFLOW_CONFIGS)}, got {workflow!r}")
+    configs = Path(bundle_dir).resolve() / "configs"
+    files = [configs / name for name in WORKFLOW_CONFIGS[workflow]]
+    if multi_gpu and workflow == "training":
+        files.append(configs / "multi_gpu_train.json")
+    if preset:
+        files.append(configs / "presets" / f"{preset}.json")
+    for f in files:
+        if not f.is_file():
+            have = ", ".join(sorted(p.stem for p in (configs / "presets").glob("*.json")))
+            raise InputError(f, "bundle config not found" + (f" (presets: {have})" if f.parent.name == "presets" else ""))
+    return [str(f) for f in files]
+
+
 def load_bundle_config(bundle_dir: str | Path, config: str | Sequence[str] = "configs/inference.json") -> Any:
     """``monai.bundle.ConfigParser`` of ``<bundle_dir>/<config>`` (a list is merged in order, as
     ``--config_file "['a.json','b.json']"`` does) with its metadata (when present) and

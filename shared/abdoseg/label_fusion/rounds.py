@@ -31,7 +31,7 @@ A restart skips finished rounds and resumes the unfinished one: training is skip
 ``checkpoints.json`` exists, pseudo-labeling skips finished cases (:func:`abdoseg.inference.batch.run_batch`),
 fusion and selection are recomputed (cheap, deterministic).
 
-Training uses the fine_organ_tumor bundle's ``configs/train.json`` through
+Training uses the fine_organ_tumor bundle's training configs (``inference.json`` + ``train.json``) through
 :class:`monai.bundle.ConfigWorkflow` with overrides (tiny CPU budget by default); the
 pseudo-labeling teacher is its ``configs/inference.json`` (:func:`abdoseg.label_fusion.pseudo_label.bundle_teacher`).
 ``preset`` merges ``configs/presets/<preset>.json`` after both, so every round trains and
@@ -57,7 +57,7 @@ import time
 from pathlib import Path
 from typing import Any, Callable, Mapping, Sequence
 
-from abdoseg.bundle.config import BUNDLES_DIR
+from abdoseg.bundle.config import BUNDLES_DIR, config_files
 from abdoseg.io import InputError, exit_if_failed, save_json
 
 logger = logging.getLogger(__name__)
@@ -91,26 +91,12 @@ def _resolve(spec: str | Callable | None, default: Callable) -> Callable:
     return getattr(importlib.import_module(module), name)
 
 
-def bundle_configs(fine_bundle: str | os.PathLike, config: str, preset: str | None = None) -> list[str]:
-    """``[<bundle>/configs/<config>]``, then ``<bundle>/configs/presets/<preset>.json`` when a preset
-    is given (merged in this order, as ``--config_file "['a.json','b.json']"``)."""
-    fine = Path(fine_bundle)
-    files = [fine / "configs" / config]
-    if preset:
-        files.append(fine / "configs" / "presets" / f"{preset}.json")
-    for f in files:
-        if not f.is_file():
-            have = ", ".join(sorted(p.stem for p in (fine / "configs" / "presets").glob("*.json")))
-            raise InputError(f, "fine bundle config not found" + (f" (presets: {have})" if f.parent.name == "presets" else ""))
-    return [str(f) for f in files]
-
-
 def bundle_trainer(datalist: str, train_key: str, dataset_dir: str, models_dir: str, *,
                    fine_bundle: str | os.PathLike = DEFAULT_FINE_BUNDLE,
                    overrides: Mapping[str, Any] | None = None,
                    checkpoint_names: Sequence[str] = ("model",), preset: str | None = None,
                    cpu_budget: bool = True) -> dict[str, str]:
-    """Train the fine bundle (``configs/train.json``, then ``configs/presets/<preset>.json`` when
+    """Train the fine bundle (``configs/inference.json`` + ``configs/train.json``, then ``configs/presets/<preset>.json`` when
     given) and return ``{name: checkpoint path}``.
 
     Overrides: ``bundle_root`` = the fine bundle, ``ckpt_dir`` = ``models_dir``, ``output_dir``
@@ -122,7 +108,7 @@ def bundle_trainer(datalist: str, train_key: str, dataset_dir: str, models_dir: 
     from monai.bundle import ConfigWorkflow
 
     fine = Path(fine_bundle)
-    configs = bundle_configs(fine, "train.json", preset)
+    configs = config_files(fine, "training", preset)
     Path(models_dir).mkdir(parents=True, exist_ok=True)
     pairs: dict[str, Any] = {"bundle_root": str(fine), "ckpt_dir": str(models_dir),
                              "output_dir": str(Path(models_dir) / "eval"), "dataset_dir": str(dataset_dir),
@@ -159,7 +145,7 @@ def bundle_teacher_factory(fine_bundle: str | os.PathLike = DEFAULT_FINE_BUNDLE,
     from abdoseg.label_fusion import pseudo_label
 
     fine = Path(fine_bundle)
-    configs = bundle_configs(fine, "inference.json", preset)
+    configs = config_files(fine, "inference", preset)
     return functools.partial(pseudo_label.bundle_teacher, inference_config=configs if len(configs) > 1 else configs[0],
                              bundle_root=str(fine), device=device, overrides=dict(overrides or {}))
 

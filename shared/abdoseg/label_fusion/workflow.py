@@ -29,10 +29,8 @@ Two steps, each a function called by a config of the ``label_fusion`` bundle:
    items point at fused labels with ``annotated_classes`` = 1..14) and the report (JSON + CSV):
    per case the rule, voxels changed per class, uncertainty score, selected or rejected.
 
-The bundle's own teacher (``configs/inference.json``) carries the fine bundle's inference ids
-(:data:`TEACHER_RUN_IDS` are the ones it does not share); :func:`teacher_config_drift` lists the
-differences and :func:`sync_teacher_config` copies the fine bundle's values over after a change
-there.
+The bundle's teacher is the fine cascade itself: ``configs/inference.json`` is the
+fine_organ_tumor bundle's file (a link in the repository, inlined by ``abdoseg pack``).
 
 Bad input: a partial label or pseudo label whose header shape or affine differs from the
 image's is never resampled or fused -- the case is skipped and the reason names the files
@@ -420,82 +418,3 @@ def write_report_csv(rows: Sequence[Mapping[str, Any]], path: str | os.PathLike)
     with atomic_path(path) as tmp:
         tmp.write_text(buf.getvalue())
     return Path(path)
-
-
-# ----------------------------------------------------------------- the bundle's teacher config
-#: Ids of the fine bundle's ``inference.json`` that are its data in/out and evaluator run, not
-#: the teacher; every other id is copied verbatim into the label_fusion bundle's inference.json.
-TEACHER_RUN_IDS = frozenset({"imports", "dataset_dir", "input_dir", "datalist", "data_list_key", "output_dir",
-                             "overwrite", "dataset", "dataloader", "handlers", "evaluator", "initialize", "run",
-                             "finalize"})
-#: The label_fusion inference.json's own ids (pseudo-labeling run), kept by :func:`sync_teacher_config`.
-LABEL_FUSION_RUN_IDS = ("dataset_dir", "datalist", "datalist_keys", "checkpoints", "output_dir", "overwrite",
-                        "teacher_config", "teacher_settings", "teacher_overrides", "items", "teacher_factory",
-                        "pseudo_labeling", "run")
-#: Teacher ids that are not command-line settings (objects, paths owned by the run).
-_NOT_SETTINGS = frozenset({"bundle_root", "device", "network", "model_path"})
-
-
-def teacher_ids(fine_config: Mapping[str, Any]) -> list[str]:
-    """The teacher ids of a fine-bundle inference config (all but :data:`TEACHER_RUN_IDS`)."""
-    return [k for k in fine_config if k not in TEACHER_RUN_IDS]
-
-
-def teacher_settings_expression(fine_config: Mapping[str, Any]) -> str:
-    """``teacher_settings``: ``$dict(k=@k, ...)`` over the teacher's plain settings (not dicts, not
-    lists of transforms), so a command-line override of the outer run reaches the teacher's parser."""
-    keys = [k for k in teacher_ids(fine_config) if k not in _NOT_SETTINGS and not isinstance(fine_config[k], dict)
-            and not (isinstance(fine_config[k], list) and any(isinstance(v, dict) for v in fine_config[k]))]
-    return "$dict(" + ", ".join(f"{k}=@{k}" for k in keys) + ")"
-
-
-def teacher_config_drift(fine_inference: str | os.PathLike, own_inference: str | os.PathLike) -> list[str]:
-    """Ids whose value in the label_fusion ``own_inference`` differs from the fine bundle's
-    ``fine_inference`` (teacher ids, ids the fine bundle no longer has, ``teacher_settings``);
-    empty when in sync."""
-    fine = json.loads(Path(fine_inference).read_text())
-    own = json.loads(Path(own_inference).read_text())
-    ids = teacher_ids(fine)
-    drift = [k for k in ids if own.get(k) != fine[k]]
-    drift += [k for k in own if k not in ids and k != "imports" and k not in LABEL_FUSION_RUN_IDS]
-    if own.get("teacher_settings") != teacher_settings_expression(fine):
-        drift.append("teacher_settings")
-    return drift
-
-
-def _dump_config(obj: Any, indent: int = 0) -> str:
-    """JSON with 4-space indents and lists of scalars (or of scalar lists) on one line."""
-    pad = " " * indent
-    if isinstance(obj, dict):
-        if not obj:
-            return "{}"
-        return "{\n" + ",\n".join(f"{pad}    {json.dumps(k)}: {_dump_config(v, indent + 4)}" for k, v in obj.items()) \
-            + "\n" + pad + "}"
-    if isinstance(obj, list):
-        flat = all(not isinstance(v, (dict, list)) for v in obj) or \
-            all(isinstance(v, list) and all(not isinstance(x, (dict, list)) for x in v) for v in obj)
-        if not obj or (flat and (len(json.dumps(obj)) + indent < 110 or all(isinstance(v, list) for v in obj))):
-            return json.dumps(obj)
-        return "[\n" + ",\n".join(f"{pad}    {_dump_config(v, indent + 4)}" for v in obj) + "\n" + pad + "]"
-    return json.dumps(obj)
-
-
-def sync_teacher_config(fine_inference: str | os.PathLike, own_inference: str | os.PathLike) -> list[str]:
-    """Copy the teacher ids of the fine bundle's ``inference.json`` into the label_fusion bundle's
-    (fine's order, the label_fusion run ids kept after them) and regenerate ``teacher_settings``;
-    returns the ids that changed. From the repository root::
-
-        python -c "from abdoseg.label_fusion.workflow import sync_teacher_config as s; \\
-            print(s('bundles/fine_organ_tumor/configs/inference.json', 'bundles/label_fusion/configs/inference.json'))"
-    """
-    changed = teacher_config_drift(fine_inference, own_inference)
-    fine = json.loads(Path(fine_inference).read_text())
-    own = json.loads(Path(own_inference).read_text())
-    ids = teacher_ids(fine)
-    out: dict[str, Any] = {"imports": own.get("imports", fine.get("imports", []))}
-    out.update({k: fine[k] for k in ids})
-    out.update({k: own[k] for k in LABEL_FUSION_RUN_IDS if k in own and k not in out})
-    out["teacher_settings"] = teacher_settings_expression(fine)
-    with atomic_path(own_inference) as tmp:
-        Path(tmp).write_text(_dump_config(out) + "\n")
-    return changed
