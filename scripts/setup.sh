@@ -18,10 +18,11 @@ fi
 # The browser loop (scripts/stack.sh, tests/test_browser_loop.py): selenium in the venv; Orthanc with
 # its DICOMweb plugin, Chromium and its WebDriver from Debian (as root, or with password-less sudo;
 # otherwise the command to run is printed and that test fails naming the missing package).
+# dicom3tools gives dciodvfy, the DICOM validator tests/test_dicom_seg.py runs on the DICOM SEG.
 .venv/bin/python -m pip install -q -c constraints.txt selenium==4.27.1
-BROWSER_PKGS="orthanc orthanc-dicomweb chromium chromium-driver"
+BROWSER_PKGS="orthanc orthanc-dicomweb chromium chromium-driver dicom3tools"
 if ! { [ -x /usr/sbin/Orthanc ] && [ -f /usr/share/orthanc/plugins/libOrthancDicomWeb.so ] \
-       && [ -x /usr/bin/chromium ] && [ -x /usr/bin/chromedriver ]; }; then
+       && [ -x /usr/bin/chromium ] && [ -x /usr/bin/chromedriver ] && [ -x /usr/bin/dciodvfy ]; }; then
   if [ "$(id -u)" = 0 ]; then APT="apt-get"; elif sudo -n true 2>/dev/null; then APT="sudo -n apt-get"; else APT=""; fi
   if [ -n "$APT" ] && command -v apt-get >/dev/null; then
     DEBIAN_FRONTEND=noninteractive $APT update -q >/dev/null

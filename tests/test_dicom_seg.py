@@ -8,6 +8,8 @@ every slice is known without the writer's own geometry code."""
 
 from __future__ import annotations
 
+import shutil
+import subprocess
 from pathlib import Path
 
 import nibabel as nib
@@ -53,7 +55,11 @@ def _check_seg(seg_file: Path, mask: np.ndarray, source_files: list[str]) -> Non
     assert [(int(s.SegmentNumber), s.SegmentLabel) for s in raw.SegmentSequence] == \
         [(i, LABELS[i]) for i in FOREGROUND_IDS]
     assert raw.SegmentSequence[0].SegmentedPropertyTypeCodeSequence[0].CodeValue == "10200004"  # liver
-    assert raw.SegmentSequence[1].SegmentedPropertyTypeModifierCodeSequence[0].CodeMeaning == "Right"
+    # right kidney: the laterality modifier inside the property type's code item (where the IOD has it)
+    kidney = raw.SegmentSequence[1]
+    assert "SegmentedPropertyTypeModifierCodeSequence" not in kidney
+    side = kidney.SegmentedPropertyTypeCodeSequence[0].SegmentedPropertyTypeModifierCodeSequence[0]
+    assert (side.CodeValue, side.CodingSchemeDesignator, side.CodeMeaning) == ("24028007", "SCT", "Right")
     # every frame: position = its source slice's, pixels = that slice of the mask for its segment
     by_uid = {d.SOPInstanceUID: d for d in src}
     seen: dict[int, set[int]] = {}
@@ -93,6 +99,51 @@ def test_mask_to_dicom_seg_round_trip(axcodes, tmp_path):
     out = write_dicom_seg(seg, tmp_path / "out" / "case_seg.dcm")
     assert sorted(p.name for p in out.parent.iterdir()) == ["case_seg.dcm"]  # no temporary file left
     _check_seg(out, label, files)
+
+
+DCIODVFY = shutil.which("dciodvfy")
+#: what dciodvfy said about a modifier at segment level (issue 23: 16 warnings) or a laterality code
+LATERALITY_WARNINGS = ("Modifier", "Laterality", "AnatomicRegion", "not present in standard DICOM IOD",
+                       "Standard Extended SOP Class")
+
+
+@pytest.mark.skipif(DCIODVFY is None, reason="dciodvfy not installed: Debian package dicom3tools "
+                                             "(scripts/setup.sh installs it; apt-get install dicom3tools)")
+def test_seg_passes_dciodvfy_without_laterality_warnings(tmp_path):
+    """David Clunie's DICOM validator on a SEG with left/right organs: no error, and no warning about
+    the laterality modifiers of the kidneys and adrenal glands (each sits in its property type's code
+    item: SNOMED CT 24028007 Right / 7771000 Left, CID 244). The SEG's coding still reads back by
+    code alone (labels blanked), left and right apart."""
+    from pydicom.sr.codedict import codes
+
+    from abdoseg.data.phantom import make_case
+    from abdoseg.dicom.seg import SEGMENT_CODES, segment_class_ids
+
+    hu, label, affine = make_case(3, shape=SHAPE, spacing_mm=SPACING_MM, axcodes="LPS")
+    assert {2, 13} <= set(np.unique(label))  # both kidneys have frames
+    files = _ct_series(hu, affine, tmp_path / "ct")
+    out = write_dicom_seg(mask_to_dicom_seg(label, affine, read_source_datasets(files)), tmp_path / "seg.dcm")
+    res = subprocess.run([DCIODVFY, str(out)], capture_output=True, text=True, timeout=120)
+    lines = [line.strip() for line in (res.stdout + res.stderr).splitlines() if line.strip()]
+    assert "Segmentation" in lines, lines  # it recognised the IOD (its name, on a line of its own)
+    assert not [line for line in lines if line.startswith("Error")], lines
+    warned = [line for line in lines if line.startswith("Warning") and any(w in line for w in LATERALITY_WARNINGS)]
+    assert not warned, warned
+    # the codes are the standard's laterality codes (pydicom's CID 244), on every paired organ
+    sides = {"Right": codes.cid244.Right, "Left": codes.cid244.Left}
+    raw = pydicom.dcmread(str(out))
+    for item in raw.SegmentSequence:
+        modifier = SEGMENT_CODES[int(item.SegmentNumber)][2]
+        ptype = item.SegmentedPropertyTypeCodeSequence[0]
+        assert "SegmentedPropertyTypeModifierCodeSequence" not in item
+        item.SegmentLabel = "x"  # read back by code only
+        if modifier is None:
+            assert "SegmentedPropertyTypeModifierCodeSequence" not in ptype
+            continue
+        (side,) = ptype.SegmentedPropertyTypeModifierCodeSequence
+        assert (side.CodeValue, side.CodingSchemeDesignator, side.CodeMeaning) == \
+            (sides[modifier[1]].value, "SCT", sides[modifier[1]].meaning)
+    assert segment_class_ids(raw) == {i: i for i in FOREGROUND_IDS}
 
 
 def test_mask_to_dicom_seg_rejects_bad_input(tmp_path):

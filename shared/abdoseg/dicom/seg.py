@@ -9,7 +9,9 @@ The SEG is a BINARY segmentation with one segment per FLARE23 foreground class a
 = FLARE23 id** (1 liver ... 14 lesion, label :data:`abdoseg.labels.LABELS`), all 14 segments always
 described (classes absent from the mask have no frames), SNOMED CT property codes (left/right
 organs as kidney / adrenal gland with a laterality modifier, the lesion as a morphologically abnormal
-structure). Frame ``i`` of segment ``s`` lies on source slice ``i`` (same ImagePositionPatient,
+structure). The laterality modifier (SNOMED CT 24028007 "Right" / 7771000 "Left", DICOM CID 244)
+sits inside the segment's Segmented Property Type Code Sequence item, where the IOD defines it
+(``dciodvfy`` warns when it is put on the segment itself). Frame ``i`` of segment ``s`` lies on source slice ``i`` (same ImagePositionPatient,
 orientation and pixel spacing; ``ReferencedSOPInstanceUID`` in its derivation sequence), so any
 DICOM viewer overlays it on the series.
 
@@ -37,7 +39,8 @@ LPS_TO_RAS = np.diag([-1.0, -1.0, 1.0, 1.0])
 #: often written with 1-3 decimals, so the grid is not exact.
 GRID_TOL_VOXELS = 0.25
 
-# SNOMED CT codes (value, meaning) of the FLARE23 classes; laterality as a type modifier (DICOM CID 7150/7151 style).
+# SNOMED CT codes (value, meaning) of the FLARE23 classes (DICOM CID 7150/7151 style); left/right organs
+# as the organ plus a laterality modifier (CID 244, pydicom's ``codes.cid244.Right`` / ``.Left``).
 _ANATOMICAL_STRUCTURE = ("123037004", "Anatomical Structure")
 _ABNORMAL_STRUCTURE = ("49755003", "Morphologically Abnormal Structure")
 _RIGHT, _LEFT = ("24028007", "Right"), ("7771000", "Left")
@@ -102,7 +105,6 @@ def _code(value_meaning: tuple[str, str]):
 def segment_descriptions(algorithm_name: str = "abdoseg fine_organ_tumor cascade",
                          algorithm_version: str | None = None) -> list[Any]:
     """The 14 :class:`highdicom.seg.SegmentDescription` items (segment number = FLARE23 id)."""
-    from pydicom.dataset import Dataset
     from pydicom.sr.codedict import codes
 
     hd = import_highdicom()
@@ -123,10 +125,8 @@ def segment_descriptions(algorithm_name: str = "abdoseg fine_organ_tumor cascade
             segment_number=sid, segment_label=LABELS[sid], segmented_property_category=_code(category),
             segmented_property_type=_code(prop_type), algorithm_type=hd.seg.SegmentAlgorithmTypeValues.AUTOMATIC,
             algorithm_identification=algorithm)
-        if modifier is not None:
-            item = Dataset()
-            item.CodeValue, item.CodingSchemeDesignator, item.CodeMeaning = modifier[0], "SCT", modifier[1]
-            desc.SegmentedPropertyTypeModifierCodeSequence = [item]
+        if modifier is not None:  # inside the property type's code item (Table C.8.20-4), not on the segment
+            desc.SegmentedPropertyTypeCodeSequence[0].SegmentedPropertyTypeModifierCodeSequence = [_code(modifier)]
         lab = hd.color.CIELabColor(*_rgb_to_lab(SEGMENT_RGB[sid]))
         desc.RecommendedDisplayCIELabValue = list(lab.value)
         out.append(desc)
@@ -360,7 +360,8 @@ def segment_class_ids(seg: Any, where: str = "DICOM SEG") -> dict[int, int]:
         by_code = None
         ptype = _first(item, "SegmentedPropertyTypeCodeSequence")
         if ptype is not None:
-            mod = _first(item, "SegmentedPropertyTypeModifierCodeSequence")
+            # the modifier's place is the type code item; older SEGs (ours too) and some tools put it on the segment
+            mod = _first(ptype, "SegmentedPropertyTypeModifierCodeSequence", fallback=item)
             key = (str(ptype.get("CodeValue", "")), str(mod.get("CodeValue", "")) if mod is not None else None)
             by_code = _CODE_TO_ID.get(key)
         if by_label is not None and by_code is not None and by_label != by_code:
