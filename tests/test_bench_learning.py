@@ -1,12 +1,13 @@
-"""scripts/bench_learning.py without training: recipe parsing, the bundle overlays it writes
+"""`scripts/bench.py learning` (scripts/benchmarks/learning.py) without training: recipe parsing, the bundle overlays it writes
 (recipe + learning-curve handlers, read back through MONAI's config merge), throughput figures
 from curve points, the tables, and the clear exit when the demo folder is missing."""
 
 from __future__ import annotations
 
 import argparse
-import importlib.util
+import importlib
 import json
+import sys
 from pathlib import Path
 
 import pytest
@@ -16,10 +17,12 @@ REPO = Path(__file__).resolve().parents[1]
 
 @pytest.fixture(scope="module")
 def bench():
-    spec = importlib.util.spec_from_file_location("bench_learning", REPO / "scripts" / "bench_learning.py")
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
-    return module
+    sys.path.insert(0, str(REPO / "scripts"))
+    return importlib.import_module("benchmarks.learning")
+
+
+def _main(argv):
+    return importlib.import_module("bench").main(argv)
 
 
 def test_recipes_from_the_command_line(bench, tmp_path):
@@ -115,7 +118,7 @@ def test_seen_set_links_training_phantoms_to_their_hidden_truth(bench, tmp_path)
 
 def test_missing_demo_folder_exits_with_the_command_to_run(bench, tmp_path):
     with pytest.raises(SystemExit, match="run README command 1"):
-        bench.main(["--demo_dir", str(tmp_path / "nothing"), "--unseen", str(tmp_path), "--out_dir", str(tmp_path / "o")])
+        _main(["learning", "--demo_dir", str(tmp_path / "nothing"), "--unseen", str(tmp_path), "--out_dir", str(tmp_path / "o")])
 
 
 def test_truth_recipe_trains_on_every_labelled_phantom_with_its_truth(bench, tmp_path):

@@ -45,14 +45,14 @@ Usage::
 
     .venv/bin/abdoseg demo --out_dir runs/demo
     .venv/bin/abdoseg generate --out_dir runs/unseen7 --preset small --seed 7 --n_labeled 1 --n_unlabeled 0 --n_val 8
-    .venv/bin/python scripts/bench_learning.py --demo_dir runs/demo --unseen runs/unseen7 \\
+    .venv/bin/python scripts/bench.py learning --demo_dir runs/demo --unseen runs/unseen7 \\
         --out_dir runs/learning --budget_s 660 --every_s 110 --docs
     # more recipes into the same folder (only the new ones train):
-    .venv/bin/python scripts/bench_learning.py --out_dir runs/learning --budget_s 660 --every_s 110 \
+    .venv/bin/python scripts/bench.py learning --out_dir runs/learning --budget_s 660 --every_s 110 \
         --recipe previous= --recipe recipe= --recipe workers1= --recipe margin_jitter40= --recipe lesion_crops3= --docs
     # the committed weights: 40 minutes on 96 phantoms (learning rate decaying over the budget):
     .venv/bin/abdoseg generate --out_dir runs/data96 --preset small --seed 100 --n_labeled 96 --n_unlabeled 0 --n_val 0
-    .venv/bin/python scripts/bench_learning.py --out_dir runs/learn_long --budget_s 2400 --every_s 480 \\
+    .venv/bin/python scripts/bench.py learning --out_dir runs/learn_long --budget_s 2400 --every_s 480 \\
         --recipe data96=@runs/data96 --docs --docs_section learning-long
 """
 
@@ -66,7 +66,7 @@ import sys
 from pathlib import Path
 from typing import Any
 
-REPO = Path(__file__).resolve().parents[1]
+from benchlib import FINE_DOCS, put_into_docs
 #: built-in recipes: name -> train.json overlay (``None`` values are JSON ``null``)
 RECIPES: dict[str, dict[str, Any]] = {
     "previous": {"train_autocast_dtype": None},
@@ -80,7 +80,6 @@ RECIPES: dict[str, dict[str, Any]] = {
 }
 #: what runs without ``--recipe``
 DEFAULT_RECIPES = ("previous", "recipe", "workers1")
-DOCS = REPO / "bundles" / "fine_organ_tumor" / "docs" / "README.md"
 
 
 def parse_recipes(specs: list[str]) -> dict[str, dict[str, Any]]:
@@ -267,7 +266,7 @@ def markdown(results: dict[str, dict[str, Any]], args: argparse.Namespace) -> st
              + f", training seeds {', '.join(map(str, seeds))}; organ DSC = mean of the 13 organ classes on the "
              f"{first['n_unseen']} phantoms of `{Path(args.unseen).name}` (a seed training never used)"
              + (" and on the first training phantoms (`seen`, their hidden ground truth)" if has_seen else "")
-             + ", whole cascade, FLARE23 rules. Command: `python scripts/bench_learning.py "
+             + ", whole cascade, FLARE23 rules. Command: `python scripts/bench.py learning "
              f"--budget_s {args.budget_s:g} --every_s {args.every_s:g}"
              + (f" --max_epochs {args.max_epochs}" if args.max_epochs else "")
              + (f" --seeds {' '.join(map(str, args.seeds))}" if list(args.seeds) != [0] else "")
@@ -347,7 +346,7 @@ def plot(results: dict[str, dict[str, Any]], path: Path) -> None:
     ax.set_ylim(0, 1)
     ax.grid(alpha=0.3)
     ax.legend(fontsize=7)
-    ax.set_title("Learning curves, one line per training seed (scripts/bench_learning.py)", fontsize=10)
+    ax.set_title("Learning curves, one line per training seed (scripts/bench.py learning)", fontsize=10)
     fig.tight_layout()
     with atomic_path(path) as tmp:
         fig.savefig(tmp, dpi=100, format="png")
@@ -374,20 +373,7 @@ def make_seen_set(demo: Path, out: Path, n: int) -> Path:
     return seen
 
 
-def put_into_docs(md: str, docs: Path, section: str = "learning-table") -> None:
-    """Replace what lies between ``<!-- section:start -->`` and ``<!-- section:end -->`` in ``docs``."""
-    text = docs.read_text(encoding="utf-8")
-    start, end = f"<!-- {section}:start -->", f"<!-- {section}:end -->"
-    if start not in text or end not in text:
-        raise SystemExit(f"{docs}: no {start} ... {end} markers")
-    head, rest = text.split(start, 1)
-    _, tail = rest.split(end, 1)
-    docs.write_text(head + start + "\n" + md + end + tail, encoding="utf-8")
-
-
-def main(argv: list[str] | None = None) -> int:
-    ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0],
-                                 epilog=__doc__.split("\n\n", 1)[1], formatter_class=argparse.RawDescriptionHelpFormatter)
+def add_arguments(ap: argparse.ArgumentParser, command: str = "learning") -> None:
     ap.add_argument("--demo_dir", default="runs/demo", help="a finished `abdoseg demo` folder")
     ap.add_argument("--unseen", default="runs/unseen7", help="phantoms of an unused seed (imagesVal/ + labelsVal/)")
     ap.add_argument("--out_dir", default="runs/learning")
@@ -405,7 +391,9 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--docs", action="store_true", help="write the tables into the fine bundle's docs/README.md")
     ap.add_argument("--docs_section", default="learning-table",
                     help="the docs' <!-- SECTION:start/end --> markers to write between")
-    args = ap.parse_args(argv)
+
+
+def run(args: argparse.Namespace) -> int:
     if args.seed is not None:
         args.seeds = [args.seed]
 
@@ -457,10 +445,6 @@ def main(argv: list[str] | None = None) -> int:
     plot(results, out / "learning_curve.png")
     print(md)
     if args.docs:
-        put_into_docs(md, DOCS, args.docs_section)
-        print(f"tables written into {DOCS}", file=sys.stderr)
+        put_into_docs(md, FINE_DOCS, args.docs_section)
+        print(f"tables written into {FINE_DOCS}", file=sys.stderr)
     return 0
-
-
-if __name__ == "__main__":
-    sys.exit(main())

@@ -1,4 +1,3 @@
-#!/usr/bin/env python
 """Benchmark the fine_organ_tumor cascade end to end (read NIfTI -> write mask) on phantom CTs of
 the seed papers' eight sizes (512 x 512 x 55 ... 554), against a single-stage pipeline: the same
 bundle with ``--overrides``-style ``{"single_stage": true}`` (same fine network and spacing,
@@ -13,7 +12,7 @@ as in the FLARE efficiency evaluation, and reports:
 * ``peak_rss_mb`` peak resident memory of the process (``resource.getrusage``),
 * ``roi`` (the box on the oriented CT's voxel grid) and ``fine_grid`` (what the fine inferer saw),
 * on CUDA: ``gpu_max_mb`` and ``gpu_auc_mb_s`` from (total - free) memory sampled every 0.1 s
-  with pynvml (FLARE's Efficiency.py method), else torch's reserved memory sampled the same way.
+  (FLARE's Efficiency.py method, ``benchlib.MemorySampler``: pynvml, else ``torch.cuda.mem_get_info``).
 
 Weights: the bundle's ``model_path`` / ``coarse_checkpoint`` when present, else seeded random fine
 weights (the run time of a network does not depend on its weights) and an *oracle* coarse stage:
@@ -26,11 +25,12 @@ says which was used. After timing, the masks of each pipeline are scored against
 
 Usage::
 
-    .venv/bin/python scripts/bench_cascade.py --out_dir runs/bench            # all eight sizes
-    .venv/bin/python scripts/bench_cascade.py --slices 55,554 --threads 2     # a subset
-    .venv/bin/python scripts/bench_cascade.py --bundle runs/demo/bundles/fine_organ_tumor --seed 7  # trained demo weights
-    .venv/bin/python scripts/bench_cascade.py --real_ct ../shared/data/real_ct --oracle_roi          # real CTs
-    .venv/bin/python scripts/bench_cascade.py --overrides '{"autocast_dtype": null}'                 # any inference.json id
+    .venv/bin/python scripts/bench.py cascade --out_dir runs/bench            # all eight sizes
+    .venv/bin/python scripts/bench.py cascade --slices 55,554 --threads 2     # a subset
+    .venv/bin/python scripts/bench.py cascade --bundle runs/demo/bundles/fine_organ_tumor --seed 7  # trained demo weights
+    .venv/bin/python scripts/bench.py cascade --real_ct ../shared/data/real_ct --oracle_roi          # real CTs
+    .venv/bin/python scripts/bench.py cascade --overrides '{"autocast_dtype": null}'                 # any inference.json id
+    .venv/bin/python scripts/bench.py cascade --preset small --slices 20 --skip_single              # a quick check
 """
 
 from __future__ import annotations
@@ -41,47 +41,15 @@ import resource
 import statistics
 import subprocess
 import sys
-import threading
 import time
 from pathlib import Path
 
-REPO = Path(__file__).resolve().parents[1]
-BUNDLE = REPO / "bundles" / "fine_organ_tumor"
-SEED_SLICES = (55, 100, 150, 215, 334, 448, 499, 554)
+from benchlib import FINE_BUNDLE, REPO, SEED_SLICES, bench_command, parse_slices, phantom_cases
 
 
 # ------------------------------------------------------------------------------------------------
 # worker: one case, one pipeline, fresh process
 # ------------------------------------------------------------------------------------------------
-class _GpuSampler(threading.Thread):
-    """(total - free) GPU memory in MB every ``period_s`` (pynvml), else torch reserved memory."""
-
-    def __init__(self, period_s: float = 0.1):
-        import torch
-
-        super().__init__(daemon=True)
-        self.period_s, self.samples, self._stop_event = period_s, [], threading.Event()
-        try:
-            import pynvml  # type: ignore
-
-            pynvml.nvmlInit()
-            handle = pynvml.nvmlDeviceGetHandleByIndex(torch.cuda.current_device())
-            self.source = "pynvml"
-            self._read = lambda: (lambda i: (i.total - i.free) / 2**20)(pynvml.nvmlDeviceGetMemoryInfo(handle))
-        except Exception:
-            self.source = "torch_reserved"
-            self._read = lambda: torch.cuda.memory_reserved() / 2**20
-
-    def run(self) -> None:
-        while not self._stop_event.is_set():
-            self.samples.append(self._read())
-            time.sleep(self.period_s)
-
-    def stop(self) -> None:
-        self._stop_event.set()
-        self.join()
-
-
 def _oracle_coarse_mask(coarse_roi, label_path: str):
     """``CoarseRoiCropd.coarse_mask`` stand-in: runs the real coarse network on the coarse input
     (for its cost), then answers with the ground-truth foreground sampled (nearest) at the world
@@ -119,6 +87,7 @@ def worker(args: argparse.Namespace) -> None:
     from abdoseg.inference.coarse_roi import CoarseRoiCropd
     from abdoseg.inference.segmenter import segmenter_from_bundle
     from abdoseg.io import save_nifti
+    from benchlib import MemorySampler, gpu_memory_reader, record_roi
 
     bundle = Path(args.bundle)
     device = "cuda:0" if torch.cuda.is_available() and not args.cpu else "cpu"
@@ -142,29 +111,21 @@ def worker(args: argparse.Namespace) -> None:
     coarse = next(t for t in segment.preprocessing.transforms if isinstance(t, CoarseRoiCropd))
     if roi == "oracle ROI":
         coarse.coarse_mask = _oracle_coarse_mask(coarse, args.label)
-    seen: dict = {}  # the ROI box and the fine grid of this case, recorded on the way
-    roi_box, inferer = coarse.roi_box, segment.inferer
-
-    def fine_inferer(x, net):
-        seen["fine_grid"] = list(x.shape[2:])
-        return inferer(x, net)
-
-    coarse.roi_box = lambda img: seen.setdefault("box", roi_box(img))
-    segment.inferer = fine_inferer
+    seen = record_roi(segment)  # the ROI box and the fine grid of this case, recorded on the way
 
     cuda = device.startswith("cuda")
-    sampler = _GpuSampler() if cuda else None
-    if sampler:
-        sampler.start()
+    sampler = None
+    if cuda:
+        read_mb, source, _ = gpu_memory_reader(torch.cuda.current_device())
+        sampler = MemorySampler(read_mb).start()
     t0 = time.perf_counter()
     mask, affine = segment({"image": args.image})
     save_nifti(mask, affine, args.output)
     if cuda:
         torch.cuda.synchronize()
     case_s = time.perf_counter() - t0
-    if sampler:
-        sampler.stop()
-    box = seen["box"]
+    gpu = sampler.stop() if sampler else None
+    box = seen["roi"]
     res = {
         "case": Path(args.output).name, "pipeline": args.pipeline, "roi": roi, "device": device,
         "fine_weights": "model.pt" if fine_weights else "random",
@@ -175,9 +136,8 @@ def worker(args: argparse.Namespace) -> None:
         "roi_volume_fraction": round(box.volume_fraction, 4), "fine_grid": seen["fine_grid"],
         "foreground_fraction": float((mask > 0).mean()),
     }
-    if sampler:
-        s = sampler.samples or [0.0]
-        res.update(gpu_source=sampler.source, gpu_max_mb=round(max(s), 1), gpu_auc_mb_s=round(sum(s) * 0.1, 1),
+    if gpu:
+        res.update(gpu_source=source, gpu_max_mb=gpu["gpu_max_mb"], gpu_auc_mb_s=gpu["gpu_auc_mb_s"],
                    torch_max_allocated_mb=round(torch.cuda.max_memory_allocated() / 2**20, 1))
     print("BENCH_RESULT " + json.dumps(res), flush=True)
 
@@ -185,24 +145,6 @@ def worker(args: argparse.Namespace) -> None:
 # ------------------------------------------------------------------------------------------------
 # driver
 # ------------------------------------------------------------------------------------------------
-def _make_cases(out: Path, slices: list[int], seed: int) -> list[tuple[Path, Path]]:
-    from abdoseg.io import save_nifti
-    from abdoseg.data.phantom import make_case
-
-    cases = []
-    for i, n in enumerate(slices):
-        img_p = out / "cases" / f"BENCH_{n:03d}_0000.nii.gz"
-        lab_p = out / "cases_gt" / f"BENCH_{n:03d}.nii.gz"
-        if not (img_p.is_file() and lab_p.is_file()):
-            t = time.perf_counter()
-            img, lab, aff = make_case(seed, preset="full", slices=n, index=i)
-            save_nifti(img, aff, img_p)
-            save_nifti(lab, aff, lab_p)
-            print(f"generated {img_p.name} {img.shape} in {time.perf_counter() - t:.1f} s", file=sys.stderr)
-        cases.append((img_p, lab_p))
-    return cases
-
-
 def _real_cases(out: Path, real_ct: Path) -> list[tuple[Path, Path]]:
     """Real CTs (``data/real_ct``-style case folders with ``image.nii.gz``): their organ masks,
     merged to FLARE ids in memory (:func:`abdoseg.data.prepare.load_real_case_label`), are written to
@@ -222,16 +164,16 @@ def _real_cases(out: Path, real_ct: Path) -> list[tuple[Path, Path]]:
     return cases
 
 
-def main(argv: list[str] | None = None) -> int:
-    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+def add_arguments(ap: argparse.ArgumentParser, command: str = "cascade") -> None:
     ap.add_argument("--out_dir", default=str(REPO / "runs" / "bench_cascade"))
     ap.add_argument("--slices", default=",".join(map(str, SEED_SLICES)), help="comma-separated slice counts")
+    ap.add_argument("--preset", default="full", help="phantom preset of the cases (full: 512 x 512; small: quick)")
     ap.add_argument("--seed", type=int, default=0)
     ap.add_argument("--threads", type=int, default=2, help="torch CPU threads")
     ap.add_argument("--cpu", action="store_true", help="force CPU even if CUDA is available")
     ap.add_argument("--skip_single", action="store_true", help="only time the cascade")
     ap.add_argument("--overrides", default="{}", help="JSON dict of inference.json ids -> values (both pipelines)")
-    ap.add_argument("--bundle", default=str(BUNDLE),
+    ap.add_argument("--bundle", default=str(FINE_BUNDLE),
                     help="fine_organ_tumor bundle folder (its configs and models/*.pt), e.g. a trained demo copy")
     ap.add_argument("--real_ct", default=None,
                     help="folder of real CT case folders (image.nii.gz + organ masks, e.g. ../shared/data/real_ct) "
@@ -247,7 +189,9 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--image", help=argparse.SUPPRESS)
     ap.add_argument("--label", help=argparse.SUPPRESS)
     ap.add_argument("--output", help=argparse.SUPPRESS)
-    args = ap.parse_args(argv)
+
+
+def run(args: argparse.Namespace) -> int:
     if args.worker:
         worker(args)
         return 0
@@ -256,13 +200,13 @@ def main(argv: list[str] | None = None) -> int:
     if args.real_ct:
         cases = _real_cases(out, Path(args.real_ct))
     else:
-        cases = _make_cases(out, [int(s) for s in str(args.slices).split(",") if s], args.seed)
+        cases = phantom_cases(out, parse_slices(args.slices), args.seed, args.preset)
     pipelines = ["cascade"] + ([] if args.skip_single else ["single"])
     results = []
     for img_p, lab_p in cases:
         for pipe in pipelines:
             pred = out / f"pred_{pipe}" / lab_p.name  # <case>.nii.gz
-            cmd = [sys.executable, __file__, "--worker", "--pipeline", pipe, "--image", str(img_p), "--label",
+            cmd = bench_command("cascade") + ["--worker", "--pipeline", pipe, "--image", str(img_p), "--label",
                    str(lab_p), "--output", str(pred), "--threads", str(args.threads), "--overrides", args.overrides,
                    "--bundle", str(args.bundle)] + ["--cpu"] * args.cpu + ["--oracle_roi"] * args.oracle_roi
             t = time.perf_counter()
@@ -317,7 +261,3 @@ def main(argv: list[str] | None = None) -> int:
     (out / "bench_cascade.json").write_text(json.dumps(summary, indent=2) + "\n")
     print(json.dumps({k: v for k, v in summary.items() if k != "cases"}, indent=2))
     return 0
-
-
-if __name__ == "__main__":
-    raise SystemExit(main())

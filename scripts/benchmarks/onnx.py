@@ -1,4 +1,3 @@
-#!/usr/bin/env python
 """Whole-cascade CPU timing: PyTorch vs ONNX Runtime, in one process, on phantoms of several sizes.
 
 The fine bundle is copied to a temporary folder; its ``models/*.pt`` are used when present, else
@@ -14,7 +13,7 @@ masks differ. The torch cascade runs under the config's ``autocast_dtype`` (bflo
 with native bf16), ORT in float32: ``--overrides '{"autocast_dtype": null}'`` compares float32
 with float32; ``'{"fine_spacing_mm": [4, 4, 6]}'`` gives a quick run.
 
-    .venv/bin/python scripts/bench_onnx.py --threads 2 --repeats 3 --out runs/bench_onnx.json
+    .venv/bin/python scripts/bench.py onnx --threads 2 --repeats 3 --out runs/bench_onnx.json
 """
 
 from __future__ import annotations
@@ -22,18 +21,14 @@ from __future__ import annotations
 import argparse
 import json
 import os
-import shutil
 import statistics
-import sys
 import tempfile
 import time
 import warnings
 from pathlib import Path
 
-import numpy as np
-import torch
+from benchlib import FINE_BUNDLE, random_weight_bundle, record_roi
 
-REPO = Path(__file__).resolve().parents[1]
 #: (label, make_case kwargs): default small phantom, a longer small one, a medium-sized one.
 CASES = [
     ("small", dict(seed=0, preset="small")),
@@ -42,75 +37,43 @@ CASES = [
 ]
 
 
-def prepare_bundle(src: Path, dst: Path, seed: int = 0) -> tuple[Path, str]:
-    from abdoseg.bundle.config import load_bundle_config
-
-    b = dst / src.name
-    shutil.copytree(src, b, ignore=shutil.ignore_patterns("eval", "__pycache__", "*.ts", "*.onnx"))
-    (b / "models").mkdir(exist_ok=True)
-    parser = load_bundle_config(b)
-    sources = []
-    for net_id, path_id in (("network_def", "model_path"), ("coarse_network_def", "coarse_checkpoint")):
-        path = Path(parser.get_parsed_content(path_id))
-        if path.is_file():
-            sources.append(f"{path.name}: bundle weights")
-            continue
-        torch.manual_seed(seed)
-        torch.save(parser.get_parsed_content(net_id).state_dict(), str(path))
-        sources.append(f"{path.name}: random init (seed {seed})")
-    return b, "; ".join(sources)
-
-
-def recording(segmenter) -> dict:
-    """Make ``segmenter`` record its last ROI box (``roi``) and fine-network input grid (``fine_grid``)."""
-    from abdoseg.inference.coarse_roi import CoarseRoiCropd
-
-    seen: dict = {}
-    coarse = next(t for t in segmenter.preprocessing.transforms if isinstance(t, CoarseRoiCropd))
-    roi_box, inferer = coarse.roi_box, segmenter.inferer
-
-    def box(image):
-        seen["roi"] = roi_box(image)
-        return seen["roi"]
-
-    def fine(x, network):
-        seen["fine_grid"] = list(x.shape[2:])
-        return inferer(x, network)
-
-    coarse.roi_box, segmenter.inferer = box, fine
-    return seen
-
-
-def run(segmenter, image: str) -> tuple[float, np.ndarray]:
+def time_case(segmenter, image: str) -> tuple:
+    """(seconds, mask) of one case."""
     t0 = time.perf_counter()
     mask, _ = segmenter({"image": image})
     return time.perf_counter() - t0, mask
 
 
-def main(argv: list[str] | None = None) -> dict:
-    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    ap.add_argument("--bundle", default=str(REPO / "bundles" / "fine_organ_tumor"))
+def add_arguments(ap: argparse.ArgumentParser, command: str = "onnx") -> None:
+    ap.add_argument("--bundle", default=str(FINE_BUNDLE))
     ap.add_argument("--repeats", type=int, default=3)
-    ap.add_argument("--threads", type=int, default=torch.get_num_threads())
+    ap.add_argument("--threads", type=int, default=None, help="torch and ORT threads (default: torch's)")
     ap.add_argument("--cases", default=",".join(c[0] for c in CASES), help="comma separated subset of " +
                     ", ".join(c[0] for c in CASES))
     ap.add_argument("--overrides", default="{}", help="JSON dict of inference.json ids -> values (both runtimes)")
+    ap.add_argument("--atol", type=float, default=None,
+                    help="largest |onnx - torch| logit difference the export accepts (default: abdoseg.bundle.export's)")
     ap.add_argument("--out", default=None, help="JSON file for the results")
-    args = ap.parse_args(argv)
+
+
+def run(args: argparse.Namespace) -> int:
+    import numpy as np
+    import torch
 
     from abdoseg.bundle.export import export, onnx_cascade, torch_cascade
-    from abdoseg.io import save_json, save_nifti
     from abdoseg.data.phantom import make_case
+    from abdoseg.io import save_json, save_nifti
 
+    args.threads = args.threads or torch.get_num_threads()
     torch.set_num_threads(args.threads)
     wanted = args.cases.split(",")
     overrides = json.loads(args.overrides)
     result: dict = {"threads": args.threads, "repeats": args.repeats, "torch": torch.__version__,
                     "overrides": overrides, "load_avg_start": list(os.getloadavg()), "cases": []}
     with tempfile.TemporaryDirectory() as tmp:
-        bundle, result["weights"] = prepare_bundle(Path(args.bundle), Path(tmp))
+        bundle, result["weights"] = random_weight_bundle(Path(args.bundle), Path(tmp), keep_trained=True)
         t0 = time.perf_counter()
-        export(str(bundle), formats="onnx", runner="inprocess")
+        export(str(bundle), formats="onnx", runner="inprocess", **({"atol": args.atol} if args.atol else {}))
         result["export_s"] = round(time.perf_counter() - t0, 2)
         import onnxruntime
 
@@ -119,7 +82,7 @@ def main(argv: list[str] | None = None) -> dict:
                 "onnx": onnx_cascade(bundle, intra_op_threads=args.threads, overrides=overrides)}
         # torch runs under the config's autocast (bfloat16 on CPUs with native bf16); ORT always in float32
         result["autocast_dtype"] = {name: getattr(seg.inferer, "autocast_dtype", None) for name, seg in segs.items()}
-        seen = {name: recording(seg) for name, seg in segs.items()}
+        seen = {name: record_roi(seg) for name, seg in segs.items()}
         for label, kw in CASES:
             if label not in wanted:
                 continue
@@ -131,10 +94,10 @@ def main(argv: list[str] | None = None) -> dict:
             with warnings.catch_warnings():
                 warnings.simplefilter("ignore")
                 for name, seg in segs.items():
-                    _, masks[name] = run(seg, path)  # warm-up, and the masks to compare
+                    _, masks[name] = time_case(seg, path)  # warm-up, and the masks to compare
                 for r in range(args.repeats):
                     for name in (["torch", "onnx"] if r % 2 == 0 else ["onnx", "torch"]):
-                        times[name].append(run(segs[name], path)[0])
+                        times[name].append(time_case(segs[name], path)[0])
             roi = {k: {"start": list(s["roi"].start), "stop": list(s["roi"].stop)} for k, s in seen.items()}
             diff = int((masks["torch"] != masks["onnx"]).sum())
             row = {
@@ -156,8 +119,4 @@ def main(argv: list[str] | None = None) -> dict:
     if args.out:
         save_json(result, args.out)
     print(json.dumps({k: v for k, v in result.items() if k != "cases"}))
-    return result
-
-
-if __name__ == "__main__":
-    main(sys.argv[1:])
+    return 0

@@ -15,8 +15,10 @@ window, coarse network, box) run; reported:
 
 Usage::
 
-    .venv/bin/python scripts/bench_coarse_roi.py --model bundles/coarse_roi/models/model.pt \
+    .venv/bin/python scripts/bench.py coarse --model bundles/coarse_roi/models/model.pt \
         --out runs/bench_coarse_roi.json
+
+Exit status 1 when the coverage target is not met.
 """
 
 from __future__ import annotations
@@ -24,21 +26,12 @@ from __future__ import annotations
 import argparse
 import json
 import statistics
-import sys
 import time
 import warnings
 from pathlib import Path
 
-import numpy as np
-import torch
-from tqdm import tqdm
+from benchlib import BUNDLES, FINE_BUNDLE, SEED_SLICES
 
-from abdoseg.io import save_json
-from abdoseg.data.phantom import make_case
-from abdoseg.inference.roi import EmptyRoiWarning
-
-REPO = Path(__file__).resolve().parents[1]
-SLICES = (55, 100, 150, 215, 334, 448, 499, 554)
 HELD_OUT_SEED = 9001  # training phantoms use seed 0 (`abdoseg generate` default)
 
 
@@ -59,27 +52,37 @@ def coarse_stage(bundle: str | Path, model: str | Path, margin_mm: float | None,
     return stage
 
 
-def main(argv: list[str] | None = None) -> int:
-    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    ap.add_argument("--model", default="bundles/coarse_roi/models/model.pt")
-    ap.add_argument("--bundle", default=str(REPO / "bundles" / "fine_organ_tumor"),
+def add_arguments(ap: argparse.ArgumentParser, command: str = "coarse") -> None:
+    ap.add_argument("--model", default=str(BUNDLES / "coarse_roi" / "models" / "model.pt"))
+    ap.add_argument("--bundle", default=str(FINE_BUNDLE),
                     help="fine bundle whose inference.json defines the coarse stage")
     ap.add_argument("--out", default="runs/bench_coarse_roi.json")
     ap.add_argument("--seed", type=int, default=HELD_OUT_SEED)
-    ap.add_argument("--slices", type=int, nargs="*", default=list(SLICES))
+    ap.add_argument("--slices", type=int, nargs="*", default=list(SEED_SLICES))
+    ap.add_argument("--preset", default="full", help="phantom preset of the cases (full: 512 x 512; small: quick)")
     ap.add_argument("--margin_mm", type=float, default=None, help="default: the bundle's margin_mm")
     ap.add_argument("--min_component_fraction", type=float, default=None)
     ap.add_argument("--threads", type=int, default=2)
-    args = ap.parse_args(argv)
-    torch.set_num_threads(args.threads)
+
+
+def run(args: argparse.Namespace) -> int:
+    import numpy as np
+    import torch
     from monai.data import MetaTensor
     from monai.transforms import Orientation
+    from tqdm import tqdm
+
+    from abdoseg.data.phantom import make_case
+    from abdoseg.inference.roi import EmptyRoiWarning
+    from abdoseg.io import save_json
+
+    torch.set_num_threads(args.threads)
 
     stage = coarse_stage(args.bundle, args.model, args.margin_mm, args.min_component_fraction)
     to_ras = Orientation(axcodes="RAS", labels=None)
     rows = []
     for i, n in enumerate(tqdm(args.slices, desc="coarse ROI bench")):
-        image, label, affine = make_case(args.seed, "full", slices=n, index=i)
+        image, label, affine = make_case(args.seed, args.preset, slices=n, index=i)
         aff = torch.from_numpy(np.asarray(affine, dtype=np.float64))
         image = to_ras(MetaTensor(torch.from_numpy(image)[None], affine=aff))
         fg = to_ras(MetaTensor(torch.from_numpy(label > 0)[None], affine=aff))[0].numpy()
@@ -117,7 +120,3 @@ def main(argv: list[str] | None = None) -> int:
     save_json({"summary": summary, "cases": rows}, args.out)
     print(json.dumps(summary, indent=2))
     return 0 if summary["target_met"] else 1
-
-
-if __name__ == "__main__":
-    sys.exit(main())

@@ -1,4 +1,3 @@
-#!/usr/bin/env python
 """Training throughput of a bundle's network on this machine: one optimizer step (forward,
 loss, backward, step) on a batch of the bundle's patch size, in float32 and under bfloat16 /
 float16 autocast, the modes run alternately in one process so that load on the machine hits
@@ -10,8 +9,8 @@ time does not depend on the values.
 
 Usage::
 
-    .venv/bin/python scripts/bench_training.py --bundle bundles/fine_organ_tumor --repeats 20
-    .venv/bin/python scripts/bench_training.py --bundle bundles/fine_organ_tumor \\
+    .venv/bin/python scripts/bench.py training --bundle bundles/fine_organ_tumor --repeats 20
+    .venv/bin/python scripts/bench.py training --bundle bundles/fine_organ_tumor \\
         --overrides '{"fine_spacing_mm": [4, 4, 6], "label_mode": "full"}'
 """
 
@@ -24,10 +23,12 @@ import time
 from contextlib import nullcontext
 from pathlib import Path
 
-import torch
+from benchlib import FINE_BUNDLE
 
 
 def build(bundle: Path, overrides: dict) -> tuple:
+    import torch
+
     from abdoseg.bundle.config import config_files, load_bundle_config
 
     parser = load_bundle_config(bundle, config_files(bundle, "training"))
@@ -47,14 +48,17 @@ def build(bundle: Path, overrides: dict) -> tuple:
     return network, loss, optimizer, patch, n, num_classes, partial
 
 
-def main() -> None:
-    ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    ap.add_argument("--bundle", default="bundles/fine_organ_tumor")
+def add_arguments(ap: argparse.ArgumentParser, command: str = "training") -> None:
+    ap.add_argument("--bundle", default=str(FINE_BUNDLE))
     ap.add_argument("--overrides", default="{}", help="JSON dict of train.json ids")
     ap.add_argument("--repeats", type=int, default=20)
     ap.add_argument("--modes", default="float32,bfloat16")
     ap.add_argument("--json", default="", help="write the table here as JSON")
-    args = ap.parse_args()
+
+
+def run(args: argparse.Namespace) -> int:
+    import torch
+
     network, loss, optimizer, patch, n, num_classes, partial = build(Path(args.bundle), json.loads(args.overrides))
     g = torch.Generator().manual_seed(0)
     image = torch.rand(n, 1, *patch, generator=g)
@@ -93,7 +97,4 @@ def main() -> None:
         print(f"{mode:<10} {med:>14.3f} {med / base:>7.2f}")
     if args.json:
         Path(args.json).write_text(json.dumps(table, indent=2) + "\n")
-
-
-if __name__ == "__main__":
-    main()
+    return 0

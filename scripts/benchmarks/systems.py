@@ -26,7 +26,7 @@ fine bundle's docs/README.md between the ``systems-table`` markers.
 Usage::
 
     .venv/bin/abdoseg generate --out_dir runs/unseen7 --preset small --seed 7 --n_labeled 1 --n_unlabeled 0 --n_val 8
-    .venv/bin/python scripts/compare_systems.py --demo_dir runs/demo --unseen runs/unseen7 \\
+    .venv/bin/python scripts/bench.py systems --demo_dir runs/demo --unseen runs/unseen7 \\
         --real_ct ../shared/data/real_ct --out_dir runs/systems --docs
 """
 
@@ -34,16 +34,13 @@ from __future__ import annotations
 
 import argparse
 import json
-import os
 import shutil
-import subprocess
 import sys
-import time
 from pathlib import Path
 from typing import Any
 
-REPO = Path(__file__).resolve().parents[1]
-BUNDLES = REPO / "bundles"
+from benchlib import BUNDLES, FINE_DOCS, SCRIPTS, measure_process, put_into_docs
+
 SYSTEMS = ("seed000", "seed001", "seed002", "seed003", "seed004")
 #: the grid every CPU-sized system runs at (the project's default: 4 x 4 x 6 mm, 64 x 64 x 32 windows)
 CPU_GRID = {"fine_spacing_mm": [4.0, 4.0, 6.0], "patch_size": [64, 64, 32]}
@@ -108,17 +105,8 @@ def run_bundle(bundle: Path, config: list[str], run_id: str, budget_s: float | N
 
 
 def timed_process(cmd: list[str], log: Path) -> dict[str, float]:
-    """Wall seconds, CPU seconds and peak RSS (MB) of one child process (``os.wait4``)."""
-    t0 = time.perf_counter()
-    with open(log, "a") as fh:
-        fh.write("$ " + " ".join(cmd) + "\n")
-        fh.flush()
-        proc = subprocess.Popen(cmd, stdout=fh, stderr=subprocess.STDOUT)
-        _, status, usage = os.wait4(proc.pid, 0)
-    if os.waitstatus_to_exitcode(status) != 0:
-        raise SystemExit(f"{' '.join(cmd)} failed (see {log})")
-    return {"wall_s": round(time.perf_counter() - t0, 2), "cpu_s": round(usage.ru_utime + usage.ru_stime, 2),
-            "peak_rss_mb": round(usage.ru_maxrss / 1024, 1)}
+    """Wall seconds, CPU seconds and peak RSS (MB) of one child process (output appended to ``log``)."""
+    return {k: round(v, 2 if k.endswith("_s") else 1) for k, v in measure_process(cmd, log).items()}
 
 
 def _epochs_done(models: Path) -> int | None:
@@ -203,7 +191,7 @@ def run_system(name: str, args: argparse.Namespace) -> dict[str, Any]:
         steps.run("train_fine", lambda: train(fine / "models", args.budget_s, args.seed))
 
     acc_dir = out / "accuracy"
-    eval_cmd = [sys.executable, str(REPO / "scripts" / "eval_accuracy.py"), "--bundle", str(fine), "--out_dir", str(acc_dir),
+    eval_cmd = [sys.executable, str(SCRIPTS / "eval_accuracy.py"), "--bundle", str(fine), "--out_dir", str(acc_dir),
                 "--phantoms", str(Path(args.unseen).resolve())]
     if args.real_ct:
         eval_cmd += ["--real_ct", str(Path(args.real_ct).resolve())]
@@ -264,18 +252,7 @@ def table(rows: list[dict[str, Any]], args: argparse.Namespace) -> str:
     return "\n".join(lines)
 
 
-def put_into_docs(md: str, docs: Path) -> None:
-    start, end = "<!-- systems-table:start -->", "<!-- systems-table:end -->"
-    text = docs.read_text(encoding="utf-8")
-    if start not in text or end not in text:
-        raise SystemExit(f"{docs}: markers {start} / {end} not found")
-    head, rest = text.split(start, 1)
-    _, tail = rest.split(end, 1)
-    docs.write_text(head + start + "\n" + md + "\n" + end + tail, encoding="utf-8")
-
-
-def main(argv: list[str] | None = None) -> int:
-    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+def add_arguments(ap: argparse.ArgumentParser, command: str = "systems") -> None:
     ap.add_argument("--demo_dir", required=True, help="output folder of README command 1 (abdoseg demo)")
     ap.add_argument("--unseen", required=True, help="held-out phantoms (abdoseg generate --seed 7 ...)")
     ap.add_argument("--real_ct", default="", help="real CT folder (test set only), e.g. ../shared/data/real_ct")
@@ -289,7 +266,9 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--seed", type=int, default=0)
     ap.add_argument("--repeats", type=int, default=1, help="full-size timing runs per system (median)")
     ap.add_argument("--docs", action="store_true", help="write the table into the fine bundle's docs/README.md")
-    args = ap.parse_args(argv)
+
+
+def run(args: argparse.Namespace) -> int:
     out = Path(args.out_dir).resolve()
     out.mkdir(parents=True, exist_ok=True)
     if not args.fullsize_ct:
@@ -311,10 +290,6 @@ def main(argv: list[str] | None = None) -> int:
     md = table(rows, args)
     (out / "systems.md").write_text(md + "\n")
     if args.docs:
-        put_into_docs(md, BUNDLES / "fine_organ_tumor" / "docs" / "README.md")
+        put_into_docs(md, FINE_DOCS, "systems-table")
     print(md)
     return 0
-
-
-if __name__ == "__main__":
-    sys.exit(main())

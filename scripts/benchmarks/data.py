@@ -1,4 +1,3 @@
-#!/usr/bin/env python
 """Training data pipeline at growing dataset sizes: the fine bundle with its disk cache.
 
 Generates one small-preset phantom set (``abdoseg generate --preset small --n_labeled MAX
@@ -20,7 +19,7 @@ the cache size on disk. ``--ram_baseline`` also trains with the previous in-RAM 
 (``cache_dir ""``, ``cache_rate 1.0``), ``--no_cache_baseline`` without any cache (``cache_rate
 0.0``: gzip NIfTI decoded every iteration). Prints a Markdown table, writes JSON.
 
-    .venv/bin/python scripts/bench_data_pipeline.py --sizes 50 200 400 --out runs/bench_data_pipeline
+    .venv/bin/python scripts/bench.py data --sizes 50 200 400 --out runs/bench_data_pipeline
 """
 
 from __future__ import annotations
@@ -30,13 +29,12 @@ import json
 import os
 import platform
 import shutil
-import subprocess
 import sys
 import time
 from pathlib import Path
 
-REPO = Path(__file__).resolve().parents[1]
-BUNDLE = REPO / "bundles" / "fine_organ_tumor"
+from benchlib import FINE_BUNDLE as BUNDLE, REPO, bench_command, measure_process
+
 CONFIGS = BUNDLE / "configs"
 #: the training configs: inference.json (the base: network, preprocessing) then train.json
 TRAINING_CONFIGS = [str(CONFIGS / "inference.json"), str(CONFIGS / "train.json")]
@@ -58,18 +56,10 @@ TRAIN_OVERRIDES = {
 }
 
 
-def _run(cmd: list[str], log: Path, env: dict | None = None) -> tuple[float, float]:
-    """Run ``cmd`` (output to ``log``); (wall seconds, peak RSS MB of the process) or raise."""
-    t0 = time.perf_counter()
-    with open(log, "w") as fh:
-        proc = subprocess.Popen(cmd, stdout=fh, stderr=subprocess.STDOUT, cwd=str(REPO), env=env)
-        _, status, usage = os.wait4(proc.pid, 0)
-        proc.returncode = os.waitstatus_to_exitcode(status)
-    wall = time.perf_counter() - t0
-    if proc.returncode != 0:
-        tail = log.read_text().splitlines()[-20:]
-        raise RuntimeError(f"{' '.join(cmd[:6])} ... exited {proc.returncode}:\n" + "\n".join(tail))
-    return wall, usage.ru_maxrss / 1024.0  # Linux: KB
+def _run(cmd: list[str], log: Path) -> tuple[float, float]:
+    """Run ``cmd`` in the repository (output to ``log``); (wall seconds, peak RSS MB) or exit."""
+    m = measure_process(cmd, log, cwd=REPO)
+    return m["wall_s"], m["peak_rss_mb"]
 
 
 def _du_mb(folder: Path) -> tuple[float, int]:
@@ -181,8 +171,8 @@ def bench_size(n: int, data: Path, work: Path, iterations: int, mode: str, fill_
     ov["train#trainer#epoch_length"] = iterations
     (run_dir / "overrides.json").write_text(json.dumps(ov, indent=1))
     result = run_dir / "train_result.json"
-    train_s, train_rss = _run([sys.executable, __file__, "--child", str(run_dir / "overrides.json"),
-                               "--result", str(result)], run_dir / "train.log")
+    train_s, train_rss = _run(bench_command("data") + ["--child", str(run_dir / "overrides.json"),
+                                                       "--result", str(result)], run_dir / "train.log")
     timing = json.loads(result.read_text())
     row.update({"train_s": round(train_s, 1), "train_peak_rss_mb": round(train_rss),
                 "iterations": timing["iterations"], "s_per_iteration": round(timing["s_per_iteration"], 3),
@@ -202,8 +192,7 @@ def markdown(rows: list[dict]) -> str:
     return "\n".join(lines)
 
 
-def main() -> None:
-    ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+def add_arguments(ap: argparse.ArgumentParser, command: str = "data") -> None:
     ap.add_argument("--sizes", type=int, nargs="+", default=[50, 200, 400])
     ap.add_argument("--iterations", type=int, default=30, help="training iterations per size (epoch_length)")
     ap.add_argument("--out", default="runs/bench_data_pipeline", help="work folder (phantoms, caches, results)")
@@ -217,10 +206,12 @@ def main() -> None:
     ap.add_argument("--keep_cache", action="store_true", help="keep the cache folder (deleted at the end)")
     ap.add_argument("--child", help=argparse.SUPPRESS)
     ap.add_argument("--result", help=argparse.SUPPRESS)
-    args = ap.parse_args()
+
+
+def run(args: argparse.Namespace) -> int:
     if args.child:
         child_train(args)
-        return
+        return 0
     work = Path(args.out).resolve()
     work.mkdir(parents=True, exist_ok=True)
     t0 = time.perf_counter()
@@ -244,7 +235,4 @@ def main() -> None:
     out.write_text(json.dumps(result, indent=1))
     print(markdown(rows))
     print(f"\n{out} ({result['total_s']} s)")
-
-
-if __name__ == "__main__":
-    main()
+    return 0

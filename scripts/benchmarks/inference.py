@@ -1,4 +1,3 @@
-#!/usr/bin/env python
 """Where the time of one cascade inference goes, and how it compares with MONAI model-zoo's
 ``wholeBody_ct_segmentation`` on the same CT.
 
@@ -15,12 +14,12 @@ peak RSS of each, and the ratio wholeBody / ours.
 
 Usage::
 
-    .venv/bin/python scripts/bench_inference.py stages  --ct ../shared/data/real_ct/ircadb07/image.nii.gz --bundle B
-    .venv/bin/python scripts/bench_inference.py compare --ct ../shared/data/real_ct/ircadb07/image.nii.gz --bundle B \\
+    .venv/bin/python scripts/bench.py stages  --ct ../shared/data/real_ct/ircadb07/image.nii.gz --bundle B
+    .venv/bin/python scripts/bench.py compare --ct ../shared/data/real_ct/ircadb07/image.nii.gz --bundle B \\
         --peer ../shared/peers/wholeBody_ct_segmentation --repeats 3
 
 ``B`` needs ``models/model.pt`` and ``models/coarse_model.pt`` (e.g. ``runs/demo/bundles/fine_organ_tumor``);
-``--random_weights`` makes a temporary copy of the repository bundle with random weights.
+``--random_weights`` makes a temporary copy of ``--bundle`` with seeded random weights.
 ``--overrides '{"autocast_dtype": "bfloat16"}'`` tries a setting (any inference.json id).
 """
 
@@ -32,32 +31,17 @@ import os
 import resource
 import shutil
 import statistics
-import subprocess
 import sys
 import tempfile
 import time
 from pathlib import Path
 
-REPO = Path(__file__).resolve().parents[1]
+from benchlib import FINE_BUNDLE, REPO, measure_process, random_weight_bundle
 
 
 def _rss_mb() -> float:
     return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024.0
 
-
-def random_weight_bundle(dst: Path) -> Path:
-    """A copy of the repository's fine bundle with seeded random weights."""
-    import torch
-
-    from abdoseg.bundle.config import load_bundle_config
-
-    bundle = dst / "fine_organ_tumor"
-    shutil.copytree(REPO / "bundles" / "fine_organ_tumor", bundle)
-    parser = load_bundle_config(bundle)
-    torch.manual_seed(0)
-    torch.save(parser.get_parsed_content("network_def").state_dict(), bundle / "models" / "model.pt")
-    torch.save(parser.get_parsed_content("coarse_network_def").state_dict(), bundle / "models" / "coarse_model.pt")
-    return bundle
 
 
 # ------------------------------------------------------------------------------------------------
@@ -82,7 +66,7 @@ def stages(args: argparse.Namespace) -> list[dict]:
 
     tmp = Path(tempfile.mkdtemp())
     try:
-        bundle = random_weight_bundle(tmp) if args.random_weights else Path(args.bundle)
+        bundle = random_weight_bundle(Path(args.bundle), tmp)[0] if args.random_weights else Path(args.bundle)
         overrides = json.loads(args.overrides) if args.overrides else {}
         seg = timed("build (config + weights)", segmenter_from_bundle, bundle, "cpu", overrides)
         pre = seg.preprocessing.transforms
@@ -129,23 +113,10 @@ def stages(args: argparse.Namespace) -> list[dict]:
 
 
 # ------------------------------------------------------------------------------------------------
-def _run_measured(cmd: list[str], cwd: str | None = None, env: dict | None = None) -> dict:
-    """Wall, CPU (user + sys) seconds and peak RSS of one whole process (``os.wait4``)."""
-    t = time.perf_counter()
-    proc = subprocess.Popen(cmd, cwd=cwd, env=env, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)
-    _, status, ru = os.wait4(proc.pid, 0)
-    wall = time.perf_counter() - t
-    err = proc.stderr.read().decode(errors="replace") if proc.stderr else ""
-    proc.returncode = os.waitstatus_to_exitcode(status)
-    if proc.returncode != 0:
-        raise SystemExit(f"{' '.join(cmd)} failed ({proc.returncode}):\n{err[-3000:]}")
-    return {"wall_s": wall, "cpu_s": ru.ru_utime + ru.ru_stime, "peak_rss_mb": ru.ru_maxrss / 1024.0}
-
-
 def compare(args: argparse.Namespace) -> dict:
     tmp = Path(tempfile.mkdtemp())
     try:
-        bundle = random_weight_bundle(tmp) if args.random_weights else Path(args.bundle).resolve()
+        bundle = random_weight_bundle(Path(args.bundle), tmp)[0] if args.random_weights else Path(args.bundle).resolve()
         peer = tmp / "wholeBody_ct_segmentation"
         shutil.copytree(Path(args.peer), peer)
         (peer / "sampledata" / "imagesTs").mkdir(parents=True)
@@ -159,8 +130,8 @@ def compare(args: argparse.Namespace) -> dict:
                   "--bundle_root", ".", "--device", "$torch.device('cpu')"]
         res: dict[str, list[dict]] = {"abdoseg": [], "wholeBody": []}
         for r in range(args.repeats):  # alternate, so both see the same machine state
-            res["abdoseg"].append(_run_measured(ours, env=env))
-            res["wholeBody"].append(_run_measured(theirs, cwd=str(peer), env=env))
+            res["abdoseg"].append(measure_process(ours, env=env))
+            res["wholeBody"].append(measure_process(theirs, cwd=str(peer), env=env))
             print(f"repeat {r + 1}: abdoseg {res['abdoseg'][-1]['wall_s']:.1f} s, "
                   f"wholeBody {res['wholeBody'][-1]['wall_s']:.1f} s", file=sys.stderr)
         med = {k: {m: statistics.median(x[m] for x in v) for m in ("wall_s", "cpu_s", "peak_rss_mb")}
@@ -178,23 +149,23 @@ def compare(args: argparse.Namespace) -> dict:
         shutil.rmtree(tmp, ignore_errors=True)
 
 
-def main() -> None:
-    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    ap.add_argument("mode", choices=["stages", "compare"])
+def add_arguments(ap: argparse.ArgumentParser, command: str) -> None:
     ap.add_argument("--ct", required=True, help="NIfTI CT")
-    ap.add_argument("--bundle", default=str(REPO / "bundles" / "fine_organ_tumor"))
-    ap.add_argument("--random_weights", action="store_true", help="temporary copy with seeded random weights")
-    ap.add_argument("--peer", default=str(REPO.parent / "shared" / "peers" / "wholeBody_ct_segmentation"))
+    ap.add_argument("--bundle", default=str(FINE_BUNDLE))
+    ap.add_argument("--random_weights", action="store_true", help="temporary copy of --bundle with seeded random weights")
     ap.add_argument("--repeats", type=int, default=3)
-    ap.add_argument("--threads", type=int, default=2)
-    ap.add_argument("--overrides", default="", help="JSON dict of inference.json ids (stages mode)")
+    if command == "stages":
+        ap.add_argument("--overrides", default="", help="JSON dict of inference.json ids")
+    else:
+        ap.add_argument("--peer", default=str(REPO.parent / "shared" / "peers" / "wholeBody_ct_segmentation"),
+                        help="model-zoo wholeBody_ct_segmentation bundle folder")
+        ap.add_argument("--threads", type=int, default=2, help="OMP_NUM_THREADS of both processes")
     ap.add_argument("--out", default="", help="write the results as JSON here")
-    args = ap.parse_args()
-    out = stages(args) if args.mode == "stages" else compare(args)
+
+
+def run(args: argparse.Namespace) -> int:
+    out = stages(args) if args.command == "stages" else compare(args)
     if args.out:
         Path(args.out).parent.mkdir(parents=True, exist_ok=True)
         Path(args.out).write_text(json.dumps(out, indent=2) + "\n")
-
-
-if __name__ == "__main__":
-    main()
+    return 0
