@@ -150,8 +150,8 @@ def test_from_a_bundle_config_in_monai_supervised_trainer(tmp_path):
 
 
 def _train_config(tmp_path, max_epochs: int, val_interval: int) -> dict:
-    """A bundle-style config: SupervisedTrainer + ValidationHandler + key-metric CheckpointSaver
-    writing model.pt (as the bundles' validate#handlers do) + FinalModelSaver + TrainStatsWriter.
+    """A bundle-style config: SupervisedTrainer + ValidationHandler + ModelSaver (the one writer
+    of model.pt, as in the bundles' train#handlers) + TrainStatsWriter.
     The key metric is a constant, so the first validation is the best one."""
     batch = "$[{'image': torch.ones(1, 1, 2, 2, 2), 'label': torch.ones(1, 1, 2, 2, 2).long()}]"
     return {
@@ -160,11 +160,8 @@ def _train_config(tmp_path, max_epochs: int, val_interval: int) -> dict:
         "evaluator": {"_target_": "SupervisedEvaluator", "device": "$torch.device('cpu')", "val_data_loader": batch,
                       "network": "@network",
                       "key_val_metric": {"m": {"_target_": "ignite.metrics.Average",
-                                               "output_transform": "$lambda out: torch.tensor(1.0)"}},
-                      "val_handlers": [{"_target_": "CheckpointSaver", "save_dir": str(tmp_path),
-                                        "save_dict": {"model": "@network"}, "save_key_metric": True,
-                                        "key_metric_filename": "model.pt"}]},
-        "final": {"_target_": "abdoseg.training.handlers.FinalModelSaver", "save_dir": str(tmp_path), "network": "@network",
+                                               "output_transform": "$lambda out: torch.tensor(1.0)"}}},
+        "final": {"_target_": "abdoseg.training.handlers.ModelSaver", "save_dir": str(tmp_path), "network": "@network",
                   "evaluator": "@evaluator"},
         "stats": {"_target_": "abdoseg.training.handlers.TrainStatsWriter", "path": str(tmp_path / "train_stats.json"),
                   "evaluator": "@evaluator"},
@@ -176,8 +173,8 @@ def _train_config(tmp_path, max_epochs: int, val_interval: int) -> dict:
     }
 
 
-def test_final_model_saver_without_validation_writes_the_last_weights(tmp_path):
-    """max_epochs < val_interval: no validation saves model.pt, so FinalModelSaver does; stats say so."""
+def test_model_saver_without_validation_writes_the_last_weights(tmp_path):
+    """max_epochs < val_interval: no validation saves model.pt, so ModelSaver does; stats say so."""
     import json
 
     from monai.bundle import ConfigParser
@@ -194,7 +191,7 @@ def test_final_model_saver_without_validation_writes_the_last_weights(tmp_path):
     assert [p.name for p in tmp_path.iterdir() if p.name.startswith(".")] == []  # no temporary files left
 
 
-def test_final_model_saver_keeps_the_validated_model(tmp_path, monkeypatch):
+def test_model_saver_keeps_the_validated_model(tmp_path, monkeypatch):
     """A validation ran: model.pt stays the best validated weights (epoch 1), not the last ones."""
     import json
 
@@ -208,7 +205,8 @@ def test_final_model_saver_keeps_the_validated_model(tmp_path, monkeypatch):
     trainer.add_event_handler(Events.EPOCH_COMPLETED, lambda e: snapshots.append(
         parser.get_parsed_content("network").weight.detach().clone()))
     trainer.run()
-    assert parser.get_parsed_content("final").saved is None
+    final = parser.get_parsed_content("final")
+    assert final.saved is None and final.best_epoch == 1
     sd = torch.load(tmp_path / "model.pt", weights_only=True)
     torch.testing.assert_close(sd["weight"], snapshots[0])
     assert not torch.equal(sd["weight"], snapshots[-1])
@@ -249,3 +247,25 @@ def test_learning_curve_recorder_snapshots_on_the_clock_with_counts(tmp_path, mo
     assert w[1] - w[0] == pytest.approx(3.0) and w[2] - w[1] == pytest.approx(2.0)  # each snapshot: the weights of its moment
     with pytest.raises(ValueError, match="every_s"):
         handlers.LearningCurveRecorder(tmp_path, every_s=0, network=net)
+
+
+def test_model_saver_follows_the_best_validation(tmp_path):
+    """A key metric that rises every validation: model.pt is rewritten each time and ends as the
+    last validated weights; nothing else writes model.pt."""
+    from monai.bundle import ConfigParser
+
+    config = _train_config(tmp_path, max_epochs=3, val_interval=1)
+    rising = "$(lambda c=[]: (lambda out: torch.tensor(float(c.append(1) or len(c)))))()"
+    config["evaluator"]["key_val_metric"]["m"]["output_transform"] = rising
+    parser = ConfigParser(config)
+    snapshots = []
+    trainer = parser.get_parsed_content("trainer")
+    from ignite.engine import Events
+
+    trainer.add_event_handler(Events.EPOCH_COMPLETED, lambda e: snapshots.append(
+        parser.get_parsed_content("network").weight.detach().clone()))
+    trainer.run()
+    final = parser.get_parsed_content("final")
+    assert final.best_epoch == 3 and final.saved is None
+    torch.testing.assert_close(torch.load(tmp_path / "model.pt", weights_only=True)["weight"], snapshots[-1])
+    assert not torch.equal(snapshots[0], snapshots[-1])

@@ -24,7 +24,7 @@
   from the request (KeyError when a plain HTTP client sends only ``max_epochs``); missing ones take
   the bundle's defaults here.
 
-Served weights after training: the bundles' ``abdoseg.training.handlers.FinalModelSaver`` writes
+Served weights after training: the bundles' ``abdoseg.training.handlers.ModelSaver`` (the one writer of ``model.pt``) writes
 ``models/model.pt`` at the end of any training in which no validation saved it (fewer epochs than
 ``val_interval``, or no validation images), and the inference task reloads a ``model.pt`` whose
 modification time changed, so the next ``/infer`` uses the new weights.

@@ -14,10 +14,10 @@ named epochs. In a bundle's ``train.json``::
 when a CPU run overrides ``max_epochs``). ``abdoseg rounds --checkpoint_names "['S1','S2','S3']"``
 then finds ``<ckpt_dir>/S1.pt`` etc.
 
-:class:`FinalModelSaver` makes every training run leave its weights in ``models/model.pt``: the
-validation's key-metric ``CheckpointSaver`` writes ``model.pt`` only when a validation ran, so a
-run shorter than ``val_interval`` (or one without validation data, as MONAI Label's training on a
-few labels often is) would otherwise leave the old weights in place. :class:`TrainStatsWriter`
+:class:`ModelSaver` is the one writer of ``models/model.pt``: the best validated weights, or
+the last ones when no validation ran (a run shorter than ``val_interval``, or one without
+validation data, as MONAI Label's training on a few labels often is), so no run leaves old
+weights in place. :class:`TrainStatsWriter`
 keeps a small JSON of the training's progress (epoch, loss, best metric, times) that MONAI Label
 shows as ``train_stats``.
 """
@@ -38,7 +38,7 @@ import torch
 
 from abdoseg.io import atomic_path
 
-__all__ = ["EpochCheckpointSaver", "FinalModelSaver", "LearningCurveRecorder", "TimeBudget", "TrainStatsWriter",
+__all__ = ["EpochCheckpointSaver", "ModelSaver", "LearningCurveRecorder", "TimeBudget", "TrainStatsWriter",
            "WallClockPolyLR"]
 
 logger = logging.getLogger(__name__)
@@ -151,28 +151,30 @@ def _validated_epoch(evaluator: Any) -> int:
     return int(getattr(state, "best_metric_epoch", -1) or -1) if state is not None else -1
 
 
-class FinalModelSaver:
-    """At the end of training, save the network's inference weights as ``filename`` unless a
-    validation of this run already saved the key-metric checkpoint there.
+class ModelSaver:
+    """The one writer of ``model.pt``: the best validated weights while training runs, or the
+    last weights when no validation ran.
 
-    The bundles' validation ``CheckpointSaver`` writes ``models/model.pt`` when the key metric
-    improves, so after a run with at least one validation ``model.pt`` is the best validated
-    model, as before. A run in which no validation ran (``max_epochs < val_interval``, or an empty
-    validation datalist, e.g. MONAI Label with one or two labeled images) would leave the previous
-    ``model.pt`` in place while reporting success; this handler then writes the last epoch's
-    weights there and logs why. The file is a plain state dict of
-    :func:`abdoseg.networks.checkpoints.inference_state_dict` (deep-supervision heads dropped), written
-    atomically by rank 0 only.
+    After every validation whose key metric is the best so far (MONAI's ``Workflow`` keeps
+    ``state.best_metric_epoch``), the network's inference weights are written to ``filename``;
+    so after a run with at least one validation the file is the best validated model. A run in
+    which no validation ran (``max_epochs < val_interval``, or an empty validation datalist, e.g.
+    MONAI Label with one or two labeled images) would otherwise leave the previous ``model.pt`` in
+    place while reporting success: at the end of such a run the last epoch's weights are written
+    and the log says why. The file is a plain state dict of
+    :func:`abdoseg.networks.checkpoints.inference_state_dict` (deep-supervision heads dropped, DDP
+    unwrapped), written atomically by rank 0 only.
 
     Args:
         save_dir: output folder (the bundle's ``ckpt_dir``).
         network: the trained module (may be DDP-wrapped).
         evaluator: the validation engine (``@validate#evaluator``); ``None`` = never validated,
-            always save.
+            save at the end.
         filename: file name in ``save_dir`` (default ``model.pt``, what inference loads).
 
     Attributes:
-        saved: the path written at the end of the last run, or ``None`` (validation saved).
+        best_epoch: trainer epoch of the weights written after a validation, or -1.
+        saved: the path written at the end of the last run (no validation ran), or ``None``.
     """
 
     def __init__(self, save_dir: str | os.PathLike, network: torch.nn.Module, evaluator: Any = None,
@@ -181,29 +183,46 @@ class FinalModelSaver:
         self.network = network
         self.evaluator = evaluator
         self.filename = str(filename)
+        self.best_epoch = -1
         self.saved: Path | None = None
 
-    def attach(self, engine) -> None:  # ignite.engine.Engine
+    def attach(self, engine) -> None:  # ignite.engine.Engine (the trainer)
         from ignite.engine import Events
 
-        if not engine.has_event_handler(self, Events.COMPLETED):
-            engine.add_event_handler(Events.COMPLETED, self)
+        if not engine.has_event_handler(self.started, Events.STARTED):
+            engine.add_event_handler(Events.STARTED, self.started)
+            engine.add_event_handler(Events.COMPLETED, self.completed)
+        # registered after the evaluator's own key-metric comparison, so best_metric_epoch is current
+        if self.evaluator is not None and not self.evaluator.has_event_handler(self.validated, Events.EPOCH_COMPLETED):
+            self.evaluator.add_event_handler(Events.EPOCH_COMPLETED, self.validated)
 
-    def __call__(self, engine) -> None:
-        self.saved = None
-        if _rank() != 0:
-            return
+    def _write(self) -> Path:
         path = self.save_dir / self.filename
-        best_epoch = _validated_epoch(self.evaluator)
-        if best_epoch >= 1:
-            logger.info("FinalModelSaver: %s is the validated best model (epoch %d); kept", path, best_epoch)
-            return
         state = {k: v.detach().cpu() for k, v in _inference_state_dict(self.network).items()}
         with atomic_path(path) as tmp:
             torch.save(state, tmp)
-        self.saved = path
-        logger.info("FinalModelSaver: no validation ran in this training (max_epochs %d, or no validation data): "
-                    "%s = the weights after epoch %d", int(engine.state.max_epochs), path, int(engine.state.epoch))
+        return path
+
+    def started(self, engine) -> None:
+        self.best_epoch, self.saved = -1, None
+
+    def validated(self, evaluator) -> None:
+        """After a validation: write the weights if its key metric is the best of this run."""
+        epoch = int(evaluator.state.epoch)
+        if _rank() != 0 or _validated_epoch(evaluator) != epoch:
+            return
+        path = self._write()
+        self.best_epoch = epoch
+        logger.info("ModelSaver: best %s so far at epoch %d -> %s", getattr(evaluator.state, "best_metric", "?"),
+                    epoch, path)
+
+    def completed(self, engine) -> None:
+        """End of training: write the last weights when no validation wrote any."""
+        if _rank() != 0 or self.best_epoch >= 1:
+            return
+        self.saved = self._write()
+        logger.info("ModelSaver: no validation ran in this training (max_epochs %d, or no validation data): "
+                    "%s = the weights after epoch %d", int(engine.state.max_epochs), self.saved, int(engine.state.epoch))
 
 
 def _scalar(value: Any) -> Any:
@@ -343,7 +362,7 @@ class TimeBudget:
     after every iteration), as a MONAI train handler (``train_handlers`` call ``attach``).
 
     The trainer then ends as if its last epoch were done: ``Events.COMPLETED`` fires, so
-    :class:`FinalModelSaver` and MONAI's ``CheckpointSaver(save_final=True)`` still write their
+    :class:`ModelSaver` and MONAI's ``CheckpointSaver(save_final=True)`` still write their
     files. Useful for equal-budget comparisons (``scripts/compare_systems.py``) and for "train
     for 10 minutes" on a laptop; the learning-rate schedule still counts ``max_epochs``.
     """
