@@ -14,7 +14,7 @@ import pytest
 import torch
 from monai.bundle import ConfigParser
 from monai.data import CacheDataset, MetaTensor
-from monai.transforms import Compose, EnsureChannelFirstd, LoadImaged, Orientationd, RandSpatialCropd
+from monai.transforms import Compose, EnsureChannelFirstd, LoadImaged, Orientationd, RandSpatialCropd, Transform
 
 from abdoseg.data.cache import DiskCacheDataset, cached_dataset
 from abdoseg.bundle.config import config_files
@@ -174,3 +174,96 @@ def test_bundle_datasets_cache_on_disk_by_default(dataset, tmp_path, bundle, par
 
     parser["cache_dir"] = ""
     assert type(parser.get_parsed_content(f"{part}#dataset", lazy=False)) is CacheDataset
+
+
+# --------------------------------------------------------------------------------------------------
+# RAM: the disk cache keeps items on disk, not in the dataset (issue 23: "nothing measures memory").
+
+ITEM_MB = 4
+N_ITEMS = 16
+
+
+class _MakeVolume(Transform):
+    """A deterministic MONAI transform (cached whole: both caches stop at the first random or
+    non-``Transform`` callable): ``{"case": i}`` -> a ``ITEM_MB`` MB float32 volume, the stand-in of a
+    decoded, resampled CT. numpy arrays, whose memory ``tracemalloc`` traces."""
+
+    def __call__(self, item: dict) -> dict:
+        n = ITEM_MB * 2**20 // 4
+        return {"case": item["case"], "image": np.full(n, float(item["case"]), np.float32)}
+
+
+def _arrays_held(root) -> int:
+    """Bytes of the numpy arrays and torch tensors reachable from ``root`` through its attributes and
+    containers (modules, classes and functions not followed)."""
+    import gc
+    import types
+
+    skip = (types.ModuleType, type, types.FunctionType, types.BuiltinFunctionType, types.CodeType, types.FrameType)
+    seen, todo, total = set(), [root], 0
+    while todo:
+        obj = todo.pop()
+        if id(obj) in seen or isinstance(obj, skip):
+            continue
+        seen.add(id(obj))
+        if isinstance(obj, np.ndarray):
+            total += obj.nbytes
+        elif isinstance(obj, torch.Tensor):
+            total += obj.untyped_storage().nbytes()
+        else:
+            todo.extend(gc.get_referents(obj))
+    return total
+
+
+def _traced(fn) -> tuple[int, int]:
+    """(retained, peak) bytes that ``tracemalloc`` traces while ``fn()`` runs."""
+    import gc
+    import tracemalloc
+
+    gc.collect()
+    tracemalloc.start()
+    try:
+        base = tracemalloc.get_traced_memory()[0]
+        fn()
+        gc.collect()
+        current, peak = tracemalloc.get_traced_memory()
+    finally:
+        tracemalloc.stop()
+    return current - base, peak - base
+
+
+def _read(ds, n: int) -> None:
+    """Read items 0..n-1 of ``ds``, one at a time (each checked, then dropped)."""
+    for i in range(n):
+        item = ds[i]
+        assert item["case"] == i and item["image"].nbytes == ITEM_MB * 2**20 and item["image"][0] == i
+        del item
+
+
+def test_disk_cache_keeps_items_on_disk_not_in_ram(tmp_path):
+    """After warm-up, reading 16 items of 4 MB one at a time from a DiskCacheDataset retains
+    nothing, and its peak does not grow with the count: 16 reads peak as high as 2 reads (about 5
+    items: ``torch.load`` holds the file's bytes and the pickle while it builds the array), far
+    below the 64 MB of all items; the dataset object holds no item arrays. The same items in MONAI's
+    CacheDataset (``cache_dir`` "", the RAM cache) are all held, which both measures see: so they
+    would see a disk cache that kept its items."""
+    from abdoseg.data.cache import warm_cache
+
+    item_bytes = ITEM_MB * 2**20
+    data = [{"case": i} for i in range(N_ITEMS)]
+    disk = cached_dataset(data, Compose([_MakeVolume()]), cache_dir=tmp_path / "cache")
+    assert isinstance(disk, DiskCacheDataset)
+    assert warm_cache(disk) == N_ITEMS and len(list((tmp_path / "cache").glob("*.pt"))) == N_ITEMS
+    _, peak_two = _traced(lambda: _read(disk, 2))
+    retained, peak = _traced(lambda: _read(disk, N_ITEMS))
+    mb = 2**20
+    assert retained < item_bytes / 4, f"the disk cache kept {retained / mb:.1f} MB after reading {N_ITEMS} items"
+    assert peak <= peak_two + item_bytes / 4, f"peak grows with the items read: {peak_two / mb:.1f} MB -> {peak / mb:.1f} MB"
+    assert peak < N_ITEMS * item_bytes / 2, f"reading {N_ITEMS} items peaked at {peak / mb:.1f} MB"
+    assert _arrays_held(disk) < item_bytes / 4, "the DiskCacheDataset object holds item arrays"
+
+    ram: list = []
+    retained, _ = _traced(lambda: ram.append(cached_dataset(data, Compose([_MakeVolume()]), cache_dir="",
+                                                            cache_rate=1.0, progress=False)))
+    assert isinstance(ram[0], CacheDataset) and not isinstance(ram[0], DiskCacheDataset)
+    assert retained >= N_ITEMS * item_bytes and _arrays_held(ram[0]) >= N_ITEMS * item_bytes
