@@ -5,7 +5,9 @@ TorchScript export, bad inputs (air only, 2 slices) and the plain-function path.
 from __future__ import annotations
 
 import json
+import math
 import os
+import re
 import subprocess
 import sys
 import warnings
@@ -20,6 +22,7 @@ from abdoseg.bundle.config import config_files
 from abdoseg.networks.checkpoints import load_weights
 from abdoseg.inference.roi import EmptyRoiWarning, RoiBox
 from shared_files import MONAI_SCHEMA, require
+from test_fine_bundle import assert_trained_and_validated, checked_overrides, config_workflow
 
 REPO = Path(__file__).resolve().parents[1]
 BUNDLE = REPO / "bundles" / "coarse_roi"
@@ -102,6 +105,8 @@ def _parser(config: Path, **overrides):
 
     parser = ConfigParser()
     parser.read_config(str(config))
+    missing = [k for k in ("bundle_root", *overrides) if k not in parser]  # setting one would add it silently
+    assert not missing, f"override ids not in {config}: {missing}"
     parser["bundle_root"] = str(config.parents[1])
     for k, v in overrides.items():
         parser[k] = v
@@ -177,14 +182,19 @@ def test_metadata_and_network_io():
 def trained_bundle(dataset, tmp_path_factory) -> Path:
     """One short training epoch with the monai.bundle CLI, single process, on CPU."""
     bundle = _bundle_copy(tmp_path_factory.mktemp("bundle"))
+    overrides = checked_overrides(config_files(bundle, "training"),
+                                  {"bundle_root": str(bundle), "dataset_dir": str(dataset), **TINY})
     cmd = [sys.executable, "-m", "monai.bundle", "run", "training",
            "--meta_file", str(bundle / "configs/metadata.json"),
            "--config_file", repr(config_files(bundle, "training")),
-           "--logging_file", str(bundle / "configs/logging.conf"),
-           "--bundle_root", str(bundle), "--dataset_dir", str(dataset), *_cli_overrides(TINY)]
+           "--logging_file", str(bundle / "configs/logging.conf"), *_cli_overrides(overrides)]
     res = subprocess.run(cmd, capture_output=True, text=True, timeout=300, env={**os.environ, "OMP_NUM_THREADS": "1"})
+    log = res.stdout + res.stderr
     assert res.returncode == 0, res.stdout[-3000:] + res.stderr[-3000:]
-    assert "val_mean_dice" in res.stdout + res.stderr
+    # validation ran once (val_interval 1, one epoch) and logged a finite Dice
+    dice = [float(v) for v in re.findall(r"val_mean_dice: (\S+)", log)]
+    assert dice and all(math.isfinite(d) and 0.0 <= d <= 1.0 for d in dice), log[-3000:]
+    assert_trained_and_validated(bundle / "models", epochs=1, iterations=2)  # 4 cases, batch 2
     return bundle
 
 
@@ -195,26 +205,23 @@ def test_training_writes_plain_state_dict(trained_bundle):
 
 
 def test_evaluate_config(trained_bundle, dataset):
-    from monai.bundle import ConfigWorkflow
-
-    wf = ConfigWorkflow(config_file=[*config_files(trained_bundle, "training"), str(trained_bundle / "configs/evaluate.json")],
-                        meta_file=str(trained_bundle / "configs/metadata.json"), workflow_type="eval",
-                        bundle_root=str(trained_bundle), dataset_dir=str(dataset), **TINY)
+    wf = config_workflow([*config_files(trained_bundle, "training"), str(trained_bundle / "configs/evaluate.json")],
+                         str(trained_bundle / "configs/metadata.json"), "eval",
+                         bundle_root=str(trained_bundle), dataset_dir=str(dataset), **TINY)
     wf.initialize()
     wf.run()
     metrics = (trained_bundle / "eval" / "metrics.csv").read_text()
-    assert "val_mean_dice" in metrics
+    values = re.findall(r"^val_mean_dice[,\t ]+(\S+)\s*$", metrics, flags=re.M)
+    assert len(values) == 1 and 0.0 <= float(values[0]) <= 1.0, metrics  # NaN fails the comparison
     wf.finalize()
 
 
 def test_inference_outputs_mask_in_ct_geometry_and_roi_json(trained_bundle, dataset, tmp_path):
-    from monai.bundle import ConfigWorkflow
-
     out = tmp_path / "pred"
-    wf = ConfigWorkflow(config_file=str(trained_bundle / "configs/inference.json"),
-                        meta_file=str(trained_bundle / "configs/metadata.json"), workflow_type="infer",
-                        bundle_root=str(trained_bundle), dataset_dir=str(dataset), output_dir=str(out),
-                        coarse_roi_size=[32, 32, 32])
+    wf = config_workflow(str(trained_bundle / "configs/inference.json"),
+                         str(trained_bundle / "configs/metadata.json"), "infer",
+                         bundle_root=str(trained_bundle), dataset_dir=str(dataset), output_dir=str(out),
+                         coarse_roi_size=[32, 32, 32])
     wf.initialize()
     with warnings.catch_warnings():
         warnings.simplefilter("ignore", EmptyRoiWarning)  # a 1-epoch net may find nothing
@@ -253,10 +260,11 @@ def test_ckpt_export_torchscript(trained_bundle, tmp_path):
 def test_torchrun_two_process_gloo(dataset, tmp_path):
     bundle = _bundle_copy(tmp_path)
     cfg = json.dumps(config_files(bundle, "training", multi_gpu=True))
+    overrides = checked_overrides(config_files(bundle, "training", multi_gpu=True),
+                                  {"bundle_root": str(bundle), "dataset_dir": str(dataset), **TINY})
     cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2",
            "-m", "monai.bundle", "run", "training", "--config_file", cfg,
-           "--meta_file", str(bundle / "configs/metadata.json"),
-           "--bundle_root", str(bundle), "--dataset_dir", str(dataset), *_cli_overrides(TINY)]
+           "--meta_file", str(bundle / "configs/metadata.json"), *_cli_overrides(overrides)]
     res = subprocess.run(cmd, capture_output=True, text=True, timeout=300, env={**os.environ, "OMP_NUM_THREADS": "1"})
     assert res.returncode == 0, res.stdout[-3000:] + res.stderr[-3000:]
     state = torch.load(str(bundle / "models" / "model.pt"), map_location="cpu", weights_only=True)
@@ -286,30 +294,48 @@ def test_bad_input_gives_whole_volume_roi_and_warning(kind, tmp_path):
     assert tuple(d["image"].shape[1:]) == ct.shape  # whole volume
 
 
-def test_bundle_inference_on_two_slice_ct_never_crashes(trained_bundle, tmp_path):
-    from monai.bundle import ConfigWorkflow
+def _constant_network(foreground: bool) -> torch.nn.Module:
+    """The coarse network_def with weights that answer one class everywhere (its last bias decides)."""
+    net = coarse_network()
+    with torch.no_grad():
+        for p in net.parameters():
+            p.zero_()
+        net.output_block.conv.conv.bias.copy_(torch.tensor([-1.0, 1.0] if foreground else [1.0, -1.0]))
+    return net
 
+
+@pytest.mark.parametrize("foreground", [False, True], ids=["finds_nothing", "finds_everything"])
+def test_bundle_inference_on_two_slice_ct_never_crashes(foreground, tmp_path):
+    """A 2-slice CT and an all-air CT through the bundle's inference, with a network whose answer is
+    known: one that finds nothing gives an empty coarse mask, the whole volume and an
+    EmptyRoiWarning naming each case; one that finds everything gives a full coarse mask and again
+    the whole volume (every voxel is foreground), without the warning."""
     ct, _, aff = tiny_case(1)
     in_dir = tmp_path / "in"
     _write(ct[:, :, 10:12], aff, in_dir / "THIN_0000.nii.gz")
     _write(np.full((20, 20, 8), -1000, np.int16), aff, in_dir / "AIR_0000.nii.gz")
+    bundle = _bundle_copy(tmp_path)
+    torch.save(_constant_network(foreground).state_dict(), bundle / "models" / "model.pt")
     out = tmp_path / "out"
-    wf = ConfigWorkflow(config_file=str(trained_bundle / "configs/inference.json"),
-                        meta_file=str(trained_bundle / "configs/metadata.json"), workflow_type="infer",
-                        bundle_root=str(trained_bundle), input_dir=str(in_dir), output_dir=str(out),
-                        coarse_roi_size=[32, 32, 32])
+    wf = config_workflow(str(bundle / "configs/inference.json"), str(bundle / "configs/metadata.json"), "infer",
+                         bundle_root=str(bundle), input_dir=str(in_dir), output_dir=str(out),
+                         coarse_roi_size=[32, 32, 32])
     wf.initialize()
-    with warnings.catch_warnings():
-        warnings.simplefilter("ignore", EmptyRoiWarning)
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always", EmptyRoiWarning)
         wf.run()
     wf.finalize()
+    empty = " ".join(str(w.message) for w in caught if issubclass(w.category, EmptyRoiWarning))
     for cid, shape in (("THIN", (40, 36, 2)), ("AIR", (20, 20, 8))):
-        assert nib.load(str(out / f"{cid}_coarse.nii.gz")).shape == shape
+        mask = nib.load(str(out / f"{cid}_coarse.nii.gz"))
+        assert mask.shape == shape
         roi = json.loads((out / f"{cid}_roi.json").read_text())
-        assert roi["shape"] == list(shape)
-    air = json.loads((out / "AIR_roi.json").read_text())
-    if air["coarse_foreground_voxels"] == 0:
-        assert air["is_whole_volume"]
+        assert roi["shape"] == list(shape) and roi["is_whole_volume"], roi
+        assert RoiBox.from_json(roi) == RoiBox.whole(shape)
+        coarse_voxels = int(np.prod(roi["coarse"]["shape"]))
+        assert roi["coarse_foreground_voxels"] == (coarse_voxels if foreground else 0), roi
+        assert np.asarray(mask.dataobj).any() == foreground
+        assert (cid in empty) == (not foreground), empty
 
 
 def test_coarse_stage_box_contains_the_organs(dataset):

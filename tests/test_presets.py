@@ -9,7 +9,6 @@ import json
 import shutil
 from pathlib import Path
 
-import nibabel as nib
 import numpy as np
 import pytest
 import torch
@@ -18,7 +17,10 @@ from monai.data import MetaTensor
 
 from abdoseg.bundle.config import config_files
 from abdoseg.io import save_nifti
-from test_fine_bundle import _case  # the hand-made tiny CT of the fine bundle tests
+# the hand-made tiny CT of the fine bundle tests and their checks (overrides that exist, validation
+# that ran, masks on the CT's grid)
+from test_fine_bundle import (_case, assert_mask_on_input_grid, assert_trained_and_validated, checked_overrides,
+                              config_workflow)
 
 ROOT = Path(__file__).resolve().parents[1]
 FINE = ROOT / "bundles" / "fine_organ_tumor"
@@ -60,7 +62,7 @@ def _parser(bundle: Path, config: str, preset: str, overrides: dict | None = Non
     parser = ConfigParser()
     parser.read_config(_configs(bundle, config, preset))
     parser.read_meta(str(bundle / "configs" / "metadata.json"))
-    parser.update(overrides or {})
+    parser.update(checked_overrides(_configs(bundle, config, preset), overrides or {}))
     return parser
 
 
@@ -167,10 +169,11 @@ def _run(workflow: ConfigWorkflow) -> None:
 def test_fine_preset_trains_one_epoch_and_segments(preset, dataset, tmp_path):
     small = FINE_SMALL[preset]
     models = tmp_path / "models"
-    _run(ConfigWorkflow(config_file=_configs(FINE, "train.json", preset), meta_file=str(FINE / "configs" / "metadata.json"),
-                        logging_file=str(FINE / "configs" / "logging.conf"), workflow_type="train",
-                        bundle_root=str(FINE), ckpt_dir=str(models), dataset_dir=str(dataset), max_epochs=1,
-                        val_interval=1, cache_rate=0.0, cache_dir="", device="cpu", **small))
+    _run(config_workflow(_configs(FINE, "train.json", preset), str(FINE / "configs" / "metadata.json"), "train",
+                         logging_file=str(FINE / "configs" / "logging.conf"),
+                         bundle_root=str(FINE), ckpt_dir=str(models), dataset_dir=str(dataset), max_epochs=1,
+                         val_interval=1, cache_rate=0.0, cache_dir="", device="cpu", **small))
+    assert_trained_and_validated(models, epochs=1)
     state = torch.load(str(models / "model.pt"), map_location="cpu", weights_only=True)
     infer = _parser(FINE, "inference.json", preset, small)
     infer.get_parsed_content("network_def").load_state_dict(state)  # strict: training saved the inference net
@@ -188,16 +191,13 @@ def test_fine_preset_trains_one_epoch_and_segments(preset, dataset, tmp_path):
     hu, _ = _case(np.random.default_rng(5))
     lps = np.diag([-2.0, -2.0, 3.0, 1.0])
     save_nifti(hu, lps, inp / "A_0000.nii.gz")
-    _run(ConfigWorkflow(config_file=_configs(FINE, "inference.json", preset),
-                        meta_file=str(FINE / "configs" / "metadata.json"),
-                        logging_file=str(FINE / "configs" / "logging.conf"), workflow_type="infer",
-                        bundle_root=str(FINE), input_dir=str(inp), output_dir=str(out), device="cpu",
-                        model_path=str(models / "model.pt"), coarse_checkpoint=str(models / "coarse_model.pt"),
-                        **small, **extra))
-    img = nib.load(str(out / "A.nii.gz"))
-    assert img.shape == hu.shape and img.get_data_dtype() == np.uint8
-    np.testing.assert_allclose(img.affine, lps)
-    assert np.asarray(img.dataobj).max() <= 14
+    _run(config_workflow(_configs(FINE, "inference.json", preset), str(FINE / "configs" / "metadata.json"), "infer",
+                         logging_file=str(FINE / "configs" / "logging.conf"),
+                         bundle_root=str(FINE), input_dir=str(inp), output_dir=str(out), device="cpu",
+                         model_path=str(models / "model.pt"), coarse_checkpoint=str(models / "coarse_model.pt"),
+                         **small, **extra))
+    assert sorted(p.name for p in out.iterdir()) == ["A.nii.gz"]
+    assert_mask_on_input_grid(out / "A.nii.gz", hu.shape, lps)
 
 
 @pytest.mark.parametrize("preset", sorted(COARSE_SMALL))
@@ -205,11 +205,11 @@ def test_coarse_preset_trains_and_matches_the_fine_presets_coarse_stage(preset, 
     """The coarse bundle's preset trains one epoch, and the fine preset of the same seed runs the same
     coarse network on the same grid and intensities (equal tensors from both chains)."""
     small = COARSE_SMALL[preset]
-    _run(ConfigWorkflow(config_file=_configs(COARSE, "train.json", preset),
-                        meta_file=str(COARSE / "configs" / "metadata.json"),
-                        logging_file=str(COARSE / "configs" / "logging.conf"), workflow_type="train",
-                        bundle_root=str(COARSE), ckpt_dir=str(tmp_path), dataset_dir=str(dataset), max_epochs=1,
-                        val_interval=1, cache_rate=0.0, cache_dir="", device="cpu", **small))
+    _run(config_workflow(_configs(COARSE, "train.json", preset), str(COARSE / "configs" / "metadata.json"), "train",
+                         logging_file=str(COARSE / "configs" / "logging.conf"),
+                         bundle_root=str(COARSE), ckpt_dir=str(tmp_path), dataset_dir=str(dataset), max_epochs=1,
+                         val_interval=1, cache_rate=0.0, cache_dir="", device="cpu", **small))
+    assert_trained_and_validated(tmp_path, epochs=1)
     state = torch.load(str(tmp_path / "model.pt"), map_location="cpu", weights_only=True)
 
     coarse = _parser(COARSE, "inference.json", preset, small)
@@ -339,7 +339,7 @@ def test_coarse_presets_run_their_papers_lr_schedules():
     base.read_config(config_files(COARSE, "training"))
     handlers = base["train"]["handlers"]
     assert handlers[0] == {"_target_": "LrScheduleHandler", "lr_scheduler": "@lr_scheduler", "print_lr": False}
-    base.update({"device": "cpu"})
+    base.update(checked_overrides(config_files(COARSE, "training"), {"device": "cpu"}))
     assert set(_lrs(base, 30)) == {base.get_parsed_content("learning_rate")}
     p000 = _parser(COARSE, "train.json", "seed000", {"device": "cpu", **COARSE_SMALL["seed000"]})
     assert p000.get_parsed_content("batch_size") * p000.get_parsed_content("num_samples") == 1  # Table 2: batch 1
