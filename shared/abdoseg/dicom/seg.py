@@ -11,9 +11,10 @@ described (classes absent from the mask have no frames), SNOMED CT property code
 organs as kidney / adrenal gland with a laterality modifier, the lesion as a morphologically abnormal
 structure). The laterality modifier (SNOMED CT 24028007 "Right" / 7771000 "Left", DICOM CID 244)
 sits inside the segment's Segmented Property Type Code Sequence item, where the IOD defines it
-(``dciodvfy`` warns when it is put on the segment itself). Frame ``i`` of segment ``s`` lies on source slice ``i`` (same ImagePositionPatient,
-orientation and pixel spacing; ``ReferencedSOPInstanceUID`` in its derivation sequence), so any
-DICOM viewer overlays it on the series.
+(``dciodvfy`` warns when it is put on the segment itself). Frame ``i`` of segment ``s`` lies on
+source slice ``i`` (same ImagePositionPatient, orientation and pixel spacing;
+``ReferencedSOPInstanceUID`` in its derivation sequence), so any DICOM viewer overlays it on the
+series.
 
 Geometry is taken from the DICOM headers, not assumed: every source pixel's LPS position is mapped
 through the mask's RAS affine to a mask voxel, which must be a voxel centre (within
