@@ -49,7 +49,8 @@ def parser() -> argparse.ArgumentParser:
 
 def main(argv: list[str] | None = None) -> int:
     args = parser().parse_args(argv)
-    return int(args.run(args) or 0)
+    run = vars(args).pop("run")  # args stay plain data (some subcommands write them into their JSON)
+    return int(run(args) or 0)
 
 
 if __name__ == "__main__":

@@ -67,17 +67,21 @@ SHORT_OPTIMIZER = {"_target_": "torch.optim.AdamW", "params": "$@network.paramet
 
 def materialize(src: Path, dst: Path, preset: str | None, overrides: dict[str, Any],
                 configs: tuple[str, ...], restore_from_base: tuple[str, ...] = ()) -> None:
-    """Copy bundle ``src`` to ``dst`` (no weights) with each config = base + preset + overrides."""
+    """Copy bundle ``src`` to ``dst`` (no weights) with each config = what its workflow merges
+    (``abdoseg.bundle.config.config_files``: ``inference.json`` for inference, ``inference.json``
+    + ``train.json`` for training) + preset + overrides, written out whole: the ``train.json``
+    written here holds the entire training config (run it alone)."""
     from monai.bundle import ConfigParser
+
+    from abdoseg.bundle.config import config_files
 
     shutil.copytree(src, dst, dirs_exist_ok=True,
                     ignore=shutil.ignore_patterns("*.pt", "*.ts", "*.onnx", "eval", "cache", "__pycache__", "presets"))
     (dst / "models").mkdir(exist_ok=True)
     for name in configs:
-        base_file = src / "configs" / name
-        files = [str(base_file)] + ([str(src / "configs" / "presets" / f"{preset}.json")] if preset else [])
-        merged = ConfigParser.load_config_files(files)
-        base = json.loads(base_file.read_text())
+        workflow = "training" if name == "train.json" else "inference"
+        merged = ConfigParser.load_config_files(config_files(src, workflow, preset))
+        base = ConfigParser.load_config_files(config_files(src, workflow))
         for key in restore_from_base:
             if key in base:
                 merged[key] = base[key]
@@ -161,7 +165,7 @@ def run_system(name: str, args: argparse.Namespace) -> dict[str, Any]:
         if args.optimizer == "short":
             overrides["optimizer"] = SHORT_OPTIMIZER
         materialize(BUNDLES / "coarse_roi", coarse, name, overrides, ("train.json", "inference.json"))
-        times["coarse"] = run_bundle(coarse, ["inference.json", "train.json"], "training", args.coarse_budget_s, log, max_epochs=args.max_epochs,
+        times["coarse"] = run_bundle(coarse, ["train.json"], "training", args.coarse_budget_s, log, max_epochs=args.max_epochs,
                                      val_interval=args.max_epochs, **common)
         save_times()
         best = coarse / "models" / ("model.pt" if (coarse / "models" / "model.pt").is_file() else "model_final.pt")
@@ -170,7 +174,7 @@ def run_system(name: str, args: argparse.Namespace) -> dict[str, Any]:
     steps.run("train_coarse", train_coarse)
 
     def train(models: Path, budget: float, seed: int, **extra: Any) -> None:
-        t = run_bundle(fine, ["inference.json", "train.json"], "training", budget, log, datalist=str(extra.pop("datalist", fused)),
+        t = run_bundle(fine, ["train.json"], "training", budget, log, datalist=str(extra.pop("datalist", fused)),
                        train_key=extra.pop("train_key", "training"), ckpt_dir=str(models), max_epochs=args.max_epochs,
                        val_interval=args.max_epochs, **{**common, "seed": seed}, **extra)
         times[models.name] = t
