@@ -1,7 +1,8 @@
 """Pseudo-labeling: run a teacher (one or more checkpoints) over a datalist, one NIfTI per case.
 
-Used by the ``label_fusion`` bundle (``configs/inference.json`` with its own teacher,
-``configs/pseudo_label.json`` with another bundle's) and by ``abdoseg rounds``.
+Used by the ``label_fusion`` bundle (``configs/pseudo_label.json``: by default its own teacher,
+i.e. its ``configs/inference.json`` = the fine cascade with the teacher weights; ``--teacher_bundle``
+names another) and by ``abdoseg rounds``.
 For every checkpoint ``name`` the masks go to ``<output_dir>/<name>/<case_id>.nii.gz``.
 
 The per-case work is :func:`abdoseg.inference.batch.run_batch`, which gives the operational properties:
