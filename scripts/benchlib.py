@@ -8,6 +8,8 @@
   network does not depend on its weights);
 * :func:`record_roi`: make a segmenter record the ROI box and the fine grid of its last case;
 * :func:`measure_process`: wall / CPU seconds and peak RSS of one child process (``os.wait4``);
+* :func:`segment_command`: ``abdoseg segment`` of this environment, as a user runs it;
+* :func:`link_files`: a folder of symbolic links (the cases of one run, for ``evaluate``);
 * :func:`gpu_memory_reader`, :class:`MemorySampler`, :func:`memory_stats`, :func:`require_cuda`:
   FLARE's GPU memory measure ((total - free) sampled every 0.1 s; maximum and area under the curve);
 * :func:`put_into_docs`: a Markdown table into a docs file between ``<!-- name:start/end -->`` markers.
@@ -38,6 +40,8 @@ FINE_DOCS = FINE_BUNDLE / "docs" / "README.md"
 SEED_SLICES = (55, 100, 150, 215, 334, 448, 499, 554)
 #: FLARE's GPU memory sampling period (Efficiency.py)
 PERIOD_S = 0.1
+#: the ``abdoseg`` command of this Python environment
+ABDOSEG = Path(sys.executable).with_name("abdoseg")
 
 
 def bench_command(subcommand: str) -> list[str]:
@@ -129,6 +133,22 @@ def record_roi(segmenter) -> dict:
     return seen
 
 
+def link_files(folder: Path, targets: dict[str, Path] | list[Path], fresh: bool = False) -> Path:
+    """``folder`` holding a symbolic link to each target (named as the target, or by its key);
+    ``fresh``: what the folder held before is removed first (only this run's cases), else links
+    already there are kept."""
+    folder = Path(folder)
+    if fresh:
+        shutil.rmtree(folder, ignore_errors=True)
+    folder.mkdir(parents=True, exist_ok=True)
+    items = targets.items() if isinstance(targets, dict) else ((Path(t).name, t) for t in targets)
+    for name, target in items:
+        link = folder / name
+        if not link.is_symlink():
+            link.symlink_to(Path(target).resolve())
+    return folder
+
+
 # ------------------------------------------------------------------------------------------------
 # child processes
 # ------------------------------------------------------------------------------------------------
@@ -164,6 +184,14 @@ def measure_process(cmd: list[str], log: Path | None = None, cwd: str | Path | N
             os.unlink(tmp)
     return {"wall_s": round(wall, 3), "cpu_s": round(usage.ru_utime + usage.ru_stime, 3),
             "peak_rss_mb": round(usage.ru_maxrss / 1024.0, 1)}  # Linux: ru_maxrss in KB
+
+
+def segment_command(image: str | Path, output: str | Path, bundle: str | Path, device: str = "cpu",
+                    *extra: str) -> list[str]:
+    """``abdoseg segment -i image -o output --bundle_dir bundle --device device [extra]``: the
+    user's command, this environment's ``abdoseg``."""
+    return [str(ABDOSEG), "segment", "-i", str(image), "-o", str(output), "--bundle_dir", str(bundle),
+            "--device", device, *extra]
 
 
 # ------------------------------------------------------------------------------------------------

@@ -25,10 +25,11 @@ import json
 import os
 import shlex
 import subprocess
-import sys
 from pathlib import Path
 
 import numpy as np
+
+from benchlib import ABDOSEG
 
 REPO = Path(__file__).resolve().parents[1]
 REAL_CLASSES = {"liver": 1, "right kidney": 2, "spleen": 3, "aorta": 5, "left kidney": 13}
@@ -52,7 +53,7 @@ def main() -> None:
     ap.add_argument("--phantoms", default="", help="generated dataset folder with imagesVal/ + labelsVal/")
     ap.add_argument("--real_ct", default="", help="folder of real CT cases (image.nii.gz + masks)")
     ap.add_argument("--out_dir", required=True)
-    ap.add_argument("--segment_cmd", default=f"{Path(sys.executable).with_name('abdoseg')} segment")
+    ap.add_argument("--segment_cmd", default=f"{ABDOSEG} segment")
     args = ap.parse_args()
     from abdoseg.data.prepare import load_real_case_label
     from abdoseg.evaluation.evaluate import evaluate

@@ -49,6 +49,7 @@ from typing import Any
 
 REPO_ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO_ROOT / "shared"))
+sys.path.insert(0, str(REPO_ROOT / "scripts"))  # benchlib
 
 from abdoseg.data.prepare import prepare  # noqa: E402
 from abdoseg.bundle.config import config_files, run_bundle as _run_bundle  # noqa: E402
@@ -59,6 +60,7 @@ from abdoseg.label_fusion.workflow import fuse_datalist, select_and_write  # noq
 from abdoseg.data.phantom import generate  # noqa: E402
 from abdoseg.label_fusion.rounds import DONE, rounds  # noqa: E402
 from abdoseg.steps import MarkedSteps  # noqa: E402
+from benchlib import link_files  # noqa: E402
 
 ARMS: dict[str, str] = {
     "a": "naive: partial labels as full (missing classes = background)",
@@ -135,9 +137,7 @@ def label_quality(arm: str, work: Path, data: Path, datalist: Path, train_key: s
     if (qdir / "evaluation" / "summary.json").is_file():
         return json.loads((qdir / "evaluation" / "summary.json").read_text())
     items = json.loads(datalist.read_text())[train_key]
-    for sub in ("labels", "truth"):
-        shutil.rmtree(qdir / sub, ignore_errors=True)
-        (qdir / sub).mkdir(parents=True)
+    labels, truths = {}, {}
     for it in items:
         label = data / it["label"]
         case = label.name[: -len(".nii.gz")]
@@ -145,8 +145,9 @@ def label_quality(arm: str, work: Path, data: Path, datalist: Path, train_key: s
                              data / "groundtruth" / "unlabeledTr" / f"{case}.nii.gz") if t.is_file()]
         if not truth:
             raise FileNotFoundError(f"{data / 'groundtruth'}: no hidden truth for {case}")
-        (qdir / "labels" / f"{case}.nii.gz").symlink_to(label)
-        (qdir / "truth" / f"{case}.nii.gz").symlink_to(truth[0])
+        labels[f"{case}.nii.gz"], truths[f"{case}.nii.gz"] = label, truth[0]
+    link_files(qdir / "labels", labels, fresh=True)
+    link_files(qdir / "truth", truths, fresh=True)
     return evaluate(str(qdir / "labels"), str(qdir / "truth"), str(qdir / "evaluation"))
 
 

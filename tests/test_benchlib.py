@@ -116,3 +116,19 @@ def test_phantom_cases_written_once(lib, tmp_path):
     assert lib.phantom_cases(tmp_path, [20], seed=3, preset="small")[0][0].stat().st_mtime_ns == stamp
     assert lib.phantom_cases(tmp_path, [20], seed=3, preset="small", labels=False) == [(cases[0][0], None)]
     assert lib.parse_slices("55, 554,") == [55, 554] and lib.parse_slices([1, 2]) == [1, 2]
+
+
+def test_link_files_and_segment_command(lib, tmp_path):
+    a, b = tmp_path / "a.nii.gz", tmp_path / "b.nii.gz"
+    a.write_bytes(b"a")
+    b.write_bytes(b"b")
+    folder = lib.link_files(tmp_path / "run", [a])
+    lib.link_files(folder, {"B.nii.gz": b})  # kept: a.nii.gz
+    assert sorted(p.name for p in folder.iterdir()) == ["B.nii.gz", "a.nii.gz"]
+    assert (folder / "B.nii.gz").is_symlink() and (folder / "B.nii.gz").read_bytes() == b"b"
+    lib.link_files(folder, [b], fresh=True)  # only this run's cases
+    assert [p.name for p in folder.iterdir()] == ["b.nii.gz"] and a.read_bytes() == b"a"
+    cmd = lib.segment_command("ct.nii.gz", "mask.nii.gz", "bundle", "cpu", "--force")
+    assert Path(cmd[0]).name == "abdoseg" and Path(cmd[0]).parent == Path(sys.executable).parent
+    assert cmd[1:] == ["segment", "-i", "ct.nii.gz", "-o", "mask.nii.gz", "--bundle_dir", "bundle", "--device", "cpu",
+                       "--force"]

@@ -44,7 +44,7 @@ import sys
 import time
 from pathlib import Path
 
-from benchlib import FINE_BUNDLE, REPO, SEED_SLICES, bench_command, parse_slices, phantom_cases
+from benchlib import FINE_BUNDLE, REPO, SEED_SLICES, bench_command, link_files, parse_slices, phantom_cases
 
 
 # ------------------------------------------------------------------------------------------------
@@ -246,12 +246,7 @@ def run(args: argparse.Namespace) -> int:
         # accuracy of the very masks that were timed (not timed itself): "at equal or better DSC"
         from abdoseg.evaluation.evaluate import evaluate
 
-        gt_dir = out / "cases_gt_run"
-        gt_dir.mkdir(parents=True, exist_ok=True)
-        for old in gt_dir.iterdir():  # score only the cases of this run
-            old.unlink()
-        for _, lab_p in cases:
-            (gt_dir / lab_p.name).symlink_to(lab_p.resolve())
+        gt_dir = link_files(out / "cases_gt_run", [lab_p for _, lab_p in cases], fresh=True)  # this run's cases
         for pipe in pipelines:
             if pipe in summary:
                 s = evaluate(str(out / f"pred_{pipe}"), str(gt_dir), str(out / f"eval_{pipe}"), workers=1)

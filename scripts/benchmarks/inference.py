@@ -36,7 +36,7 @@ import tempfile
 import time
 from pathlib import Path
 
-from benchlib import FINE_BUNDLE, REPO, measure_process, random_weight_bundle
+from benchlib import FINE_BUNDLE, REPO, measure_process, random_weight_bundle, segment_command
 
 
 def _rss_mb() -> float:
@@ -122,8 +122,7 @@ def compare(args: argparse.Namespace) -> dict:
         (peer / "sampledata" / "imagesTs").mkdir(parents=True)
         os.symlink(Path(args.ct).resolve(), peer / "sampledata" / "imagesTs" / Path(args.ct).name)
         env = {**os.environ, "OMP_NUM_THREADS": str(args.threads)}
-        ours = [str(Path(sys.executable).with_name("abdoseg")), "segment", "-i", str(Path(args.ct).resolve()),
-                "-o", str(tmp / "ours.nii.gz"), "--bundle_dir", str(bundle), "--device", "cpu", "--force"]
+        ours = segment_command(Path(args.ct).resolve(), tmp / "ours.nii.gz", bundle, "cpu", "--force")
         theirs = [sys.executable, "-m", "monai.bundle", "run", "--config_file", "configs/inference.json",
                   "--meta_file", "configs/metadata.json", "--logging_file", "configs/logging.conf",
                   "--load_pretrain", "False", "--displayable_configs#highres", "False", "--evaluator#amp", "False",

@@ -66,7 +66,7 @@ import sys
 from pathlib import Path
 from typing import Any
 
-from benchlib import FINE_DOCS, put_into_docs
+from benchlib import FINE_DOCS, link_files, put_into_docs
 #: built-in recipes: name -> train.json overlay (``None`` values are JSON ``null``)
 RECIPES: dict[str, dict[str, Any]] = {
     "previous": {"train_autocast_dtype": None},
@@ -360,16 +360,15 @@ def make_seen_set(demo: Path, out: Path, n: int) -> Path:
     from abdoseg.io import nifti_cases
 
     images = sorted(nifti_cases(demo / "data" / "imagesTr")[0].items())[:n]
-    seen = out / "seen"
-    for sub in ("imagesVal", "labelsVal"):
-        (seen / sub).mkdir(parents=True, exist_ok=True)
-    for case, image in images:
+    truths = []
+    for case, _ in images:
         truth = demo / "data" / "groundtruth" / "labelsTr" / f"{case}.nii.gz"
         if not truth.is_file():
             raise SystemExit(f"{truth}: no hidden ground truth for training phantom {case} (a phantom dataset of abdoseg generate?)")
-        for link, target in ((seen / "imagesVal" / image.name, image), (seen / "labelsVal" / truth.name, truth)):
-            if not link.exists():
-                link.symlink_to(target)
+        truths.append(truth)
+    seen = out / "seen"
+    link_files(seen / "imagesVal", [image for _, image in images])
+    link_files(seen / "labelsVal", truths)
     return seen
 
 

@@ -39,7 +39,7 @@ import sys
 from pathlib import Path
 from typing import Any
 
-from benchlib import BUNDLES, FINE_DOCS, SCRIPTS, measure_process, put_into_docs
+from benchlib import BUNDLES, FINE_DOCS, SCRIPTS, measure_process, phantom_cases, put_into_docs, segment_command
 
 SYSTEMS = ("seed000", "seed001", "seed002", "seed003", "seed004")
 #: the grid every CPU-sized system runs at (the project's default: 4 x 4 x 6 mm, 64 x 64 x 32 windows)
@@ -206,8 +206,7 @@ def run_system(name: str, args: argparse.Namespace) -> dict[str, Any]:
         dst = out / "fullsize_pred" / src.name.replace("_0000.nii.gz", ".nii.gz")
         if dst.exists():
             dst.unlink()
-        runs = [timed_process([str(Path(sys.executable).with_name("abdoseg")), "segment", "-i", str(src), "-o", str(dst),
-                               "--bundle_dir", str(fine), "--device", "cpu"], log) for _ in range(args.repeats)]
+        runs = [timed_process(segment_command(src, dst, fine), log) for _ in range(args.repeats)]
         (out / "fullsize.json").write_text(json.dumps(runs, indent=2) + "\n")
 
     steps.run("time_fullsize", time_fullsize)
@@ -276,14 +275,7 @@ def run(args: argparse.Namespace) -> int:
     out = Path(args.out_dir).resolve()
     out.mkdir(parents=True, exist_ok=True)
     if not args.fullsize_ct:
-        from abdoseg.io import save_nifti
-        from abdoseg.data.phantom import make_case
-
-        path = out / "fullsize" / "FULL_150_0000.nii.gz"
-        if not path.is_file():
-            img, _, aff = make_case(9002, preset="full", slices=150, index=0)
-            save_nifti(img, aff, path)
-        args.fullsize_ct = str(path)
+        args.fullsize_ct = str(phantom_cases(out / "fullsize", [150], seed=9002, labels=False)[0][0])
     rows = []
     for name in [s.strip() for s in args.systems.split(",") if s.strip()]:
         if name not in CPU:
