@@ -5,7 +5,7 @@ larger than it needs to be. MONAI pads an input smaller than ``roi_size`` up to 
 (a 90 x 80 x 40 ROI crop would run as 192 x 192 x 128: 11x the work); here each axis gets the
 smallest multiple of the network's divisor that needs no more windows than ``roi_size`` would
 (an ROI that fits runs as one pass over itself, padded to the divisor). ``mirror_axes`` adds
-nnU-Net's mirroring test-time augmentation (seed 003 option): the logits of every combination of
+nnU-Net's mirroring test-time augmentation (for a network trained with flips on those axes; no preset uses it, none trains with flips): the logits of every combination of
 flips over those axes, flipped back and averaged (2**k passes for k axes).
 
 :class:`AutocastInferer` is the training counterpart: MONAI's ``SimpleInferer`` under
@@ -61,7 +61,7 @@ def train_autocast_dtype(device: Any) -> str | None:
     """The training autocast dtype of :class:`AutocastInferer` for ``device``: bfloat16 on a CPU that
     computes it natively, else None. On CUDA MONAI's own ``amp`` (float16 + GradScaler) is used
     instead. Fine Pocket U-Net, 2 x 64x64x32 patches, 2 cores: 0.90 -> 0.68 s per optimizer step
-    (``scripts/bench_training.py``)."""
+    (``scripts/bench.py training``)."""
     kind = torch.device(device).type
     return "bfloat16" if kind == "cpu" and cpu_has_fast_bf16() else None
 

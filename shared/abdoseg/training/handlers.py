@@ -363,7 +363,7 @@ class TimeBudget:
 
     The trainer then ends as if its last epoch were done: ``Events.COMPLETED`` fires, so
     :class:`ModelSaver` and MONAI's ``CheckpointSaver(save_final=True)`` still write their
-    files. Useful for equal-budget comparisons (``scripts/compare_systems.py``) and for "train
+    files. Useful for equal-budget comparisons (``scripts/bench.py systems``) and for "train
     for 10 minutes" on a laptop; the learning-rate schedule still counts ``max_epochs``.
     """
 
@@ -394,7 +394,7 @@ class WallClockPolyLR:
                               "optimizer": "@optimizer", "budget_s": 900}}
 
     Wall time makes the run depend on the machine's speed: use it for equal-time comparisons
-    (``scripts/bench_learning.py``), an epoch-counted schedule for reproducible training.
+    (``scripts/bench.py learning``), an epoch-counted schedule for reproducible training.
     """
 
     def __init__(self, optimizer: torch.optim.Optimizer, budget_s: float, power: float = 0.9,
@@ -441,7 +441,7 @@ class LearningCurveRecorder:
     and cache filling included), ``cpu_s`` (this process's CPU seconds, all threads), ``data_s``
     (wall seconds spent waiting for the data loader), ``iteration``, ``epoch``, ``samples`` (patches
     seen) and ``voxels`` (patch voxels seen). ``wall_s`` counts training only when validation does
-    not run in between (``val_interval`` >= ``max_epochs``), as in ``scripts/bench_learning.py``.
+    not run in between (``val_interval`` >= ``max_epochs``), as in ``scripts/bench.py learning``.
     Rank 0 only.
 
     Args:
