@@ -209,17 +209,47 @@ def test_learning_curves_of_a_tiny_recipe(tmp_path, demo, unseen):
     assert (out / "learning_curve.png").stat().st_size > 1000
 
 
-def test_systems_one_seed_system_end_to_end(tmp_path, demo, unseen):
+def test_systems_one_seed_system_end_to_end_with_its_own_label_procedure(tmp_path, demo, unseen):
+    """Seed 004 from the raw phantoms: its teacher (the fine default recipe on the fully labelled
+    case) supplements the partial labels (rule seed004), then its coarse and fine students train
+    on that datalist with validation on, and segment the held-out phantom."""
+    import nibabel as nib
+    import numpy as np
+
     out = tmp_path / "systems"
-    proc = bench("systems", "--demo_dir", demo, "--unseen", unseen, "--systems", "seed003", "--budget_s", "4",
-                 "--max_epochs", "1", "--fullsize_ct", _small_ct(tmp_path), "--out_dir", out, cwd=tmp_path)
+    proc = bench("systems", "--demo_dir", demo, "--unseen", unseen, "--systems", "seed004", "--budget_s", "20",
+                 "--coarse_budget_s", "3", "--max_epochs", "2", "--val_interval", "1", "--label_epochs", "1",
+                 "--fullsize_ct", _small_ct(tmp_path), "--out_dir", out, cwd=tmp_path)
     (row,) = json.loads((out / "systems.json").read_text())
-    assert row["system"] == "seed003" and row["params_m"] > 0 and row["train_s"] > 0
+    assert row["system"] == "seed004" and row["params_m"] > 0 and row["train_s"] > 0
+    assert row["labels"] == "teacher supplement" and "rule seed004" in row["label_procedure"] and row["label_s"] > 0
+    assert set(row["checkpoints"]) == {"coarse", "models"}
     assert all(0.0 <= row[k] <= 1.0 for k in ("organ_dsc", "organ_nsd", "lesion_dsc", "lesion_nsd"))
     assert row["fullsize_wall_s"] > 0 and row["fullsize_peak_rss_mb"] > 100
+    # the label step: the teacher trained on training_all_organs, every labelled case supplemented,
+    # its annotated classes kept, no lesion from the teacher; nothing else in the student's datalist
+    labels = out / "seed004" / "labels"
+    assert (labels / "teacher" / "models" / "model.pt").is_file()
+    fused = json.loads((labels / "datalist.json").read_text())
+    source = {Path(i["image"]).name: i for i in json.loads((demo / "data" / "datalist.json").read_text())["training"]}
+    assert sorted(Path(i["image"]).name for i in fused["training"]) == sorted(source)
+    report = json.loads((labels / "fused" / "fuse_report.json").read_text())
+    assert report["rule"] == "seed004" and {c["rule"] for c in report["cases"]} == {"seed004_weak_label"}
+    for item in fused["training"]:
+        lab = np.asarray(nib.load(str(demo / "data" / item["label"])).dataobj)
+        assert (labels / "fused") in (demo / "data" / item["label"]).resolve().parents
+        orig = source[Path(item["image"]).name]
+        partial = np.asarray(nib.load(str(demo / "data" / orig["label"])).dataobj)
+        for c in orig["annotated_classes"]:
+            assert np.array_equal(lab == c, partial == c), c
+        assert not np.any((lab == 14) & (partial != 14))
+    # the students train on it (2 epochs, well inside the budget), validating after each
+    # (val_interval 1 < max_epochs 2): the best checkpoint kept
+    stats = json.loads((out / "seed004" / "bundles" / "fine_organ_tumor" / "models" / "train_stats.json").read_text())
+    assert stats["total_epochs"] == 2 and stats["best_metric_epoch"] >= 1 and row["checkpoints"]["models"] == "best"
     table = (out / "systems.md").read_text()
-    assert table.startswith("| system | network (params) |") and f"| seed003 | {row['network']} (" in table
-    assert table in proc.stdout
+    assert table.startswith("| system | labels: procedure (s, training cases) | network (params) |")
+    assert f"| seed004 | teacher supplement (" in table and table in proc.stdout
 
 
 def test_eval_accuracy_on_held_out_phantoms(tmp_path, unseen):

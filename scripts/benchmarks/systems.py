@@ -1,23 +1,33 @@
 #!/usr/bin/env python
 """The five seed systems side by side: each preset (``bundles/*/configs/presets/seed00X.json``),
-CPU-sized, trained on the same phantoms with the same wall-time budget, then segmenting the same
-held-out phantoms (a seed training never used), the real CTs and one full-size phantom.
+CPU-sized, each making its training labels by its own paper's procedure from the same raw
+phantoms, trained with the same wall-time budget, then segmenting the same held-out phantoms (a
+seed training never used), the real CTs and one full-size phantom.
 
-Input: the folder of README command 1 (``abdoseg demo --out_dir runs/demo``): its phantoms, its
-fused training labels (``rounds/round_1/datalist.json``, seed 003 fusion) and its coarse network
-(for the systems whose coarse stage is this project's: seed 001, 002, 003). Systems with a coarse
-stage of their own (seed 000, seed 004) train it from the coarse bundle's preset first.
+Input: the folder of README command 1 (``abdoseg demo --out_dir runs/demo``): its raw phantoms
+(``data/``: partial labels, pseudo labels A and B, unlabeled scans, written once by ``abdoseg
+generate`` + ``abdoseg prepare``) and its coarse network (the cascade's ROI for every teacher and
+for the systems whose coarse stage is this project's: seed 001, 002, 003). The demo's own fused
+labels are not used. Systems with a coarse stage of their own (seed 000, seed 004) train it from
+the coarse bundle's preset on their own labels.
 
 Per system, in ``--out_dir/<system>/`` (kept apart; every step resumes from a marker):
 
 1. bundle copies whose ``configs/train.json`` / ``inference.json`` are the bundle config merged
    with the preset and the CPU settings below (``abdoseg segment --bundle_dir`` then runs the
    system as is);
-2. training with ``abdoseg.training.handlers.TimeBudget`` (``--budget_s``, split between the models a
-   system has: seed 002 = organ model 1/2 + two tumor models 1/4 each; seed 000/004 give
-   ``--coarse_budget_s`` to their coarse model on top, as the others reuse the demo's coarse net
-   trained for about as long) and ``--max_epochs`` as the cap;
-3. ``scripts/eval_accuracy.py`` (``abdoseg segment`` + FLARE23 metrics) on ``--unseen`` and
+2. ``labels``: the system's own label procedure (:data:`LABELS`), scaled down to
+   ``--label_epochs`` epochs per teacher training (seed 003's teacher: at least 3, its S1-S3 are
+   its last three epochs) and ``--rounds`` rounds (seed 001), written to ``labels/datalist.json``
+   (+ ``labels/labels.json``: procedure, seconds, counts);
+3. training on that datalist with ``abdoseg.training.handlers.TimeBudget`` (``--budget_s``, split
+   between the models a system has: seed 002 = organ model 1/2 + two tumor models 1/4 each; seed
+   000/004 give ``--coarse_budget_s`` to their coarse model on top, as the others reuse the demo's
+   coarse net trained for about as long) and ``--max_epochs`` as the cap; validation every
+   ``--val_interval`` epochs (teachers and students), and the checkpoint each preset chooses
+   (:data:`FINAL_CHECKPOINT`: the last weights for seed 001 / 003, the best validation for the
+   others, seed 002's tumor models by the lesion score);
+4. ``scripts/eval_accuracy.py`` (``abdoseg segment`` + FLARE23 metrics) on ``--unseen`` and
    ``--real_ct``; one full-size phantom segmented in its own process for the time and peak RSS.
 
 Writes ``systems.json`` and ``systems.md`` (the table); ``--docs`` also puts the table into the
@@ -113,6 +123,29 @@ def timed_process(cmd: list[str], log: Path) -> dict[str, float]:
     return {k: round(v, 2 if k.endswith("_s") else 1) for k, v in measure_process(cmd, log).items()}
 
 
+#: each system's own label procedure (the fine docs' seed tables), as run here from the raw phantoms
+LABELS = {
+    "seed000": "seed 003 fusion of the labelled cases (A ∪ B, partial label as referee); unlabeled scans not used",
+    "seed001": "rounds with the seed001 preset: round 1 on the fully labelled cases, each round's prediction fills "
+               "every unannotated class and labels the unlabeled scans, uncertainty selection (threshold) in the "
+               "last round",
+    "seed002": "Dataset 1: the CSM (fine default recipe on the fully labelled cases) fills every unannotated organ "
+               "and labels the unlabeled scans' organs (rule seed004, teacher_organs); OSM on training, TSMs on "
+               "the real tumor annotations (training_with_lesion)",
+    "seed003": "teacher (seed003_teacher preset, partial labels) saving S1-S3 at its last three epochs; seed 003 "
+               "fusion (labelled: A ∪ B with the partial label as referee; unlabeled: S1 referee, lesion 2-of-3 "
+               "vote of S1-S3)",
+    "seed004": "teacher (fine default recipe on the fully labelled cases) supplements each labelled case's "
+               "unannotated organs (rule seed004); lesion never pseudo-labelled; unlabeled scans skipped",
+}
+#: short names for the table
+LABELS_SHORT = {"seed000": "A∪B fusion", "seed001": "{rounds} rounds + selection", "seed002": "CSM label sets",
+                "seed003": "S1-S3 teacher + fusion", "seed004": "teacher supplement"}
+#: systems whose preset keeps the last weights (``val_interval`` = ``max_epochs``: nnU-Net's final
+#: checkpoint); the others keep the best validation checkpoint (``model.pt``)
+FINAL_CHECKPOINT = ("seed001", "seed003")
+
+
 def _epochs_done(models: Path) -> int | None:
     stats = models / "train_stats.json"
     if not stats.is_file():
@@ -121,16 +154,107 @@ def _epochs_done(models: Path) -> int | None:
     return data.get("epoch") or data.get("total_epochs")
 
 
-def _datalist_with_lesion(datalist: Path, out: Path) -> Path:
-    """The fused datalist with ``training_with_lesion`` (cases whose fused label holds a lesion):
-    label_fusion writes that key; a datalist of an older demo gets it from the cases' groups."""
+def _choose_checkpoint(models: Path, final: bool) -> str:
+    """Make ``models/model.pt`` the checkpoint the preset chooses: the last weights (``final``) or
+    the best validation (``model.pt`` as the trainer saved it; the last weights when no
+    validation ran within the budget). Returns ``"final"`` or ``"best"``."""
+    best, last = models / "model.pt", models / "model_final.pt"
+    if not last.is_file():  # a config that saves no final weights (the coarse bundle)
+        return "best"
+    if final or not best.is_file():
+        shutil.copy2(last, best)
+        return "final" if final else "final (no validation ran)"
+    return "best"
+
+
+def label_fusion_threshold(preset: str = "seed001") -> float | None:
+    """The selection threshold of label_fusion's ``presets/<preset>.json`` (seed 001: 0.05)."""
+    return json.loads((BUNDLES / "label_fusion" / "configs" / "presets" / f"{preset}.json").read_text()).get("threshold")
+
+
+def make_labels(name: str, args: argparse.Namespace, data: Path, out: Path, fine: Path, coarse_ckpt: Path,
+                log: Path, common: dict[str, Any]) -> dict[str, Any]:
+    """Run ``name``'s own label procedure from the raw dataset ``data`` into ``out`` (``datalist.json``
+    = the student's datalist, fused labels under ``out``); returns the summary also written to
+    ``out/labels.json``. Teachers are CPU-sized fine bundle copies (``out/teacher``) with the
+    demo's coarse network, trained ``--label_epochs`` epochs with validation every
+    ``--val_interval`` epochs."""
+    import time
+
+    from abdoseg.label_fusion.pseudo_label import datalist_items, pseudo_label
+    from abdoseg.label_fusion.rounds import bundle_teacher_factory, rounds
+    from abdoseg.label_fusion.workflow import fuse_datalist, select_and_write
+
+    t0 = time.perf_counter()
+    out.mkdir(parents=True, exist_ok=True)
+    src = data / "datalist.json"
+    epochs = max(1, args.label_epochs)
+
+    def teacher_bundle(preset: str | None, overrides: dict[str, Any]) -> Path:
+        dst = out / "teacher"
+        if args.optimizer == "short":
+            overrides = {**overrides, "optimizer": SHORT_OPTIMIZER}
+        materialize(BUNDLES / "fine_organ_tumor", dst, preset, {**CPU_GRID, **overrides}, ("train.json", "inference.json"),
+                    restore_from_base=COARSE_IDS)
+        shutil.copy2(coarse_ckpt, dst / "models" / "coarse_model.pt")
+        return dst
+
+    def train(bundle: Path, models_dir: str | Path, datalist: str | Path, train_key: str, n_epochs: int,
+              names: tuple[str, ...] = ("model",), final: bool = False) -> dict[str, str]:
+        models = Path(models_dir)
+        run_bundle(bundle, ["train.json"], "training", None, log, datalist=str(datalist), train_key=train_key,
+                   ckpt_dir=str(models), max_epochs=n_epochs, val_interval=min(args.val_interval, n_epochs), **common)
+        if "model" in names:
+            _choose_checkpoint(models, final)
+        return {n: str(models / f"{n}.pt") for n in names}
+
+    def teacher_fuse(bundle: Path, ckpts: dict[str, str], rule: str, keys: tuple[str, ...],
+                     label_keys: tuple[str, ...], seed004_unlabeled: str = "skip") -> None:
+        """Pseudo-label the cases of ``label_keys`` with every checkpoint, fuse those of ``keys``, select."""
+        items = datalist_items(src, data, label_keys)
+        reports = pseudo_label(items, bundle_teacher_factory(bundle, "cpu"), ckpts, out / "pseudo", rank=0, world_size=1)
+        failed = [reason for rep in reports.values() for _, _, reason in rep.failed]
+        if failed:
+            raise SystemExit(f"{name}: pseudo-labelling failed: {failed}")
+        fuse_datalist(src, out / "fused", rule, out / "pseudo", list(ckpts), data, keys, seed004_unlabeled)
+
+    datalist = out / "datalist.json"
+    summary: dict[str, Any] = {"system": name, "procedure": LABELS[name], "label_epochs": epochs}
+    if name == "seed000":
+        fuse_datalist(src, out / "fused", "seed003", None, (), data, ("training",))
+    elif name == "seed001":
+        threshold = label_fusion_threshold("seed001")
+        trainer = lambda datalist, train_key, dataset_dir, models_dir: train(  # noqa: E731
+            fine, models_dir, datalist, train_key, epochs, final=True)
+        rounds(str(data), str(out / "rounds"), n_rounds=args.rounds, rule="seed001", fine_bundle=str(fine),
+               threshold=threshold, final_train=False, trainer=trainer)
+        shutil.copy2(out / "rounds" / f"round_{args.rounds}" / "datalist.json", datalist)
+        shutil.copy2(out / "rounds" / f"round_{args.rounds}" / "report.json", out / "report.json")
+        summary.update(rounds=args.rounds, threshold=threshold)
+    elif name in ("seed002", "seed004"):
+        bundle = teacher_bundle(None, {})
+        ckpts = train(bundle, out / "teacher" / "models", src, "training_all_organs", epochs)
+        if name == "seed002":
+            teacher_fuse(bundle, ckpts, "seed004", ("training", "unlabeled"), ("training", "unlabeled"), "teacher_organs")
+        else:
+            teacher_fuse(bundle, ckpts, "seed004", ("training", "unlabeled"), ("training",), "skip")
+    elif name == "seed003":
+        epochs = max(3, epochs)  # S1, S2, S3 = the last three epochs
+        bundle = teacher_bundle("seed003_teacher", {"network_def#base_channels": 8, "network_def#max_channels": 64,
+                                                    "checkpoint_epochs": [0, -1, -2]})
+        ckpts = train(bundle, out / "teacher" / "models", src, "training", epochs, names=("S1", "S2", "S3"))
+        # labelled cases are fused from A, B and the partial label; S1-S3 label the unlabeled scans
+        teacher_fuse(bundle, ckpts, "seed003", ("training", "unlabeled"), ("unlabeled",))
+        summary["label_epochs"] = epochs
+    else:
+        raise SystemExit(f"no label procedure for {name!r}")
+    if name != "seed001":
+        select_and_write(out / "fused", src, datalist, out / "report.json", (), None, None, data)
     dl = json.loads(datalist.read_text())
-    if "training_with_lesion" not in dl:
-        dl["training_with_lesion"] = [i for i in dl["training"] if str(i.get("group", "")).endswith("+tumor")]
-    if not dl["training_with_lesion"]:
-        raise SystemExit(f"{datalist}: no training case with a lesion for seed 002's tumor models")
-    out.write_text(json.dumps(dl, indent=2) + "\n")
-    return out
+    summary["counts"] = {k: len(v) for k, v in dl.items() if isinstance(v, list)}
+    summary["seconds"] = round(time.perf_counter() - t0, 1)
+    (out / "labels.json").write_text(json.dumps(summary, indent=2) + "\n")
+    return summary
 
 
 def run_system(name: str, args: argparse.Namespace) -> dict[str, Any]:
@@ -142,7 +266,7 @@ def run_system(name: str, args: argparse.Namespace) -> dict[str, Any]:
     steps = MarkedSteps(out, name)
     log = out / "log.txt"
     data = demo / "data"
-    fused = demo / "rounds" / "round_1" / "datalist.json"
+    demo_coarse = demo / "bundles" / "fine_organ_tumor" / "models" / "coarse_model.pt"
     cpu = CPU[name]
     fine, coarse = out / "bundles" / "fine_organ_tumor", out / "bundles" / "coarse_roi"
     fine_overrides = dict(cpu["fine"])
@@ -150,6 +274,8 @@ def run_system(name: str, args: argparse.Namespace) -> dict[str, Any]:
         fine_overrides["optimizer"] = SHORT_OPTIMIZER
     materialize(BUNDLES / "fine_organ_tumor", fine, name, fine_overrides, ("train.json", "inference.json"),
                 restore_from_base=COARSE_IDS if cpu["coarse"] is None else ())
+    if cpu["coarse"] is None and not (fine / "models" / "coarse_model.pt").is_file():
+        shutil.copy2(demo_coarse, fine / "models" / "coarse_model.pt")
     # RAM cache, filled before the trainer starts: the budget is spent on training, not on resampling
     common = {"dataset_dir": str(data), "seed": args.seed, "cache_dir": "", "num_workers": 0}
     times: dict[str, float] = json.loads((out / "train_seconds.json").read_text()) if (out / "train_seconds.json").is_file() else {}
@@ -157,39 +283,52 @@ def run_system(name: str, args: argparse.Namespace) -> dict[str, Any]:
     def save_times() -> None:
         (out / "train_seconds.json").write_text(json.dumps(times, indent=2) + "\n")
 
+    labels_dir = out / "labels"
+    steps.run("labels", lambda: make_labels(name, args, data, labels_dir, fine, demo_coarse, log, common))
+    labels = json.loads((labels_dir / "labels.json").read_text())
+    fused = labels_dir / "datalist.json"
+    final = name in FINAL_CHECKPOINT
+    chosen: dict[str, str] = json.loads((out / "checkpoints.json").read_text()) if (out / "checkpoints.json").is_file() else {}
+
+    def save_chosen() -> None:
+        (out / "checkpoints.json").write_text(json.dumps(chosen, indent=2) + "\n")
+
     def train_coarse() -> None:
         if cpu["coarse"] is None:
-            shutil.copy2(demo / "bundles" / "fine_organ_tumor" / "models" / "coarse_model.pt", fine / "models" / "coarse_model.pt")
             return
         overrides = dict(cpu["coarse"])
         if args.optimizer == "short":
             overrides["optimizer"] = SHORT_OPTIMIZER
         materialize(BUNDLES / "coarse_roi", coarse, name, overrides, ("train.json", "inference.json"))
+        # on the system's own labels (seed 004: the supplemented set)
         times["coarse"] = run_bundle(coarse, ["train.json"], "training", args.coarse_budget_s, log, max_epochs=args.max_epochs,
-                                     val_interval=args.max_epochs, **common)
+                                     val_interval=args.val_interval, datalist=str(fused), train_key="training", **common)
         save_times()
-        best = coarse / "models" / ("model.pt" if (coarse / "models" / "model.pt").is_file() else "model_final.pt")
-        shutil.copy2(best, fine / "models" / "coarse_model.pt")
+        chosen["coarse"] = _choose_checkpoint(coarse / "models", False)
+        save_chosen()
+        shutil.copy2(coarse / "models" / "model.pt", fine / "models" / "coarse_model.pt")
 
     steps.run("train_coarse", train_coarse)
 
     def train(models: Path, budget: float, seed: int, **extra: Any) -> None:
         t = run_bundle(fine, ["train.json"], "training", budget, log, datalist=str(extra.pop("datalist", fused)),
                        train_key=extra.pop("train_key", "training"), ckpt_dir=str(models), max_epochs=args.max_epochs,
-                       val_interval=args.max_epochs, **{**common, "seed": seed}, **extra)
+                       val_interval=args.val_interval, **{**common, "seed": seed}, **extra)
         times[models.name] = t
         save_times()
+        chosen[models.name] = _choose_checkpoint(models, final)
+        save_chosen()
 
     if name == "seed002":
-        lesion_dl = _datalist_with_lesion(fused, out / "datalist_with_lesion.json")
+        if not json.loads(fused.read_text()).get("training_with_lesion"):
+            raise SystemExit(f"{fused}: no training case with a lesion for seed 002's tumor models")
         steps.run("train_organ_model", lambda: train(fine / "models", args.budget_s / 2, args.seed))
         for k in (1, 2):
             def tumor(k: int = k) -> None:
                 models = fine / f"models_tumor_{k}"
-                train(models, args.budget_s / 4, args.seed + k, datalist=lesion_dl, train_key="training_with_lesion",
+                train(models, args.budget_s / 4, args.seed + k, train_key="training_with_lesion",
                       key_metric_channels=[0, 14])
-                best = models / ("model.pt" if (models / "model.pt").is_file() else "model_final.pt")
-                shutil.copy2(best, fine / "models" / f"tumor_{k}.pt")
+                shutil.copy2(models / "model.pt", fine / "models" / f"tumor_{k}.pt")
             steps.run(f"train_tumor_model_{k}", tumor)
     else:
         steps.run("train_fine", lambda: train(fine / "models", args.budget_s, args.seed))
@@ -220,7 +359,9 @@ def run_system(name: str, args: argparse.Namespace) -> dict[str, Any]:
     n_params = count_parameters(parser.get_parsed_content("network_def"))
     models = [fine / "models"] + sorted(fine.glob("models_tumor_*"))
     return {
-        "system": name, "params_m": round(n_params / 1e6, 2),
+        "system": name, "labels": LABELS_SHORT[name].format(rounds=labels.get("rounds")), "label_procedure": LABELS[name],
+        "label_s": labels["seconds"], "label_epochs": labels["label_epochs"], "label_counts": labels["counts"],
+        "checkpoints": chosen, "params_m": round(n_params / 1e6, 2),
         "network": parser.get("network_def")["_target_"].split(".")[-1],
         "train_s": round(sum(times.values()), 1), "epochs": [_epochs_done(m) for m in models],
         "organ_dsc": ph["organ_dsc"], "organ_nsd": ph["organ_nsd"], "lesion_dsc": ph["lesion_dsc"],
@@ -236,10 +377,10 @@ def table(rows: list[dict[str, Any]], args: argparse.Namespace) -> str:
 
     shape = load_nifti(Path(args.fullsize_ct))[0].shape
     real = sorted({c for r in rows for c in r["real_ct_dsc"]})
-    head = ("| system | network (params) | train s (epochs) | organ DSC | organ NSD | lesion DSC | lesion NSD | "
+    head = ("| system | labels: procedure (s, training cases) | network (params) | train s (epochs) | organ DSC | organ NSD | lesion DSC | lesion NSD | "
             + "".join(f"{c} liver / spleen / kidneys | " for c in real)
             + f"{'x'.join(map(str, shape))} CT: s / peak MB |")
-    lines = [head, "|---|---|---|---:|---:|---:|---:|" + "---|" * len(real) + "---|"]
+    lines = [head, "|---|---|---|---|---:|---:|---:|---:|" + "---|" * len(real) + "---|"]
     for r in rows:
         cells = []
         for c in real:
@@ -248,7 +389,8 @@ def table(rows: list[dict[str, Any]], args: argparse.Namespace) -> str:
             cells.append(" / ".join(f"{d[k]:.2f}" if k in d else "-" for k in ("liver", "spleen"))
                          + " / " + ("-" if not kid else f"{sum(kid) / len(kid):.2f}"))
         epochs = "+".join(str(e) if e is not None else "?" for e in r["epochs"])
-        lines.append(f"| {r['system']} | {r['network']} ({r['params_m']} M) | {r['train_s']:.0f} ({epochs}) | "
+        labels = f"{r['labels']} ({r['label_s']:.0f} s, {r['label_counts'].get('training', 0)})"
+        lines.append(f"| {r['system']} | {labels} | {r['network']} ({r['params_m']} M) | {r['train_s']:.0f} ({epochs}) | "
                      f"{r['organ_dsc']:.3f} | {r['organ_nsd']:.3f} | {r['lesion_dsc']:.3f} | {r['lesion_nsd']:.3f} | "
                      + "".join(f"{c} | " for c in cells)
                      + f"{r['fullsize_wall_s']:.1f} / {r['fullsize_peak_rss_mb']:.0f} |")
@@ -265,6 +407,11 @@ def add_arguments(ap: argparse.ArgumentParser, command: str = "systems") -> None
     ap.add_argument("--budget_s", type=float, default=420.0, help="training wall time per system (fine models)")
     ap.add_argument("--coarse_budget_s", type=float, default=60.0, help="coarse training of seed 000 / seed 004")
     ap.add_argument("--max_epochs", type=int, default=50)
+    ap.add_argument("--val_interval", type=int, default=5,
+                    help="validation every N epochs, teachers and students (checkpoint choice as each preset's)")
+    ap.add_argument("--label_epochs", type=int, default=20,
+                    help="epochs of each teacher training in the label procedures (seed 003: at least 3)")
+    ap.add_argument("--rounds", type=int, default=3, help="seed 001's rounds (its paper: 3)")
     ap.add_argument("--optimizer", choices=("short", "paper"), default="short")
     ap.add_argument("--seed", type=int, default=0)
     ap.add_argument("--repeats", type=int, default=1, help="full-size timing runs per system (median)")
