@@ -154,17 +154,28 @@ def _epochs_done(models: Path) -> int | None:
     return data.get("epoch") or data.get("total_epochs")
 
 
+def _validated(models: Path) -> bool:
+    """Whether a training in ``models`` ran at least one validation (``train_stats.json``)."""
+    stats = models / "train_stats.json"
+    if not stats.is_file():
+        return False
+    data = json.loads(stats.read_text())
+    epoch = data.get("best_metric_epoch", data.get("eval", {}).get("best_metric_epoch", -1))
+    return epoch is not None and epoch >= 1
+
+
 def _choose_checkpoint(models: Path, final: bool) -> str:
     """Make ``models/model.pt`` the checkpoint the preset chooses: the last weights (``final``) or
-    the best validation (``model.pt`` as the trainer saved it; the last weights when no
-    validation ran within the budget). Returns ``"final"`` or ``"best"``."""
+    the best validation (``model.pt`` as :class:`abdoseg.training.handlers.ModelSaver` wrote it:
+    the last weights when no validation ran within the budget). Returns what ``model.pt`` is:
+    ``"final"``, ``"best"`` or ``"final (no validation ran)"``."""
     best, last = models / "model.pt", models / "model_final.pt"
-    if not last.is_file():  # a config that saves no final weights (the coarse bundle)
-        return "best"
-    if final or not best.is_file():
+    if final and last.is_file():
         shutil.copy2(last, best)
-        return "final" if final else "final (no validation ran)"
-    return "best"
+        return "final"
+    if not best.is_file():
+        shutil.copy2(last, best)
+    return "best" if _validated(models) else "final (no validation ran)"
 
 
 def label_fusion_threshold(preset: str = "seed001") -> float | None:
@@ -361,7 +372,8 @@ def run_system(name: str, args: argparse.Namespace) -> dict[str, Any]:
     return {
         "system": name, "labels": LABELS_SHORT[name].format(rounds=labels.get("rounds")), "label_procedure": LABELS[name],
         "label_s": labels["seconds"], "label_epochs": labels["label_epochs"], "label_counts": labels["counts"],
-        "checkpoints": chosen, "params_m": round(n_params / 1e6, 2),
+        "checkpoints": {k: v if v != "best" or _validated(coarse / "models" if k == "coarse" else fine / k)
+                        else "final (no validation ran)" for k, v in chosen.items()}, "params_m": round(n_params / 1e6, 2),
         "network": parser.get("network_def")["_target_"].split(".")[-1],
         "train_s": round(sum(times.values()), 1), "epochs": [_epochs_done(m) for m in models],
         "organ_dsc": ph["organ_dsc"], "organ_nsd": ph["organ_nsd"], "lesion_dsc": ph["lesion_dsc"],
