@@ -30,7 +30,7 @@ def test_fine_bundle_coarse_net_matches_coarse_bundle_network():
 def test_fine_and_coarse_use_the_same_coarse_preprocessing():
     coarse = json.loads((ROOT / "bundles/coarse_roi/configs/inference.json").read_text())
     fine = json.loads((ROOT / "bundles/fine_organ_tumor/configs/inference.json").read_text())
-    for key in ("coarse_spacing_mm", "coarse_hu_window", "coarse_roi_size"):  # one name per setting
+    for key in ("coarse_spacing_mm", "coarse_hu_window", "coarse_roi_size", "body_hu_threshold", "body_margin_mm"):  # one name per setting
         assert fine[key] == coarse[key], key
     assert fine["coarse_resampling"][0]["pixdim"] == "@coarse_spacing_mm" == coarse["resampling"][0]["pixdim"]
 

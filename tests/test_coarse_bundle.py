@@ -120,10 +120,14 @@ def coarse_network(model_path: Path | None = None) -> torch.nn.Module:
 
 
 def coarse_stage(network, **overrides):
-    """The fine bundle's coarse stage (CoarseRoiCropd from its inference.json) with ``network``."""
+    """The fine bundle's coarse stage (the loading transforms, the crop to the body, then
+    CoarseRoiCropd, from its inference.json) with ``network``. The crop to the body keeps the
+    whole volume here unless the caller overrides ``body_hu_threshold`` / ``body_margin_mm``:
+    these tests check boxes on the CT's own grid (the crop is tested in test_fov_invariance)."""
+    overrides = {"body_hu_threshold": -1e9, "body_margin_mm": [0.0, 0.0, 0.0], **overrides}  # see below
     parser = _parser(FINE_CONFIGS / "inference.json", coarse_network_def=network, coarse_checkpoint=None,
                      device="$torch.device('cpu')", **overrides)
-    return parser.get_parsed_content("preprocessing").transforms[:5]
+    return parser.get_parsed_content("preprocessing").transforms[:6]
 
 
 def test_training_takes_the_network_and_grid_from_inference_json():
@@ -147,14 +151,14 @@ def test_fine_bundle_coarse_stage_sees_what_the_coarse_bundle_sees(dataset):
     (same grid, same intensities) and its network/inferer settings."""
     item = {"image": str(dataset / "imagesVal" / "TINY_0004_0000.nii.gz")}
     a = _parser(CONFIGS / "inference.json").get_parsed_content("preprocessing")(dict(item))["image"]
-    stage = coarse_stage(coarse_network())
+    stage = coarse_stage(coarse_network(), body_hu_threshold=-500.0, body_margin_mm=[40.0, 40.0, 0.0])
     d = dict(item)
-    for t in stage[:4]:  # load, channel first, checks, orientation
+    for t in stage[:5]:  # load, channel first, checks, orientation, crop to the body
         d = t(d)
-    b = stage[4].preprocessing({"image": d["image"]})["image"]
+    b = stage[5].preprocessing({"image": d["image"]})["image"]
     torch.testing.assert_close(a.as_tensor(), b.as_tensor())
     np.testing.assert_allclose(np.asarray(a.affine), np.asarray(b.affine))
-    assert a.shape[1:] == (34, 30, 30)  # 200 x 180 x 180 mm at 6 mm
+    assert a.shape[1:] == (42, 36, 30)  # the body (~165 x 135 mm of a 200 x 180 x 180 mm CT) + 2 x 40 mm at 6 mm
     fine = json.loads((FINE_CONFIGS / "inference.json").read_text())
     coarse = json.loads((CONFIGS / "inference.json").read_text())
     assert fine["coarse_network_def"] == coarse["network_def"]
@@ -347,7 +351,7 @@ def test_coarse_stage_box_contains_the_organs(dataset):
             return torch.cat([1 - fg, fg], 1)
 
     stage = coarse_stage(Threshold(), margin_mm=0.0, coarse_roi_size=[32, 32, 32])
-    stage[4].roi_key = "roi"
+    stage[5].roi_key = "roi"
     d = {"image": img}
     for t in stage:
         d = t(d)

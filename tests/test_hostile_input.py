@@ -28,6 +28,10 @@ import pytest
 from abdoseg.io import (InputError, atomic_path, check_items_exist, is_hidden_or_partial, partial_path,
                         remove_stale_partials, save_nifti)
 
+#: implausible CTs are this file's subject: their ImplausibleCTWarning is expected (asserted on
+#: stderr); any other abdoseg warning is an error (pyproject.toml)
+pytestmark = pytest.mark.filterwarnings("ignore::abdoseg.inference.ct_checks.ImplausibleCTWarning")
+
 SHAPE = (40, 40, 30)
 SPACING = (6.0, 6.0, 6.0)
 AFFINE = np.diag([-6.0, -6.0, 6.0, 1.0])  # LPS-like voxel axes

@@ -23,6 +23,11 @@ from abdoseg.bundle.config import config_files
 from abdoseg.io import InputError, save_nifti
 from abdoseg.inference.roi import EmptyRoiWarning
 
+#: the tests' tiny synthetic CTs are smaller than an abdomen: that warning is expected here (any
+#: other abdoseg warning is an error, pyproject.toml)
+pytestmark = pytest.mark.filterwarnings("ignore::abdoseg.inference.ct_checks.ImplausibleCTWarning")
+
+
 FINE = Path(__file__).resolve().parents[1] / "bundles" / "fine_organ_tumor"
 HU_WIN = (-325.0, 325.0)
 
@@ -103,6 +108,10 @@ def bundle_parser(coarse=None, fine=None, **overrides) -> ConfigParser:
     parser["coarse_checkpoint"] = None
     parser["network_def"] = fine if fine is not None else ThresholdNet()
     parser["autocast_dtype"] = None  # float32: the stand-in nets threshold exact HU values
+    # these tests place objects on exact voxel grids: the crop to the body (every voxel counts as
+    # body here, no margin: the whole volume) is the subject of test_fov_invariance.py
+    parser["body_hu_threshold"] = -1e9
+    parser["body_margin_mm"] = [0.0, 0.0, 0.0]
     for k, v in overrides.items():
         parser[k] = v
     return parser

@@ -259,7 +259,8 @@ def test_dicom_series_round_trip(bundle, phantoms, tmp_path, capsys):
     series_0 = tmp_path / "series_0"
     series_0.rename(series)
     out = tmp_path / "out"
-    segment(str(series), str(out), bundle_dir=str(bundle), device="cpu")
+    with pytest.warns(UserWarning, match="2 DICOM series"):  # segment reads the same folder
+        segment(str(series), str(out), bundle_dir=str(bundle), device="cpu")
     mask_img = nib.load(str(out / "patient_A.nii.gz"))
     assert mask_img.shape == hu.shape and np.allclose(mask_img.affine, affine, atol=1e-4)
     # same result as the NIfTI of the same volume

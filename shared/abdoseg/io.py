@@ -53,6 +53,12 @@ def use_fast_gzip() -> bool:
 FAST_GZIP: bool = use_fast_gzip()
 
 
+class AbdosegWarning(UserWarning):
+    """Base of every warning this package issues (CT sanity, empty ROI or ground truth, DICOM
+    series choice, cache, packing): the test suite turns them into errors unless a test expects
+    one, so a new warning cannot pass unnoticed."""
+
+
 class InputError(ValueError):
     """A user input file is unusable; the message names the file and the problem."""
 

@@ -27,7 +27,7 @@ import zipfile
 from pathlib import Path
 from typing import Mapping
 
-from abdoseg.io import InputError, atomic_path
+from abdoseg.io import AbdosegWarning, InputError, atomic_path
 
 EXCLUDED_DIRS = {"eval", "__pycache__", ".pytest_cache", "runs", "mlruns", ".ipynb_checkpoints"}
 EXCLUDED_SUFFIXES = (".pyc", ".tmp")
@@ -112,7 +112,7 @@ def pack(bundle_dir: str, out_dir: str = "dist", weights: str | None = None,
     name = bundle.name
     if not (bundle / "docs" / "README.md").is_file():
         warnings.warn(f"{bundle / 'docs' / 'README.md'}: missing (MONAI model-zoo convention); packing without it",
-                      stacklevel=2)
+                      AbdosegWarning, stacklevel=2)
 
     # models/: name in the zip -> source file
     models: dict[str, Path] = {}

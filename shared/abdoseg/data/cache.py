@@ -40,7 +40,7 @@ from monai.data.utils import SUPPORTED_PICKLE_MOD, pickle_hashing
 from monai.utils import look_up_option
 from monai.utils.enums import MetaKeys, SpaceKeys, TraceKeys
 
-from abdoseg.io import partial_path, remove_stale_partials
+from abdoseg.io import AbdosegWarning, partial_path, remove_stale_partials
 
 __all__ = ["DiskCacheDataset", "cached_dataset", "warm_cache", "file_stamped_hashing", "CACHE_SAFE_GLOBALS"]
 
@@ -96,7 +96,7 @@ class DiskCacheDataset(PersistentDataset):
             super().set_transform_hash(hash_xform_func)
         except Exception as exc:  # e.g. a Lambdad that pickle cannot hash: key on the class names
             names = "".join(type(t).__name__ for t in self.transform.flatten().transforms)
-            warnings.warn(f"transforms not hashable ({exc}); cache keyed on their class names only", stacklevel=2)
+            warnings.warn(f"transforms not hashable ({exc}); cache keyed on their class names only", AbdosegWarning, stacklevel=2)
             self.transform_hash = hash_xform_func(names).decode("utf-8")
 
     def cache_path(self, item: Any) -> Path:
@@ -118,7 +118,7 @@ class DiskCacheDataset(PersistentDataset):
                 pass  # removed meanwhile (another rank rebuilding it): recompute
             except Exception as exc:  # truncated, empty, garbage, unknown types: rebuild, never trust
                 warnings.warn(f"{path}: unreadable cache entry ({type(exc).__name__}: {str(exc)[:200]}); "
-                              "deleting and recomputing it", stacklevel=2)
+                              "deleting and recomputing it", AbdosegWarning, stacklevel=2)
                 try:
                     path.unlink(missing_ok=True)
                 except OSError:
@@ -130,7 +130,7 @@ class DiskCacheDataset(PersistentDataset):
                        pickle_protocol=self.pickle_protocol)
             os.replace(tmp, path)
         except OSError as exc:  # full or read-only disk: train on, uncached
-            warnings.warn(f"{path}: cache entry not written ({exc})", stacklevel=2)
+            warnings.warn(f"{path}: cache entry not written ({exc})", AbdosegWarning, stacklevel=2)
         finally:
             try:
                 tmp.unlink(missing_ok=True)

@@ -17,7 +17,7 @@ from typing import Any, Sequence
 
 import numpy as np
 
-from abdoseg.io import InputError, link_problem, visible_entries
+from abdoseg.io import AbdosegWarning, InputError, link_problem, visible_entries
 
 __all__ = ["LPS_TO_RAS", "MAX_NAMED_FILES", "dicom_series_files", "check_dicom_series", "read_dicom_series",
            "bad_files_problem", "series_name"]
@@ -164,7 +164,7 @@ def check_dicom_series(folder: str | os.PathLike) -> list[str]:
         more = f" and {len(groups) - 1 - MAX_NAMED_FILES} more" if len(groups) - 1 > MAX_NAMED_FILES else ""
         warnings.warn(f"{folder}: {len(groups)} DICOM series found; segmenting the largest, "
                       f"{series_name(groups[0][0][1], len(groups[0]))}; not segmented: {others}{more} "
-                      "(put each series in its own folder to segment it)", stacklevel=3)
+                      "(put each series in its own folder to segment it)", AbdosegWarning, stacklevel=3)
     slices = groups[0]
     first_path, first = slices[0]
 

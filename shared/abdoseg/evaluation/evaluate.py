@@ -32,7 +32,7 @@ from typing import Any, Iterable, Sequence
 import numpy as np
 
 from abdoseg.geometry import AFFINE_TOL_MM, affine_difference_mm, affine_spacing_mm
-from abdoseg.io import (InputError, atomic_path, clash_reason, load_nifti, nifti_cases, nifti_stem, save_json,
+from abdoseg.io import (AbdosegWarning, InputError, atomic_path, clash_reason, load_nifti, nifti_cases, nifti_stem, save_json,
                         voxel_spacing_mm)
 from abdoseg.labels import FOREGROUND_IDS, LESION_ID, NSD_TOLERANCE_MM, ORGAN_IDS, class_name
 from abdoseg.evaluation.metrics import (LESION_MIN_COVERED_FRACTION, LESION_MIN_VOLUME_ML, _code_to_normals, evaluate_case,
@@ -45,7 +45,7 @@ SUMMARY_MD = "summary.md"
 CHART_PNG = "per_class.png"
 
 
-class EmptyGroundTruthWarning(UserWarning):
+class EmptyGroundTruthWarning(AbdosegWarning):
     """A ground-truth label map holds no foreground at all: its scores say nothing about the
     prediction (the message names the files)."""
 

@@ -18,7 +18,7 @@ from monai.data import MetaTensor
 from monai.transforms import MapTransform
 
 from abdoseg.geometry import affine_spacing_mm
-from abdoseg.io import InputError
+from abdoseg.io import AbdosegWarning, InputError
 
 __all__ = ["check_ct_volume", "check_affine", "plausibility_problems", "fov_padding_value", "air_painted_classes",
            "ValidateCTd", "ImplausibleCTWarning", "MIN_VOXELS_PER_AXIS", "CT_MAX_AT_LEAST_HU", "CT_MIN_AT_MOST_HU"]
@@ -57,7 +57,7 @@ AIR_ORGAN_MIN_ML: float = 1.0
 AIR_CHECKED_CLASSES: tuple[int, ...] = (1, 2, 3, 4, 5, 6, 7, 8, 9, 13, 14)
 
 
-class ImplausibleCTWarning(UserWarning):
+class ImplausibleCTWarning(AbdosegWarning):
     """The input is accepted but unusual for an abdominal CT (voxel size, field of view, value
     scale); the result may be poor and the run slow. The message names the file and the reason."""
 

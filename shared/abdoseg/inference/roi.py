@@ -33,6 +33,7 @@ from typing import Any
 import numpy as np
 
 from abdoseg.geometry import affine_spacing_mm
+from abdoseg.io import AbdosegWarning
 
 __all__ = ["RoiBox", "EmptyRoiWarning", "roi_from_mask", "largest_component", "map_box_between_grids",
            "scale_box", "margin_voxels", "CoarseRoiResult", "coarse_box_to_original",
@@ -41,7 +42,7 @@ __all__ = ["RoiBox", "EmptyRoiWarning", "roi_from_mask", "largest_component", "m
 _EPS = 1e-6
 
 
-class EmptyRoiWarning(UserWarning):
+class EmptyRoiWarning(AbdosegWarning):
     """The coarse mask had no foreground: the ROI falls back to the whole volume."""
 
 
