@@ -359,12 +359,13 @@ def run_system(name: str, args: argparse.Namespace) -> dict[str, Any]:
         runs = [timed_process(segment_command(src, dst, fine), log) for _ in range(args.repeats)]
         (out / "fullsize.json").write_text(json.dumps(runs, indent=2) + "\n")
 
-    steps.run("time_fullsize", time_fullsize)
+    if args.repeats > 0:
+        steps.run("time_fullsize", time_fullsize)
 
     acc = json.loads((acc_dir / "summary.json").read_text())
     ph = acc["phantoms"]
-    runs = json.loads((out / "fullsize.json").read_text())
-    med = lambda k: sorted(r[k] for r in runs)[len(runs) // 2]  # noqa: E731
+    runs = json.loads((out / "fullsize.json").read_text()) if args.repeats > 0 else []
+    med = lambda k: sorted(r[k] for r in runs)[len(runs) // 2] if runs else None  # noqa: E731
     parser = ConfigParser()
     parser.read_config(str(fine / "configs" / "inference.json"))
     n_params = count_parameters(parser.get_parsed_content("network_def"))
@@ -387,7 +388,7 @@ def run_system(name: str, args: argparse.Namespace) -> dict[str, Any]:
 def table(rows: list[dict[str, Any]], args: argparse.Namespace) -> str:
     from abdoseg.io import load_nifti
 
-    shape = load_nifti(Path(args.fullsize_ct))[0].shape
+    shape = load_nifti(Path(args.fullsize_ct))[0].shape if args.fullsize_ct else ("full-size",)
     real = sorted({c for r in rows for c in r["real_ct_dsc"]})
     head = ("| system | labels: procedure (s, training cases) | network (params) | train s (epochs) | organ DSC | organ NSD | lesion DSC | lesion NSD | "
             + "".join(f"{c} liver / spleen / kidneys | " for c in real)
@@ -405,7 +406,8 @@ def table(rows: list[dict[str, Any]], args: argparse.Namespace) -> str:
         lines.append(f"| {r['system']} | {labels} | {r['network']} ({r['params_m']} M) | {r['train_s']:.0f} ({epochs}) | "
                      f"{r['organ_dsc']:.3f} | {r['organ_nsd']:.3f} | {r['lesion_dsc']:.3f} | {r['lesion_nsd']:.3f} | "
                      + "".join(f"{c} | " for c in cells)
-                     + f"{r['fullsize_wall_s']:.1f} / {r['fullsize_peak_rss_mb']:.0f} |")
+                     + (f"{r['fullsize_wall_s']:.1f} / {r['fullsize_peak_rss_mb']:.0f} |"
+                        if r["fullsize_wall_s"] is not None else "- |"))
     return "\n".join(lines)
 
 
@@ -426,14 +428,14 @@ def add_arguments(ap: argparse.ArgumentParser, command: str = "systems") -> None
     ap.add_argument("--rounds", type=int, default=3, help="seed 001's rounds (its paper: 3)")
     ap.add_argument("--optimizer", choices=("short", "paper"), default="short")
     ap.add_argument("--seed", type=int, default=0)
-    ap.add_argument("--repeats", type=int, default=1, help="full-size timing runs per system (median)")
+    ap.add_argument("--repeats", type=int, default=1, help="full-size timing runs per system (median); 0: no full-size timing")
     ap.add_argument("--docs", action="store_true", help="write the table into the fine bundle's docs/README.md")
 
 
 def run(args: argparse.Namespace) -> int:
     out = Path(args.out_dir).resolve()
     out.mkdir(parents=True, exist_ok=True)
-    if not args.fullsize_ct:
+    if not args.fullsize_ct and args.repeats > 0:
         args.fullsize_ct = str(phantom_cases(out / "fullsize", [150], seed=9002, labels=False)[0][0])
     rows = []
     for name in [s.strip() for s in args.systems.split(",") if s.strip()]:
