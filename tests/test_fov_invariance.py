@@ -1,8 +1,8 @@
 """FOV invariance (property): the committed cascade gives the same mask for a CT padded with air
 (a larger reconstruction field of view, same spacing) or cropped to the body, on the voxels
 the two share. The fine cascade crops the CT to the body before the coarse stage
-(:class:`abdoseg.inference.body.CropToBodyd`: voxels above ``body_hu_threshold`` + ``body_margin_mm``
-of air, inverted at the end), so the air of a wider field of view never reaches a network."""
+(:class:`abdoseg.inference.body.CropToBodyd`: the box of the voxels above ``body_hu_threshold``,
+inverted at the end), so the air of a wider field of view never reaches a network."""
 
 from __future__ import annotations
 
@@ -15,13 +15,12 @@ REPO = Path(__file__).resolve().parents[1]
 FINE = REPO / "bundles" / "fine_organ_tumor"
 #: a phantom of a seed no training used (as in test_committed_weights)
 SEED, INDEX = 4242, 0
-#: largest fraction of shared voxels whose label may differ. Padding: 0 (the added air is cropped
-#: away before any network or resampling sees it). Cropped to the body: the 40 mm of air the
-#: crop keeps is the CT's own (about -1000 HU) in one case and padding (-1024 HU) in the other;
-#: both are one value in the HU window, except where resampling mixes them with body voxels at
-#: the skin (measured 3.4e-5 of the voxels)
+#: largest fraction of shared voxels whose label may differ: 0, the air outside the body's box is
+#: cropped away before any network or resampling sees it (with a ``body_margin_mm`` > 0 the kept
+#: air is the CT's own in one case and padding in the other, which resampling mixes at the skin:
+#: 3.4e-5 of the voxels measured at 40 mm)
 MAX_CHANGED_FRACTION = 0.0
-MAX_CHANGED_FRACTION_CROPPED = 1e-3
+MAX_CHANGED_FRACTION_CROPPED = 0.0
 
 
 @pytest.fixture(scope="module")

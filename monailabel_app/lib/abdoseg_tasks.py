@@ -164,6 +164,15 @@ class AbdosegBundleTrainTask(BundleTrainTask):
         bundle_config.config.update({self.const.key_bundle_root(): path})  # type: ignore
         return bundle_config
 
+    def run_single_gpu(self, request, overrides):
+        """The stock task runs ``train.json`` alone; the bundle's training is ``inference.json``
+        (the base: networks, preprocessing) merged with ``train.json``."""
+        import monai.bundle
+
+        monai.bundle.run(run_id=request.get("run_id", "run"), init_id=None, final_id=None,
+                         meta_file=self.bundle_metadata_path, config_file=config_files(self.bundle_path, "training"),
+                         **overrides)
+
     def displayable_defaults(self) -> Dict[str, Any]:
         """The bundle's ``displayable_configs`` (a list value -> its first entry, as a viewer's
         drop-down sends it)."""

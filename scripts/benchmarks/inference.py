@@ -77,6 +77,8 @@ def stages(args: argparse.Namespace) -> list[dict]:
             for t in pre[2:i_orient]:
                 d = timed("input checks", t, d)
             d = timed("orientation (RAS)", pre[i_orient], d)
+            for t in pre[i_orient + 1:i_coarse]:
+                d = timed("crop to the body", t, d)
             coarse: CoarseRoiCropd = pre[i_coarse]
             img = d["image"]
             if coarse.enabled:
