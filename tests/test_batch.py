@@ -61,3 +61,29 @@ def test_one_failure_report_for_every_batch():
     with pytest.raises(SystemExit) as ei:
         pseudo_raise_if_failed({"A": rep, "B": BatchReport(done=["B"])})
     assert str(ei.value.code) == "1 pseudo-label case(s) failed:\n  [A] /in/B_0000.nii.gz: not a CT"
+
+
+def test_multi_gpu_samplers_cover_validation_once_and_pad_training():
+    """multi_gpu_train.json (both bundles: one file): validation shards (even_divisible false) see
+    every case exactly once across ranks; training (even_divisible true) pads the list with
+    repeated cases up to a multiple of the world size, as the docs state."""
+    import json
+    from pathlib import Path
+
+    from monai.data import DistributedSampler
+
+    repo = Path(__file__).resolve().parents[1]
+    overlay = json.loads((repo / "bundles" / "fine_organ_tumor" / "configs" / "multi_gpu_train.json").read_text())
+    assert overlay == json.loads((repo / "bundles" / "coarse_roi" / "configs" / "multi_gpu_train.json").read_text())
+    data = list(range(5))
+    for part, world in (("validate#sampler", 2), ("validate#sampler", 3), ("train#sampler", 2), ("train#sampler", 3)):
+        cfg = overlay[part]
+        seen = []
+        for rank in range(world):
+            sampler = DistributedSampler(data, even_divisible=cfg["even_divisible"], shuffle=False,
+                                         num_replicas=world, rank=rank)
+            seen += list(sampler)
+        if part.startswith("validate"):
+            assert sorted(seen) == data, (part, world, seen)  # each case once
+        else:
+            assert sorted(set(seen)) == data and len(seen) == -(-len(data) // world) * world, (part, world, seen)
