@@ -186,7 +186,10 @@ def _run_auto_segmentation_in_ohif(stack: dict, shots: Path) -> None:
         print(f"OHIF monai-label mode ready in {time.perf_counter() - t0:.1f} s")
         t1 = time.perf_counter()
         run.click()
-        after = _until(lambda: (lambda png: png if _coloured_pixels(png) > 20 * max(_coloured_pixels(before), 100)
+        # the panel's blue labels count as coloured too (~4700 pixels before Run); the overlay of the
+        # 28 x 24 x 14 CT adds ~80000 in the three views
+        base = _coloured_pixels(before)
+        after = _until(lambda: (lambda png: png if _coloured_pixels(png) > 3 * base + 20000
                                 else None)(d.get_screenshot_as_png()),
                        BROWSER_TIMEOUT_S, "the segmentation overlay after Run", d)
         time.sleep(2)
