@@ -173,6 +173,18 @@ def _train_config(tmp_path, max_epochs: int, val_interval: int) -> dict:
     }
 
 
+def _train_with_weight_snapshots(parser) -> list:
+    """Run the config's trainer; the network's weights after every epoch."""
+    from ignite.engine import Events
+
+    snapshots = []
+    trainer = parser.get_parsed_content("trainer")
+    trainer.add_event_handler(Events.EPOCH_COMPLETED, lambda e: snapshots.append(
+        parser.get_parsed_content("network").weight.detach().clone()))
+    trainer.run()
+    return snapshots
+
+
 def test_model_saver_without_validation_writes_the_last_weights(tmp_path):
     """max_epochs < val_interval: no validation saves model.pt, so ModelSaver does; stats say so."""
     import json
@@ -198,13 +210,7 @@ def test_model_saver_keeps_the_validated_model(tmp_path, monkeypatch):
     from monai.bundle import ConfigParser
 
     parser = ConfigParser(_train_config(tmp_path, max_epochs=3, val_interval=1))
-    snapshots = []
-    trainer = parser.get_parsed_content("trainer")
-    from ignite.engine import Events
-
-    trainer.add_event_handler(Events.EPOCH_COMPLETED, lambda e: snapshots.append(
-        parser.get_parsed_content("network").weight.detach().clone()))
-    trainer.run()
+    snapshots = _train_with_weight_snapshots(parser)
     final = parser.get_parsed_content("final")
     assert final.saved is None and final.best_epoch == 1
     sd = torch.load(tmp_path / "model.pt", weights_only=True)
@@ -258,13 +264,7 @@ def test_model_saver_follows_the_best_validation(tmp_path):
     rising = "$(lambda c=[]: (lambda out: torch.tensor(float(c.append(1) or len(c)))))()"
     config["evaluator"]["key_val_metric"]["m"]["output_transform"] = rising
     parser = ConfigParser(config)
-    snapshots = []
-    trainer = parser.get_parsed_content("trainer")
-    from ignite.engine import Events
-
-    trainer.add_event_handler(Events.EPOCH_COMPLETED, lambda e: snapshots.append(
-        parser.get_parsed_content("network").weight.detach().clone()))
-    trainer.run()
+    snapshots = _train_with_weight_snapshots(parser)
     final = parser.get_parsed_content("final")
     assert final.best_epoch == 3 and final.saved is None
     torch.testing.assert_close(torch.load(tmp_path / "model.pt", weights_only=True)["weight"], snapshots[-1])
