@@ -37,7 +37,7 @@ import logging
 import os
 from typing import Any, Dict, List, Optional, Tuple
 
-from abdoseg.bundle.config import config_files
+from abdoseg.bundle.config import config_files, load_bundle_config
 from monai.bundle import ConfigParser
 from monailabel.interfaces.datastore import Datastore
 from monailabel.interfaces.exception import MONAILabelError, MONAILabelException
@@ -157,12 +157,9 @@ class AbdosegBundleTrainTask(BundleTrainTask):
 
     def _load_bundle_config(self, path, config):
         """The bundle's training configs merged as ``monai.bundle run training`` gets them
-        (``inference.json``, the base, then ``train.json``: :func:`abdoseg.bundle.config.config_files`);
-        the stock task reads ``train.json`` alone."""
-        bundle_config = ConfigParser()
-        bundle_config.read_config(config_files(path, "training"))
-        bundle_config.config.update({self.const.key_bundle_root(): path})  # type: ignore
-        return bundle_config
+        (``inference.json``, the base, then ``train.json``: :func:`abdoseg.bundle.config.config_files`),
+        read by the project's one config reader; the stock task reads ``train.json`` alone."""
+        return load_bundle_config(path, config_files(path, "training"))
 
     def run_single_gpu(self, request, overrides):
         """The stock task runs ``train.json`` alone; the bundle's training is ``inference.json``
